@@ -1,0 +1,60 @@
+"""MedMNIST 2-D data sets through the ``medmnist`` package (PneumoniaMNIST, ...)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .base import ArrayDataModule, missing_files_error
+
+
+class MedMNIST(ArrayDataModule):
+    """A MedMNIST 2-D data set, 28x28, held as ``uint8`` tensors.
+
+    Args:
+        flag: the MedMNIST name, e.g. ``"pneumoniamnist"``.
+        test_split: ``"val+test"`` (VAESim's 1,148 PneumoniaMNIST test images) or ``"test"``.
+        **kwargs: see :class:`ArrayDataModule`.
+    """
+
+    def __init__(
+        self,
+        flag: str = "pneumoniamnist",
+        test_split: Literal["test", "val+test"] = "val+test",
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.flag, self.test_split = flag, test_split
+        self.name = flag
+
+    def _read(self, split: str) -> tuple[Tensor, Tensor]:
+        import medmnist
+
+        if self.flag not in medmnist.INFO:
+            raise ValueError(f"unknown MedMNIST data set {self.flag!r}")
+        reader = getattr(medmnist, medmnist.INFO[self.flag]["python_class"])
+        try:
+            ds = reader(split=split, root=str(self.root), download=self.download)
+        except Exception as err:
+            raise missing_files_error(self.name, self.root, [f"{self.flag}.npz"], err) from None
+        x = torch.as_tensor(np.asarray(ds.imgs))
+        x = x.permute(0, 3, 1, 2) if x.ndim == 4 else x.unsqueeze(1)
+        return x.contiguous(), torch.as_tensor(np.asarray(ds.labels).reshape(-1), dtype=torch.long)
+
+    def load(self) -> dict[str, tuple[Tensor, Tensor]]:
+        self.root.mkdir(parents=True, exist_ok=True) if self.download else None
+        train, val, test = (self._read(s) for s in ("train", "val", "test"))
+        if self.test_split == "val+test":
+            test = (torch.cat([val[0], test[0]]), torch.cat([val[1], test[1]]))
+            return {"train": train, "test": test}
+        return {"train": train, "val": val, "test": test}
+
+
+class PneumoniaMNIST(MedMNIST):
+    """PneumoniaMNIST chest X-rays, 1x28x28, 0 = normal, 1 = pneumonia (5,856 images)."""
+
+    def __init__(self, test_split: Literal["test", "val+test"] = "val+test", **kwargs) -> None:
+        super().__init__(flag="pneumoniamnist", test_split=test_split, **kwargs)

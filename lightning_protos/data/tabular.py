@@ -1,0 +1,138 @@
+"""Tabular data: UCI Pendigits, and users' own arrays, CSV files and image folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .base import ArrayDataModule, DataError, missing_files_error
+
+PENDIGITS_URL = "https://archive.ics.uci.edu/ml/machine-learning-databases/pendigits/"
+
+
+class Pendigits(ArrayDataModule):
+    """UCI Pen-Based Recognition of Handwritten Digits: 16 features scaled to [0, 1].
+
+    7,494 train + 3,498 test rows; features divided by 100 as in the AE-CM code.
+    """
+
+    name = "pendigits"
+
+    def load(self) -> dict[str, tuple[Tensor, Tensor]]:
+        folder = self.root / "pendigits"
+        files = {"train": folder / "pendigits.tra", "test": folder / "pendigits.tes"}
+        if self.download and not all(f.exists() for f in files.values()):
+            from torchvision.datasets.utils import download_url
+
+            try:
+                for f in files.values():
+                    download_url(PENDIGITS_URL + f.name, str(folder))
+            except Exception as err:
+                raise missing_files_error(self.name, self.root, [f"pendigits/{f.name}" for f in files.values()], err) from None
+        out = {}
+        for split, f in files.items():
+            if not f.exists():
+                raise missing_files_error(self.name, self.root, [f"pendigits/{g.name}" for g in files.values()], None)
+            a = np.loadtxt(f, delimiter=",", dtype=np.int64)
+            out[split] = (torch.as_tensor(a[:, :16] / 100.0, dtype=torch.float32), torch.as_tensor(a[:, 16]))
+        return out
+
+
+class ArrayFile(ArrayDataModule):
+    """A user's data from one file, read once into memory; a config needs only the path.
+
+    * ``.npz``: array ``X`` (any shape ``(N, ...)``) and optional labels ``y``;
+    * ``.npy``: the array ``X`` alone;
+    * ``.csv``: one row per sample of numeric features; ``label_column`` names an optional
+      label column; a header line is detected.
+
+    Args:
+        path: the file.
+        label_column: CSV column holding labels (name, or index as a string).
+        **kwargs: see :class:`ArrayDataModule`.
+    """
+
+    def __init__(self, path: str, label_column: str | None = None, **kwargs) -> None:
+        kwargs.setdefault("download", False)
+        super().__init__(**kwargs)
+        self.path, self.label_column = Path(path).expanduser(), label_column
+        self.name = self.path.stem
+
+    def load(self) -> dict[str, tuple[Tensor, Tensor | None]]:
+        if not self.path.exists():
+            raise DataError(f"{self.path}: no such file")
+        suffix = self.path.suffix.lower()
+        if suffix == ".npz":
+            d = np.load(self.path)
+            if "X" not in d:
+                raise DataError(f"{self.path}: expected an array named 'X' (and optionally 'y'), found {list(d)}")
+            x, y = d["X"], d["y"] if "y" in d else None
+        elif suffix == ".npy":
+            x, y = np.load(self.path), None
+        elif suffix == ".csv":
+            x, y = self._read_csv()
+        else:
+            raise DataError(f"{self.path}: unsupported file type {suffix!r}; use .npz, .npy or .csv")
+        xt = torch.as_tensor(x) if x.dtype == np.uint8 else torch.as_tensor(x, dtype=torch.float32)
+        yt = None if y is None else torch.as_tensor(np.asarray(y).reshape(-1), dtype=torch.long)
+        if yt is not None and len(yt) != len(xt):
+            raise DataError(f"{self.path}: {len(xt)} samples but {len(yt)} labels")
+        return {"train": (xt, yt)}
+
+    def _read_csv(self) -> tuple[np.ndarray, np.ndarray | None]:
+        with open(self.path) as f:
+            first = f.readline().strip().split(",")
+        try:
+            [float(v) for v in first]
+            header = None
+        except ValueError:
+            header = [h.strip() for h in first]
+        a = np.loadtxt(self.path, delimiter=",", skiprows=1 if header else 0, dtype=np.float64, ndmin=2)
+        if self.label_column is None:
+            return a.astype(np.float32), None
+        col = header.index(self.label_column) if header and self.label_column in header else int(self.label_column)
+        return np.delete(a, col, axis=1).astype(np.float32), a[:, col].astype(np.int64)
+
+
+class ImageFolder(ArrayDataModule):
+    """A folder of images (optionally in class sub-folders), decoded once into ``uint8``.
+
+    Args:
+        path: the folder; ``path/<class>/<image>`` gives labels in sorted class order.
+        image_size: resize every image to this square size (required if sizes differ).
+        grayscale: convert to one channel.
+        **kwargs: see :class:`ArrayDataModule`.
+    """
+
+    EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+
+    def __init__(self, path: str, image_size: int | None = None, grayscale: bool = False, **kwargs) -> None:
+        kwargs.setdefault("download", False)
+        super().__init__(**kwargs)
+        self.path, self.image_size, self.grayscale = Path(path).expanduser(), image_size, grayscale
+        self.name = self.path.name
+
+    def load(self) -> dict[str, tuple[Tensor, Tensor | None]]:
+        from torchvision.io import ImageReadMode, decode_image
+        from torchvision.transforms.v2.functional import resize
+
+        if not self.path.is_dir():
+            raise DataError(f"{self.path}: no such folder")
+        files = sorted(p for p in self.path.rglob("*") if p.suffix.lower() in self.EXTENSIONS)
+        if not files:
+            raise DataError(f"{self.path}: no images ({', '.join(self.EXTENSIONS)}) found")
+        classes = sorted({p.parent.name for p in files if p.parent != self.path})
+        mode = ImageReadMode.GRAY if self.grayscale else ImageReadMode.RGB
+        images = []
+        for p in files:
+            img = decode_image(str(p), mode=mode)
+            if self.image_size:
+                img = resize(img, [self.image_size, self.image_size], antialias=True)
+            images.append(img)
+        if len({tuple(i.shape) for i in images}) > 1:
+            raise DataError(f"{self.path}: images differ in size; set image_size")
+        y = torch.tensor([classes.index(p.parent.name) for p in files]) if classes else None
+        return {"train": (torch.stack(images), y)}

@@ -1,0 +1,134 @@
+"""The method contract every clustering / prototype method implements (DESIGN.md)."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from ..errors import ProtosError
+
+
+def check_positive(**values: float) -> None:
+    """One-line error for a non-positive learning rate, temperature, weight ..."""
+    for name, value in values.items():
+        if not value > 0:
+            raise ProtosError(f"{name} must be > 0, got {value}")
+
+
+class ClusteringMethod(L.LightningModule):
+    """Base of every method: the contract read by evaluation, plus manual-optimization helpers.
+
+    Subclasses implement ``training_step`` (manual optimization: each method writes out its
+    own updates) and the contract members :meth:`cluster_probs` and :meth:`embed`; methods
+    with centroids or a decoder also override :meth:`prototypes` and :meth:`decode`.
+
+    Args:
+        n_clusters: K, the number of clusters / prototypes (>= 2).
+        input_shape: shape of one input sample; linked from the DataModule by the CLI.
+    """
+
+    def __init__(self, n_clusters: int, input_shape: tuple[int, ...]) -> None:
+        super().__init__()
+        if n_clusters < 2:
+            raise ProtosError(f"n_clusters (K) must be >= 2, got {n_clusters}")
+        self.automatic_optimization = False
+        self.n_clusters = n_clusters
+        self.input_shape = tuple(input_shape)
+        self.input_dim = math.prod(self.input_shape)
+        self._term_sums: dict[str, Tensor] = {}
+        self._term_steps = 0
+
+    # -- the contract -----------------------------------------------------------------
+    def embed(self, x: Tensor) -> Tensor:
+        """``(B, *input_shape)`` -> ``(B, p)`` deterministic latent (kNN, probes, t-SNE)."""
+        raise NotImplementedError
+
+    def cluster_probs(self, x: Tensor) -> Tensor:
+        """``(B, *input_shape)`` -> ``(B, K)`` soft assignment (rows sum to 1)."""
+        raise NotImplementedError
+
+    def predict_clusters(self, x: Tensor) -> Tensor:
+        """``(B,)`` hard assignment, the argmax of :meth:`cluster_probs`."""
+        return self.cluster_probs(x).argmax(dim=-1)
+
+    def prototypes(self) -> Tensor | None:
+        """``(K, p)`` centroids / prototypes in latent space, or ``None``."""
+        return None
+
+    def decode(self, z: Tensor) -> Tensor | None:
+        """``(B, p)`` latents -> ``(B, *input_shape)`` inputs, or ``None`` without a decoder."""
+        return None
+
+    def selection_criteria(self, x: Tensor) -> dict[str, Tensor]:
+        """Unsupervised model-selection criteria as sums over the batch (summed over the data
+        by the evaluator), e.g. the CM's L_sp. Empty by default."""
+        return {}
+
+    # -- helpers for subclasses -------------------------------------------------------
+    def flat(self, x: Tensor) -> Tensor:
+        """``(B, *input_shape)`` -> ``(B, D)``."""
+        return x.reshape(len(x), -1)
+
+    def optimize(self, loss: Tensor, optimizer) -> None:
+        """One manual step: zero_grad, backward, step."""
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        optimizer.step()
+
+    def check_and_log(self, terms: dict[str, Tensor], prefix: str = "train") -> Tensor:
+        """Sum the loss terms, stop on a NaN/Inf naming the term, log each term and the total."""
+        loss = sum(terms.values())
+        if not torch.isfinite(loss):
+            bad = [k for k, v in terms.items() if not torch.isfinite(v)] or ["loss"]
+            raise FloatingPointError(
+                f"non-finite loss term {', '.join(bad)} at epoch {self.current_epoch}, step "
+                f"{self.global_step}: lower the learning rate or check the data"
+            )
+        # Summed here and logged once per epoch: self.log on every step costs more than a CM step.
+        for k, v in {**terms, "loss": loss}.items():
+            key = f"{prefix}/{k}"
+            self._term_sums[key] = self._term_sums.get(key, 0.0) + v.detach()
+        self._term_steps += 1
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        """Log the epoch mean of every loss term summed by :meth:`check_and_log`."""
+        if self._term_steps:
+            self.log_dict({k: v / self._term_steps for k, v in self._term_sums.items()}, sync_dist=True)
+        self._term_sums, self._term_steps = {}, 0
+
+    def fit_features(self) -> Tensor:
+        """The whole training split as float features on this device (for initialisations)."""
+        return self.trainer.datamodule.features("fit").to(self.device)
+
+    def is_last_epoch(self) -> bool:
+        return self.trainer.max_epochs is not None and self.current_epoch == self.trainer.max_epochs - 1
+
+    # -- Lightning hooks shared by all methods ----------------------------------------
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None or not hasattr(dm, "input_shape"):
+            return
+        if tuple(dm.input_shape) != self.input_shape:
+            raise ProtosError(
+                f"input shape {tuple(dm.input_shape)} of data set {dm.name!r} does not match the "
+                f"network's input_shape {self.input_shape}"
+            )
+        if stage == "fit" and self.n_clusters > dm.n_train:
+            raise ProtosError(f"n_clusters (K={self.n_clusters}) exceeds the {dm.n_train} training samples")
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        """Evaluation lives in callbacks (``eval/``), which read the method via the contract."""
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        """See :meth:`validation_step`."""
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        probs = self.cluster_probs(batch["x"])
+        out = {"index": batch["index"], "cluster": probs.argmax(-1), "probs": probs}
+        if "y" in batch:
+            out["y"] = batch["y"]
+        return out

@@ -1,0 +1,122 @@
+"""CM: the Clustering Module (Boubekki, Kampffmeyer, Brefeld, Jenssen; Machine Learning 2021).
+
+1. init: random (Glorot) or k-means++: W_dec rows = centres, W_enc = pinv(W_dec)   (Sec. 4.1)
+2. each batch: Gamma = softmax(x W_enc + b_enc), mu = W_dec + b_dec                (Eq. 6)
+   minimise L_CM = E1 + E2 + E3 + E4 (batch sums) with Adam                        (Eq. 3 / 7)
+3. last epoch: ordinary updates; the parameters are then set to their average over
+   that epoch's iterations (the "averaging epoch", Sec. 4.1; all parameters, as in the
+   authors' code, or ``average: centroids``)
+4. predict argmax Gamma; model selection by L_sp = E2 + E3 on the full data (Table 4)
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from ..nets import ClusteringModule, ParameterAverage
+from ..ops import cm_terms, kmeans_pp_centres
+from .base import ClusteringMethod, check_positive
+
+
+class CM(ClusteringMethod):
+    """The clustering module on raw (flattened) features.
+
+    Args:
+        n_clusters: K.
+        input_shape: shape of one sample (linked from the data by the CLI).
+        alpha: symmetric Dirichlet concentration (Table 12: MNIST 177).
+        lr: Adam learning rate (Sec. 5.1: 0.001).
+        adam_eps: Adam epsilon; the paper is silent, the authors' code uses 1e-3.
+        optimizer: ``adam`` (MNIST etc.) or ``sgd`` (5 Gaussians, Fig. 1).
+        init: ``random`` (CM^r) or ``kmeans++`` (CM^p).
+        init_lloyd_steps: Lloyd iterations after the k-means++ seeding (code: 1).
+        average_last_epoch: run the averaging epoch as the trainer's last epoch.
+        average: average ``all`` parameters (argmax uses the averaged encoder) or only the
+            ``centroids`` (then predict by the nearest averaged centroid).
+        e3_weight: weight of the merging term E3 (Fig. 11 uses 0, 1, 1.5).
+        terms: the loss terms kept (Table 3 ablation), a subset of E1..E4.
+    """
+
+    def __init__(
+        self,
+        n_clusters: int = 10,
+        input_shape: tuple[int, ...] = (784,),
+        alpha: float = 177.0,
+        lr: float = 1e-3,
+        adam_eps: float = 1e-8,
+        optimizer: Literal["adam", "sgd"] = "adam",
+        init: Literal["random", "kmeans++"] = "random",
+        init_lloyd_steps: int = 0,
+        average_last_epoch: bool = True,
+        average: Literal["all", "centroids"] = "all",
+        e3_weight: float = 1.0,
+        terms: tuple[str, ...] = ("E1", "E2", "E3", "E4"),
+    ) -> None:
+        super().__init__(n_clusters, input_shape)
+        check_positive(lr=lr, alpha=alpha)
+        if not set(terms) <= {"E1", "E2", "E3", "E4"}:
+            raise ValueError(f"terms must be among E1..E4, got {terms}")
+        self.save_hyperparameters()
+        self.cm = ClusteringModule(self.input_dim, n_clusters)
+        params = self._averaged_params()
+        self.average = ParameterAverage(params)
+        self.register_buffer("initialised", torch.tensor(init == "random"))
+
+    def _averaged_params(self) -> list[torch.nn.Parameter]:
+        if self.hparams.average == "centroids":
+            return [self.cm.decoder.weight, self.cm.decoder.bias]
+        return list(self.cm.parameters())
+
+    # -- contract ---------------------------------------------------------------------
+    def embed(self, x: Tensor) -> Tensor:
+        return self.cluster_probs(x)
+
+    def cluster_probs(self, x: Tensor) -> Tensor:
+        x = self.flat(x)
+        if self.hparams.average == "centroids" and not self.training:
+            # nearest averaged centroid, as a (hard) one-hot assignment
+            nearest = torch.cdist(x, self.cm.centroids()).argmin(-1)
+            return torch.nn.functional.one_hot(nearest, self.n_clusters).to(x.dtype)
+        return self.cm(x)
+
+    def prototypes(self) -> Tensor:
+        return self.cm.centroids().detach()
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Convex weights ``(B, K)`` -> inputs: x = z mu (the linear CM decoder)."""
+        return self.cm.decoder(z).reshape(len(z), *self.input_shape)
+
+    def selection_criteria(self, x: Tensor) -> dict[str, Tensor]:
+        t = cm_terms(self.flat(x), self.cm(self.flat(x)), self.cm.centroids(), self.hparams.alpha)
+        return {"l_sp": t["E2"] + t["E3"]}
+
+    # -- training ---------------------------------------------------------------------
+    def configure_optimizers(self):
+        if self.hparams.optimizer == "sgd":
+            return torch.optim.SGD(self.cm.parameters(), lr=self.hparams.lr)
+        return torch.optim.Adam(self.cm.parameters(), lr=self.hparams.lr, eps=self.hparams.adam_eps)
+
+    def on_fit_start(self) -> None:
+        if not bool(self.initialised):  # k-means++ (checkpoints keep the flag: no re-init)
+            seed = torch.initial_seed() % 2**31
+            x = self.fit_features().reshape(-1, self.input_dim)
+            self.cm.init_from_centres(kmeans_pp_centres(x, self.n_clusters, seed, self.hparams.init_lloyd_steps))
+            self.initialised.fill_(True)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        x = self.flat(batch["x"])
+        gamma = self.cm(x)
+        terms = cm_terms(x, gamma, self.cm.centroids(), self.hparams.alpha)  # Eq. 7
+        terms["E3"] = self.hparams.e3_weight * terms["E3"]
+        loss = self.check_and_log({k: v for k, v in terms.items() if k in self.hparams.terms})
+        self.optimize(loss, self.optimizers())
+        if self.hparams.average_last_epoch and self.is_last_epoch():
+            self.average.accumulate(self._averaged_params())
+
+    def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
+        if self.hparams.average_last_epoch and self.is_last_epoch():
+            self.average.apply(self._averaged_params())
