@@ -1,20 +1,21 @@
 """The ``protos`` command: LightningCLI's fit / validate / test / predict, plus bench and report.
 
-    protos fit --config configs/cm_mnist.yaml [--data.data_dir DIR] [--seed_everything 1]
-    protos test --config configs/cm_mnist.yaml --ckpt_path RUN/checkpoints/last.ckpt
-    protos predict --config configs/cm_mnist.yaml --ckpt_path ...   # RUN/predictions.csv
-    protos bench --config configs/bench/smoke.yaml [--jobs N] [--report]
+protos fit --config configs/cm_mnist.yaml [--data.data_dir DIR] [--seed_everything 1]
+protos test --config configs/cm_mnist.yaml --ckpt_path RUN/checkpoints/last.ckpt
+protos predict --config configs/cm_mnist.yaml --ckpt_path ...   # RUN/predictions.csv
+protos bench --config configs/bench/smoke.yaml [--jobs N] [--report]
 """
 
 from __future__ import annotations
 
 import sys
+from argparse import ArgumentError
 
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from .data import ArrayDataModule
+from .data import DATASETS, ArrayDataModule
 from .errors import ProtosError
 from .eval.callbacks import AssignmentWriter, ClusteringEvaluator
 from .methods.base import ClusteringMethod
@@ -39,6 +40,11 @@ class ProtosCLI(LightningCLI):
             subclass_mode_data=True,
             **kwargs,
         )
+
+    def init_parser(self, **kwargs) -> LightningArgumentParser:
+        # Raise instead of printing the whole usage: ``main`` reports the error in one line.
+        kwargs.setdefault("exit_on_error", False)
+        return super().init_parser(**kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ClusteringEvaluator, "evaluation")
@@ -89,20 +95,60 @@ def check_cuda_arch(capability: tuple[int, int], arch_list: list[str]) -> str | 
     )
 
 
+# Lines of jsonargparse's nested union-type report that say nothing about the mistake.
+_NOISE = (
+    "Expected a path but",
+    "Does not validate against any of the Union subtypes",
+    "Subtypes:",
+    "Errors:",
+    "Given value",
+    "Expected a <class 'NoneType'>",
+)
+
+
+def one_line(message: str) -> str:
+    """jsonargparse's multi-line report of a bad argument, reduced to its informative lines."""
+    lines = (line.strip().lstrip("- ").strip() for line in message.splitlines())
+    text = " ".join(line for line in lines if line and not line.startswith(_NOISE))
+    if text.startswith('Parser key "data"') and ("class_path" in text or "import path" in text):
+        known = ", ".join(sorted({c.__name__ for c in DATASETS.values()}))
+        text += f" (data sets in lightning_protos.data: {known}; ArrayFile or ImageFolder)"
+    return text
+
+
+def _protos_cause(err: BaseException) -> BaseException | None:
+    """The ProtosError / FloatingPointError behind ``err`` (jsonargparse wraps constructors')."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, (ProtosError, FloatingPointError)):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("bench", "report"):
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("bench", "report"):
         from .bench.runner import main as bench_main
 
-        sys.exit(bench_main(argv))
+        sys.exit(bench_main(args))
     if torch.cuda.is_available():
         problem = check_cuda_arch(torch.cuda.get_device_capability(), torch.cuda.get_arch_list())
         if problem:
             sys.exit(f"protos: error: {problem}")
     try:
-        ProtosCLI(args=argv)
-    except (ProtosError, FloatingPointError) as err:
-        sys.exit(f"protos: error: {err}")
+        ProtosCLI(args=argv)  # None: LightningCLI reads sys.argv itself (no double-args warning)
+    except ArgumentError as err:  # a bad option, value, class path or config file
+        print(f"protos: error: {one_line(str(err))}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as err:
+        cause = _protos_cause(err)
+        if cause is not None:
+            sys.exit(f"protos: error: {cause}")
+        if isinstance(err, ValueError) and "Does not validate against any of the Union" in str(err):
+            sys.exit(f"protos: error: {one_line(str(err))}")  # a constructor rejected its arguments
+        raise
 
 
 if __name__ == "__main__":

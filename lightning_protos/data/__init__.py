@@ -29,7 +29,21 @@ def get_datamodule(name: str, **kwargs) -> ArrayDataModule:
 
 
 __all__ = [
-    "CIFAR10", "DATASETS", "MNIST", "USPS", "ArrayDataModule", "ArrayFile", "Blobs", "DataError",
-    "Digits", "FashionMNIST", "FiveGaussians", "ImageFolder", "MedMNIST", "Pendigits",
-    "PneumoniaMNIST", "get_datamodule", "resolve_root",
+    "CIFAR10",
+    "DATASETS",
+    "MNIST",
+    "USPS",
+    "ArrayDataModule",
+    "ArrayFile",
+    "Blobs",
+    "DataError",
+    "Digits",
+    "FashionMNIST",
+    "FiveGaussians",
+    "ImageFolder",
+    "MedMNIST",
+    "Pendigits",
+    "PneumoniaMNIST",
+    "get_datamodule",
+    "resolve_root",
 ]

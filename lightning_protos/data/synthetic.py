@@ -65,7 +65,8 @@ class FiveGaussians(ArrayDataModule):
 
 
 class Blobs(ArrayDataModule):
-    """Well-separated isotropic blobs from scikit-learn's ``make_blobs`` (for quick tests)."""
+    """Well-separated isotropic blobs from scikit-learn's ``make_blobs`` (for quick tests),
+    standardised per feature unless ``standardize`` is false."""
 
     name = "blobs"
 
@@ -75,19 +76,26 @@ class Blobs(ArrayDataModule):
         n_features: int = 2,
         centers: int = 3,
         cluster_std: float = 0.5,
+        standardize: bool = True,
         seed: int = 0,
         **kwargs,
     ) -> None:
         kwargs.setdefault("download", False)
         super().__init__(**kwargs)
         self.n_samples, self.n_features, self.centers = n_samples, n_features, centers
-        self.cluster_std, self.seed = cluster_std, seed
+        self.cluster_std, self.standardize, self.seed = cluster_std, standardize, seed
 
     def load(self) -> dict[str, tuple[Tensor, Tensor]]:
         from sklearn.datasets import make_blobs
 
         x, y = make_blobs(
-            self.n_samples, self.n_features, centers=self.centers, cluster_std=self.cluster_std,
-            center_box=(-10, 10), random_state=self.seed,
+            self.n_samples,
+            self.n_features,
+            centers=self.centers,
+            cluster_std=self.cluster_std,
+            center_box=(-10, 10),
+            random_state=self.seed,
         )
+        if self.standardize:
+            x = (x - x.mean(0)) / x.std(0)
         return {"train": (torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.long))}

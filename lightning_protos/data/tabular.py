@@ -31,7 +31,9 @@ class Pendigits(ArrayDataModule):
                 for f in files.values():
                     download_url(PENDIGITS_URL + f.name, str(folder))
             except Exception as err:
-                raise missing_files_error(self.name, self.root, [f"pendigits/{f.name}" for f in files.values()], err) from None
+                raise missing_files_error(
+                    self.name, self.root, [f"pendigits/{f.name}" for f in files.values()], err
+                ) from None
         out = {}
         for split, f in files.items():
             if not f.exists():

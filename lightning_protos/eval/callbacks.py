@@ -55,9 +55,7 @@ class ClusteringEvaluator(L.Callback):
         for name, value in self._criteria.items():
             scores[name] = float(pl_module.all_gather(value.to(pl_module.device)).sum())
         scores["n_clusters_used"] = int(preds.unique().numel())
-        pl_module.log_dict(
-            {f"{stage}/{k}": float(v) for k, v in scores.items()}, sync_dist=False, rank_zero_only=True
-        )
+        pl_module.log_dict({f"{stage}/{k}": float(v) for k, v in scores.items()}, sync_dist=False, rank_zero_only=True)
         self.results[stage] = {"epoch": trainer.current_epoch, **scores}
         if trainer.is_global_zero:
             path = run_dir(trainer) / "metrics.json"

@@ -1,0 +1,207 @@
+"""Tables from a bench's results rows: mean ± std over seeds, best run, L_sp-selected run.
+
+Pure functions on rows (``dict[str, str]`` as read from the results CSV), then writers of
+``<stem>_table.md`` (scores x100, as the papers print them), ``<stem>_summary.csv``
+(fractions) and ``<stem>_chart.png`` (bars with ±1 std error bars) beside the CSV.
+"""
+
+from __future__ import annotations
+
+import csv
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+METRICS = ("acc", "nmi", "ari", "homogeneity")
+BEST_BY = "ari"  # the best run is the one with the highest ARI
+CRITERION = "l_sp"  # label-free model selection: the run with the lowest L_sp (AE-CM paper)
+
+
+@dataclass
+class Summary:
+    """The runs of one (method, labels, data set) group.
+
+    ``mean``/``std`` are over the runs that finished (``std`` is the sample std, ddof=1,
+    ``None`` for a single run); ``best`` is the row with the highest ARI and ``selected``
+    the row with the lowest ``l_sp`` (``None`` where no run has one).
+    """
+
+    group: dict[str, str]
+    n: int
+    n_failed: int
+    mean: dict[str, float]
+    std: dict[str, float | None]
+    best: dict[str, str] | None
+    selected: dict[str, str] | None
+    seconds: float | None
+
+
+def value(row: dict[str, str], column: str) -> float | None:
+    """The row's number in ``column``, or ``None`` where it is empty or absent."""
+    text = row.get(column) or ""
+    return float(text) if text.strip() else None
+
+
+def failed(row: dict[str, str], metrics: tuple[str, ...] | list[str] = METRICS) -> bool:
+    """A failed run has none of the metrics."""
+    return all(value(row, m) is None for m in metrics)
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (ddof=1; ``None`` for fewer than two values).
+
+    >>> mean_std([1.0, 2.0, 3.0])
+    (2.0, 1.0)
+    """
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def pick(rows: list[dict[str, str]], column: str, highest: bool) -> dict[str, str] | None:
+    """The first row with the highest (or lowest) value in ``column``; ``None`` if none has one."""
+    scored = [(v, i) for i, r in enumerate(rows) if (v := value(r, column)) is not None]
+    if not scored:
+        return None
+    best = max(scored, key=lambda t: (t[0], -t[1])) if highest else min(scored)
+    return rows[best[1]]
+
+
+def summarize(rows: list[dict[str, str]], group_by: list[str], metrics: list[str]) -> list[Summary]:
+    """One :class:`Summary` per distinct ``group_by`` values, in order of first appearance."""
+    groups: dict[tuple[str, ...], list[dict[str, str]]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row.get(c, "") for c in group_by), []).append(row)
+    summaries = []
+    for key, members in groups.items():
+        ok = [r for r in members if not failed(r, metrics)]
+        mean: dict[str, float] = {}
+        std: dict[str, float | None] = {}
+        for m in metrics:
+            values = [v for r in ok if (v := value(r, m)) is not None]
+            if values:
+                mean[m], std[m] = mean_std(values)
+        seconds = [v for r in ok if (v := value(r, "seconds")) is not None]
+        summaries.append(
+            Summary(
+                group=dict(zip(group_by, key, strict=True)),
+                n=len(ok),
+                n_failed=len(members) - len(ok),
+                mean=mean,
+                std=std,
+                best=pick(ok, BEST_BY, highest=True),
+                selected=pick(ok, CRITERION, highest=False),
+                seconds=statistics.fmean(seconds) if seconds else None,
+            )
+        )
+    return summaries
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def _run(row: dict[str, str] | None, metrics: list[str]) -> str:
+    if row is None:
+        return "–"
+    return " / ".join(_pct(value(row, m)) for m in metrics) + f" (seed {row.get('seed', '?')})"
+
+
+def markdown_table(
+    summaries: list[Summary], metrics: list[str], with_criterion: bool, title: str
+) -> str:
+    """The papers' table: mean ± std x100 per metric, best run, L_sp-selected run, seconds."""
+    names = [m.upper() for m in metrics]
+    keys = list(summaries[0].group) if summaries else []
+    head = [*keys, "runs", *names, f"best run (max ARI): {' / '.join(names)}"]
+    if with_criterion:
+        head.append(f"min L_sp run: {' / '.join(names)}")
+    head.append("seconds")
+    lines = [title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in summaries:
+        runs = str(s.n) + (f" (+{s.n_failed} failed)" if s.n_failed else "")
+        scores = [
+            "–"
+            if m not in s.mean
+            else _pct(s.mean[m]) + ("" if s.std[m] is None else f" ± {_pct(s.std[m])}")
+            for m in metrics
+        ]
+        cells = [*s.group.values(), runs, *scores, _run(s.best, metrics)]
+        if with_criterion:
+            cells.append(_run(s.selected, metrics))
+        cells.append("–" if s.seconds is None else f"{s.seconds:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def summary_rows(
+    summaries: list[Summary], metrics: list[str], with_criterion: bool
+) -> list[dict[str, object]]:
+    """The summary as flat rows (fractions, not x100) for ``<stem>_summary.csv``."""
+    rows = []
+    for s in summaries:
+        row: dict[str, object] = {**s.group, "n": s.n, "n_failed": s.n_failed}
+        for m in metrics:
+            row[f"{m}_mean"], row[f"{m}_std"] = s.mean.get(m), s.std.get(m)
+        picks = [("best", s.best)] + ([("lsp", s.selected)] if with_criterion else [])
+        for prefix, run in picks:
+            row[f"{prefix}_seed"] = None if run is None else run.get("seed")
+            for m in [*metrics, *([CRITERION] if with_criterion else [])]:
+                row[f"{prefix}_{m}"] = None if run is None else value(run, m)
+        row["seconds_mean"] = s.seconds
+        rows.append(row)
+    return rows
+
+
+def plot_chart(summaries: list[Summary], metrics: list[str], path: Path, name: str) -> None:
+    """Bars of the mean (x100) per metric with ±1 std error bars, one panel per data set."""
+    from matplotlib.figure import Figure
+
+    datasets = list(dict.fromkeys(s.group.get("dataset", "") for s in summaries))
+    fig = Figure(
+        figsize=(max(4.0, 2.2 * len(summaries) / max(len(datasets), 1) + 2), 3.6 * len(datasets))
+    )
+    axes = fig.subplots(len(datasets), 1, squeeze=False)[:, 0]
+    width = 0.8 / len(metrics)
+    for ax, dataset in zip(axes, datasets, strict=True):
+        group = [s for s in summaries if s.group.get("dataset", "") == dataset]
+        labels = ["-".join(v for k, v in s.group.items() if k != "dataset" and v) for s in group]
+        for j, m in enumerate(metrics):
+            heights = [100 * s.mean.get(m, 0.0) for s in group]
+            errors = [100 * (s.std.get(m) or 0.0) for s in group]
+            xs = [i + (j - (len(metrics) - 1) / 2) * width for i in range(len(group))]
+            ax.bar(xs, heights, width, yerr=errors, capsize=3, label=m.upper())
+        ax.set_xticks(range(len(group)), labels)
+        ax.set_ylim(0, 100)
+        ax.set_ylabel("score x100")
+        ax.set_title(f"{name}: {dataset} (mean ± std over seeds)")
+        ax.legend(loc="lower right", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _cell(v: object) -> str:
+    return "" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def report_paths(results: Path) -> dict[str, Path]:
+    """Where the table, summary CSV and chart of ``results`` go: beside it, named by its stem."""
+    return {kind: results.with_name(f"{results.stem}_{kind}.{ext}")
+            for kind, ext in (("table", "md"), ("summary", "csv"), ("chart", "png"))}  # fmt: skip
+
+
+def write_report(
+    rows: list[dict[str, str]], group_by: list[str], columns: list[str], results: Path, name: str
+) -> dict[str, Path]:
+    """Writes the Markdown table, summary CSV and chart of ``rows``; returns their paths."""
+    title = f"{name}: mean ± std over seeds (x100), from {results.name}"
+    metrics = [m for m in METRICS if m in columns]
+    with_criterion = CRITERION in columns
+    summaries = summarize(rows, group_by, metrics)
+    paths = report_paths(results)
+    paths["table"].write_text(markdown_table(summaries, metrics, with_criterion, title))
+    flat = summary_rows(summaries, metrics, with_criterion)
+    with open(paths["summary"], "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(flat[0]) if flat else group_by)
+        writer.writeheader()
+        writer.writerows({k: _cell(v) for k, v in r.items()} for r in flat)
+    plot_chart(summaries, metrics, paths["chart"], name)
+    return paths

@@ -1,0 +1,399 @@
+"""``protos bench``: every (data set, seed, method) cell of a table as an ordinary run.
+
+    protos bench --config configs/bench/smoke.yaml [--jobs N] [--gpus 0,1] [--report] [--dry-run]
+    protos report --config configs/bench/smoke.yaml     # tables from the rows so far
+
+The table's YAML schema is in :mod:`lightning_protos.bench.spec`. Each cell runs as a child
+process (``python -m lightning_protos.cli fit ...`` or a scikit-learn reference) in its own
+run directory ``<root>/<name>/<cell>/`` with its output in ``log.txt``, and adds one row to the
+results CSV when it ends. Running the command again skips cells that have a row, writes the row
+of a cell that finished without one, and resumes a cell that has ``checkpoints/last.ckpt`` but
+no final metrics. A failed cell is a row with empty metrics and the last line of its log in
+``note``. ``seconds`` adds up the wall time of every process a cell ran (``bench.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import queue
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from .report import write_report
+from .spec import Bench, BenchError, Cell, check_cells, load_bench, row_key
+
+LOG, TIMES, METRICS_FILE = "log.txt", "bench.json", "metrics.json"
+Launch = Callable[[Cell, list[str], Path, dict[str, str]], int]
+"""Runs a cell's command with its output appended to the log; returns the exit code."""
+
+
+class ResultsFile:
+    """The results CSV: a header of exactly the table's columns, then one row per finished run."""
+
+    def __init__(self, path: Path, columns: list[str]) -> None:
+        self.path, self.columns = path, columns
+        self._lock = threading.Lock()
+        if self.path.is_file() and self.path.stat().st_size:
+            with open(self.path, newline="") as f:
+                header = next(csv.reader(f), [])
+            if header != columns:
+                raise BenchError(
+                    f"{path} has columns {','.join(header)}, the table lists {','.join(columns)}; "
+                    "move the old file away or restore the table's columns"
+                )
+
+    def rows(self) -> list[dict[str, str]]:
+        if not self.path.is_file():
+            return []
+        with open(self.path, newline="") as f:
+            return list(csv.DictReader(f))
+
+    def append(self, row: dict[str, str]) -> None:
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            new = not self.path.is_file() or not self.path.stat().st_size
+            with open(self.path, "a", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self.columns)
+                if new:
+                    writer.writeheader()
+                writer.writerow(row)
+
+
+def final_metrics(run_dir: Path) -> dict[str, Any] | None:
+    """The ``"test"`` entry of the run's ``metrics.json`` (written after fit), if any."""
+    try:
+        return json.loads((run_dir / METRICS_FILE).read_text()).get("test")
+    except (OSError, ValueError):
+        return None
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    path = run_dir / "checkpoints" / "last.ckpt"
+    return path if path.is_file() else None
+
+
+def _times(run_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((run_dir / TIMES).read_text())
+    except (OSError, ValueError):
+        return {"seconds": 0.0, "attempts": 0, "running_since": None}
+
+
+def start_attempt(run_dir: Path) -> float:
+    """Notes in ``bench.json`` that a process starts; an attempt killed before it could record
+    its time is counted up to the last write to its log."""
+    state = _times(run_dir)
+    if state["running_since"] is not None:
+        log = run_dir / LOG
+        end = log.stat().st_mtime if log.is_file() else state["running_since"]
+        state["seconds"] += max(0.0, end - state["running_since"])
+    now = time.time()
+    state.update(running_since=now, attempts=state["attempts"] + 1)
+    (run_dir / TIMES).write_text(json.dumps(state))
+    return now
+
+
+def end_attempt(run_dir: Path, started: float) -> None:
+    state = _times(run_dir)
+    state.update(seconds=state["seconds"] + time.time() - started, running_since=None)
+    (run_dir / TIMES).write_text(json.dumps(state))
+
+
+def make_row(fields: dict[str, str], columns: list[str], metrics: dict[str, Any] | None,
+             seconds: float | None, note: str = "") -> dict[str, str]:  # fmt: skip
+    """A results row: the cell's fields, ``epochs``, ``seconds``, ``note``, else a metric."""
+    metrics = metrics or {}
+    extra = {"epochs": metrics.get("epoch"), "seconds": seconds, "note": note}
+    row = {}
+    for c in columns:
+        v = fields[c] if c in fields else extra[c] if c in extra else metrics.get(c)
+        row[c] = (
+            ""
+            if v is None
+            else f"{v:.1f}"
+            if c == "seconds"
+            else f"{v:.6g}"
+            if isinstance(v, float)
+            else str(v)
+        )
+    return row
+
+
+def last_line(log: Path) -> str:
+    """The last non-empty line of a log, for a failed row's note."""
+    try:
+        lines = [
+            line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()
+        ]
+    except OSError:
+        return "no log"
+    return lines[-1][:300] if lines else "no output"
+
+
+class Subprocesses:
+    """The default :data:`Launch`: child processes, which :meth:`terminate` stops."""
+
+    def __init__(self) -> None:
+        self._running: set[subprocess.Popen] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, cell: Cell, command: list[str], log: Path, env: dict[str, str]) -> int:
+        with open(log, "a") as out:
+            out.write(f"$ {shlex.join(command)}\n")
+            out.flush()
+            proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+            with self._lock:
+                self._running.add(proc)
+            try:
+                return proc.wait()
+            finally:
+                with self._lock:
+                    self._running.discard(proc)
+
+    def terminate(self, grace: float = 30.0) -> None:
+        """SIGTERM to each running child (Lightning stops after its batch), then SIGKILL."""
+        with self._lock:
+            procs = list(self._running)
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+class Runner:
+    """Runs a table's cells that have no row yet, ``jobs`` at a time, appending their rows."""
+
+    def __init__(
+        self, bench: Bench, launch: Launch, jobs: int = 1, gpus: list[str] | None = None
+    ) -> None:
+        self.bench, self.launch, self.jobs = bench, launch, jobs
+        self.results = ResultsFile(bench.results, bench.columns)
+        self.stop = threading.Event()
+        self._gpus: queue.Queue[str] | None = None
+        if gpus:
+            self._gpus = queue.Queue()
+            for gpu in gpus:
+                self._gpus.put(gpu)
+
+    def pending(self, cells: list[Cell]) -> list[Cell]:
+        """The cells with no row in the results file."""
+        done = {row_key(r, self.bench.id_columns) for r in self.results.rows()}
+        return [c for c in cells if row_key(c.fields(), self.bench.id_columns) not in done]
+
+    @staticmethod
+    def plan(cell: Cell) -> str:
+        """What running the cell will do: write a finished run's row, resume, or start."""
+        if final_metrics(cell.run_dir) is not None:
+            return "finished: write its row"
+        return "resume from last.ckpt" if last_checkpoint(cell.run_dir) else "start"
+
+    def run_cell(self, cell: Cell) -> tuple[dict[str, str] | None, bool]:
+        """Trains the cell unless its run finished; appends and returns its row and whether a
+        process ran. Returns no row if the bench was stopped meanwhile."""
+        run_dir = cell.run_dir
+        metrics, ran = final_metrics(run_dir), False
+        note = ""
+        if metrics is None:
+            if self.stop.is_set():
+                return None, False
+            run_dir.mkdir(parents=True, exist_ok=True)
+            with self._device() as env:
+                started = start_attempt(run_dir)
+                try:
+                    code = self.launch(
+                        cell, cell.command(last_checkpoint(run_dir)), run_dir / LOG, env
+                    )
+                finally:
+                    end_attempt(run_dir, started)
+            ran = True
+            metrics = final_metrics(run_dir) if code == 0 else None
+            if metrics is None and self.stop.wait(0.5):  # stopped by the bench's own interrupt
+                return None, ran
+            if metrics is None:
+                note = (
+                    f"exit {code}: {last_line(run_dir / LOG)}" if code else "no final test metrics"
+                )
+        row = make_row(
+            cell.fields(), self.bench.columns, metrics, _times(run_dir)["seconds"] or None, note
+        )
+        self.results.append(row)
+        return row, ran
+
+    @contextmanager
+    def _device(self) -> Iterator[dict[str, str]]:
+        """The child's environment (unbuffered output, so that ``log.txt`` is live); with
+        ``gpus``, one free GPU as ``CUDA_VISIBLE_DEVICES``."""
+        if self._gpus is None:
+            yield {**os.environ, "PYTHONUNBUFFERED": "1"}
+            return
+        gpu = self._gpus.get()
+        try:
+            yield {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": gpu}
+        finally:
+            self._gpus.put(gpu)
+
+    def run(self, cells: list[Cell]) -> int:
+        """Runs the cells, printing a progress line as each ends; returns how many failed."""
+        t0, n, n_failed, spent = time.monotonic(), len(cells), 0, []
+        with ThreadPoolExecutor(self.jobs) as pool:
+            futures = {pool.submit(self._timed, cell): cell for cell in cells}
+            try:
+                for i, future in enumerate(as_completed(futures), 1):
+                    (row, ran), seconds = future.result()
+                    cell = futures[future]
+                    if row is None:
+                        continue
+                    if ran:
+                        spent.append(seconds)
+                    failed = bool(row.get("note"))
+                    n_failed += failed
+                    left = (n - i) * sum(spent) / len(spent) / self.jobs if spent else 0.0
+                    what = (
+                        f"failed in {seconds:.0f}s (see {cell.run_dir / LOG})"
+                        if failed
+                        else f"done in {seconds:.0f}s"
+                    )
+                    elapsed = _clock(time.monotonic() - t0)
+                    print(
+                        f"[bench] cell {i}/{n} {cell.name} {what}; "
+                        f"elapsed {elapsed}, ~{_clock(left)} remaining",
+                        flush=True,
+                    )
+            except KeyboardInterrupt:
+                self.stop.set()
+                getattr(self.launch, "terminate", lambda: None)()
+                pool.shutdown(cancel_futures=True)
+                raise
+        return n_failed
+
+    def _timed(self, cell: Cell) -> tuple[tuple[dict[str, str] | None, bool], float]:
+        start = time.monotonic()
+        return self.run_cell(cell), time.monotonic() - start
+
+
+def _clock(seconds: float) -> str:
+    minutes, s = divmod(round(seconds), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{s:02d}s"
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM stops the bench as Ctrl-C does: children are stopped, no row is written for them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def report(bench: Bench) -> dict[str, Path]:
+    """Writes the table, summary and chart of the rows so far, in the table's cell order."""
+    rows = ResultsFile(bench.results, bench.columns).rows()
+    if not rows:
+        raise BenchError(f"no results yet in {bench.results}; run protos bench first")
+    ids = bench.id_columns
+    order = {row_key(c.fields(), ids): i for i, c in enumerate(bench.cells())}
+    rows.sort(key=lambda r: order.get(row_key(r, ids), len(order)))
+    labels = [c for c in ids if c not in ("method", "dataset", "seed")]
+    group_by = ["method", *labels, "dataset"]
+    return write_report(rows, group_by, bench.columns, bench.results, bench.name)
+
+
+def _parser(command: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"protos {command}",
+        description=(__doc__ or "").split("\n")[0],
+        epilog="bench table schema: see lightning_protos/bench/spec.py",
+    )
+    parser.add_argument(
+        "--config", required=True, type=Path, help="bench table, e.g. configs/bench/smoke.yaml"
+    )
+    parser.add_argument("--results", type=Path, help="results CSV instead of the table's `results`")
+    if command == "bench":
+        parser.add_argument(
+            "--jobs", type=int, help="cells run at once (default 1, or one per --gpus entry)"
+        )
+        parser.add_argument("--gpus", help="comma-separated GPU ids: each cell gets one free GPU")
+        parser.add_argument(
+            "--root", type=Path, help="parent of the run directories (default bench_runs)"
+        )
+        parser.add_argument(
+            "--report", action="store_true", help="write the tables when the cells are done"
+        )
+        parser.add_argument(
+            "--dry-run", action="store_true", help="check the table and list what would run"
+        )
+    return parser
+
+
+def main(argv: list[str] | None = None, launch: Launch | None = None) -> int:
+    """``protos bench ...`` or ``protos report ...`` (``argv[0]`` says which).
+
+    Returns the exit code: 0, 1 if a cell failed, 2 for bad input, 130 if interrupted.
+    ``launch`` replaces the child processes (tests inject a fake).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] in ("bench", "report") else "bench"
+    args = _parser(command).parse_args(argv)
+    try:
+        if command == "report":
+            bench = load_bench(args.config, results=args.results)
+            for path in report(bench).values():
+                print(f"[report] wrote {path}")
+            return 0
+        gpus = [g for g in (args.gpus or "").split(",") if g.strip()]
+        jobs = args.jobs or max(len(gpus), 1)
+        if jobs < 1:
+            raise BenchError(f"--jobs must be >= 1, got {jobs}")
+        bench = load_bench(args.config, root=args.root, results=args.results)
+        cells = bench.cells()
+        runner = Runner(bench, launch or Subprocesses(), jobs, gpus)
+        check_cells(cells)
+    except BenchError as err:
+        print(f"protos {command}: error: {err}", file=sys.stderr)
+        return 2
+    todo = runner.pending(cells)
+    print(f"[bench] {bench.name}: {len(cells)} cells, {len(cells) - len(todo)} in {bench.results}, "
+          f"{len(todo)} to run (run dirs in {bench.root / bench.name})", flush=True)  # fmt: skip
+    if args.dry_run:
+        for cell in todo:
+            command = shlex.join(cell.command(last_checkpoint(cell.run_dir)))
+            print(f"  {cell.name}: {runner.plan(cell)}\n    {command}")
+        return 0
+    try:
+        with _sigterm_as_interrupt():
+            n_failed = runner.run(todo)
+    except KeyboardInterrupt:
+        print("[bench] interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    if n_failed:
+        print(
+            f"[bench] {n_failed} cell(s) failed: see the note column of {bench.results}",
+            file=sys.stderr,
+        )
+    if args.report:
+        for path in report(bench).values():
+            print(f"[report] wrote {path}")
+    return 1 if n_failed else 0

@@ -1,0 +1,173 @@
+"""AE-CM: the clustering module on the code of a deep autoencoder (Boubekki et al., 2021, Sec. 4.2).
+
+Phases, by epoch, all inside one ``fit`` (so a checkpoint resumes in the right phase):
+
+random init (AE-CM^r): every weight random; joint training from the first step.
+pretrained init (AE-CM^p), Sec. 4.2.2:
+  1. ``pretrain_epochs``: the DAE alone on reconstruction         (methods/pretrain.py)
+  2. k-means (k-means++, ``kmeans_n_init`` restarts) on the codes; W_dec = centres,
+     W_enc = pinv(W_dec), zero biases                              (Sec. 4.1)
+  3. ``cm_epochs``: the CM alone on the frozen codes, non-orthonormal CM loss E1..E4 (Eq. 7)
+then, for both:
+  4. joint training of encoder, decoder and CM on                   (Eq. 10)
+        L = L_rec + E1 + E2 + E4 + L_orth
+        L_rec  = beta sum_i ||x_i - dec(z_i)||^2      (the DAE reconstructs from z, not z~)
+        E1     = sum_i ||z_i - gamma_i mu||^2
+        E2     = sum_i sum_k gamma_ik (1 - gamma_ik)  (||mu_k||^2 = 1 and E3 = 0 under Eq. 8-9)
+        E4     = sum_k (1 - alpha) log gamma~_k
+        L_orth = lam ||mu mu^T - I_K||_1              (element-wise; mu includes the decoder bias)
+  5. the last epoch is the averaging epoch: all parameters are set to their mean over its steps.
+Prediction: argmax gamma(enc(x)). Model selection: L_sp = E2 + E3 of the CM (Eq. 7, with
+||mu_k||^2 and k != l) on the codes of the full data (METHODS 3.4; ``lsp: orthonormal`` uses
+the orthonormal sparsity term plus L_orth instead).
+
+Deviations from the paper, each a documented choice (METHODS 3.4, REFERENCE_CODE 3):
+the paper prints mu^T mu for the K x K Gram matrix mu mu^T; Adam epsilon is 1e-8 unless
+``adam_eps`` is set (the authors' code: 1e-3); pretraining uses Adam (paper config).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from ..nets import ClusteringModule, MLPAutoencoder, ParameterAverage
+from ..ops import aecm_terms, cm_terms, kmeans_centres
+from .base import ClusteringMethod, check_positive
+from .pretrain import encode_all, pretrain_step
+
+
+class AECM(ClusteringMethod):
+    """AE-CM with both initialisations.
+
+    Args:
+        n_clusters: K.
+        input_shape: shape of one sample (linked from the data by the CLI).
+        latent_dim: code size p (Table 13: 10 for MNIST).
+        hidden: encoder widths (decoder mirrored): d-500-500-2000-p (Sec. 5.1).
+        alpha: Dirichlet concentration (Table 13: MNIST 230).
+        beta: weight of the DAE reconstruction (Table 13: MNIST 5).
+        lam: weight of the orthonormality penalty (Table 13: 1).
+        lr: Adam learning rate (0.001).
+        adam_eps: Adam epsilon (paper silent; authors' code 1e-3).
+        init: ``random`` (AE-CM^r) or ``pretrained`` (AE-CM^p).
+        pretrain_epochs: DAE pretraining epochs (pretrained init; ours 100 = code).
+        cm_epochs: CM-alone epochs on frozen codes (pretrained init; ours 100 = code).
+        kmeans_n_init: k-means restarts for the pretrained init (code: 20).
+        average_last_epoch: run the averaging epoch as the trainer's last epoch.
+        lsp: ``cm`` (E2 + E3 of Eq. 7 on the codes) or ``orthonormal`` (E2 + L_orth).
+        slope: LeakyReLU slope of the DAE (0.2).
+    """
+
+    def __init__(
+        self,
+        n_clusters: int = 10,
+        input_shape: tuple[int, ...] = (784,),
+        latent_dim: int = 10,
+        hidden: Sequence[int] = (500, 500, 2000),
+        alpha: float = 230.0,
+        beta: float = 5.0,
+        lam: float = 1.0,
+        lr: float = 1e-3,
+        adam_eps: float = 1e-8,
+        init: Literal["random", "pretrained"] = "random",
+        pretrain_epochs: int = 100,
+        cm_epochs: int = 100,
+        kmeans_n_init: int = 20,
+        average_last_epoch: bool = True,
+        lsp: Literal["cm", "orthonormal"] = "cm",
+        slope: float = 0.2,
+    ) -> None:
+        super().__init__(n_clusters, input_shape)
+        check_positive(lr=lr, alpha=alpha, latent_dim=latent_dim)
+        if beta < 0 or lam < 0:
+            raise ValueError(f"beta and lam must be >= 0, got {beta}, {lam}")
+        self.save_hyperparameters()
+        self.ae = MLPAutoencoder(self.input_dim, hidden, latent_dim, slope)
+        self.cm = ClusteringModule(latent_dim, n_clusters)
+        self.average = ParameterAverage(list(self.parameters()))
+        self.register_buffer("initialised", torch.tensor(init == "random"))
+
+    # -- phases -----------------------------------------------------------------------
+    @property
+    def joint_start(self) -> int:
+        """First epoch of joint training (Eq. 10)."""
+        h = self.hparams
+        return 0 if h.init == "random" else h.pretrain_epochs + h.cm_epochs
+
+    def phase(self, epoch: int) -> str:
+        if self.hparams.init == "pretrained" and epoch < self.hparams.pretrain_epochs:
+            return "pretrain"
+        return "cm" if epoch < self.joint_start else "joint"
+
+    # -- contract ---------------------------------------------------------------------
+    def embed(self, x: Tensor) -> Tensor:
+        return self.ae.encoder(self.flat(x))
+
+    def cluster_probs(self, x: Tensor) -> Tensor:
+        return self.cm(self.embed(x))
+
+    def prototypes(self) -> Tensor:
+        return self.cm.centroids().detach()
+
+    def decode(self, z: Tensor) -> Tensor:
+        return self.ae.decoder(z).reshape(len(z), *self.input_shape)
+
+    def selection_criteria(self, x: Tensor) -> dict[str, Tensor]:
+        z = self.embed(x)
+        gamma, mu = self.cm(z), self.cm.centroids()
+        if self.hparams.lsp == "orthonormal":
+            t = aecm_terms(x, x, z, gamma, mu, self.hparams.alpha, 0.0, self.hparams.lam)
+            return {"l_sp": t["E2"] + t["L_orth"] * len(x) / self.trainer.datamodule.n_of("eval")}
+        t = cm_terms(z, gamma, mu, self.hparams.alpha)
+        return {"l_sp": t["E2"] + t["E3"]}
+
+    # -- training ---------------------------------------------------------------------
+    def configure_optimizers(self):
+        h = self.hparams
+
+        def adam(params):
+            return torch.optim.Adam(params, lr=h.lr, eps=h.adam_eps)
+
+        # one optimizer per phase, each with its own moments (all checkpointed)
+        return adam(self.ae.parameters()), adam(self.cm.parameters()), adam(self.parameters())
+
+    def on_train_epoch_start(self) -> None:
+        if self.phase(self.current_epoch) != "pretrain" and not bool(self.initialised):
+            self._init_cm_from_codes()
+
+    @torch.no_grad()
+    def _init_cm_from_codes(self) -> None:
+        """Step 2: k-means on the pretrained codes initialises the CM (Sec. 4.1)."""
+        z = encode_all(self.ae.encoder, self.fit_features().reshape(-1, self.input_dim))
+        seed = torch.initial_seed() % 2**31
+        self.cm.init_from_centres(kmeans_centres(z, self.n_clusters, seed, self.hparams.kmeans_n_init))
+        self.initialised.fill_(True)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        x = self.flat(batch["x"])
+        opt_ae, opt_cm, opt_joint = self.optimizers()
+        phase = self.phase(self.current_epoch)
+        if phase == "pretrain":  # step 1
+            pretrain_step(self, self.ae, x, opt_ae)
+            return
+        if phase == "cm":  # step 3: CM alone on frozen codes, Eq. 7
+            with torch.no_grad():
+                z = self.ae.encoder(x)
+            terms = cm_terms(z, self.cm(z), self.cm.centroids(), self.hparams.alpha)
+            self.optimize(self.check_and_log(terms, prefix="cm"), opt_cm)
+            return
+        z, x_rec = self.ae(x)  # step 4: joint, Eq. 10
+        h = self.hparams
+        terms = aecm_terms(x, x_rec, z, self.cm(z), self.cm.centroids(), h.alpha, h.beta, h.lam)
+        self.optimize(self.check_and_log(terms), opt_joint)
+        if h.average_last_epoch and self.is_last_epoch():  # step 5
+            self.average.accumulate(list(self.parameters()))
+
+    def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
+        if self.hparams.average_last_epoch and self.is_last_epoch():
+            self.average.apply(list(self.parameters()))

@@ -1,0 +1,18 @@
+"""Latent-space walks around prototypes (sampling and interpolation, AE-CM Sec. 5.3.6)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def interpolate(a: Tensor, b: Tensor, steps: int) -> Tensor:
+    """``steps`` points on the segment from ``a`` to ``b`` (both ``(p,)``), ends included: ``(steps, p)``."""
+    t = torch.linspace(0, 1, steps, dtype=a.dtype, device=a.device).unsqueeze(1)
+    return (1 - t) * a + t * b
+
+
+def around(prototype: Tensor, n: int, scale: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+    """``n`` draws from N(prototype, scale^2 I): ``(n, p)``."""
+    noise = torch.randn(n, prototype.numel(), generator=generator, dtype=prototype.dtype, device=prototype.device)
+    return prototype.reshape(1, -1) + scale * noise
