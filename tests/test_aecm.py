@@ -47,7 +47,7 @@ def test_loss_equals_eq10_by_hand():
     e1 = sum(((zd[i] - sum(g[i, k] * m[k] for k in range(4))) ** 2).sum() for i in range(6))
     e2 = sum(g[i, k] * (1 - g[i, k]) for i in range(6) for k in range(4))
     e4 = sum((1 - h.alpha) * np.log(g[:, k].mean() + 1e-10) for k in range(4))
-    orth = h.lam * sum(abs(m[k] @ m[l] - (k == l)) for k in range(4) for l in range(4))
+    orth = h.lam * sum(abs(m[k] @ m[j] - (k == j)) for k in range(4) for j in range(4))
     from lightning_protos.ops import aecm_terms
 
     terms = aecm_terms(x, x_rec, z, gamma, mu, h.alpha, h.beta, h.lam)
@@ -76,7 +76,7 @@ def test_pretrained_recovers_blobs(tmp_path):
     with torch.no_grad():
         pred = model.predict_clusters(dm.features("eval"))
     assert clustering_scores(dm.labels(), pred)["ari"] > 0.9
-    assert model.phase(0) == "pretrain" and model.phase(5) == "cm" and model.phase(10) == "joint"
+    assert [model.phase(e) for e in (0, 5, 10)] == ["pretrain", "cm", "joint"]
 
 
 def test_checkpoint_restores_identical_cluster_probs(tmp_path):
@@ -98,7 +98,9 @@ def test_sampling_and_interpolation_through_the_contract():
     model = _small()
     mu = model.prototypes()
     path = interpolate(mu[0], mu[1], 5)
-    assert torch.allclose(path[0], mu[0]) and torch.allclose(path[-1], mu[1])
+    assert torch.allclose(path[0], mu[0])
+    assert torch.allclose(path[-1], mu[1])
     samples = around(mu[2], 7, scale=0.1, generator=torch.Generator().manual_seed(0))
-    assert samples.shape == (7, 4) and (samples - mu[2]).abs().max() < 1.0
+    assert samples.shape == (7, 4)
+    assert (samples - mu[2]).abs().max() < 1.0
     assert model.decode(path).shape == (5, 10)

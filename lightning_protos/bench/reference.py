@@ -30,9 +30,7 @@ def fit_predict(
     elif name == "gmm":
         from sklearn.mixture import GaussianMixture
 
-        model = GaussianMixture(
-            n_clusters, covariance_type="full", init_params=init or "kmeans", random_state=seed
-        )
+        model = GaussianMixture(n_clusters, covariance_type="full", init_params=init or "kmeans", random_state=seed)
     else:
         raise ValueError(f"unknown reference {name!r}")
     labels = model.fit_predict(x)

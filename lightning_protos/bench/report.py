@@ -105,9 +105,7 @@ def _run(row: dict[str, str] | None, metrics: list[str]) -> str:
     return " / ".join(_pct(value(row, m)) for m in metrics) + f" (seed {row.get('seed', '?')})"
 
 
-def markdown_table(
-    summaries: list[Summary], metrics: list[str], with_criterion: bool, title: str
-) -> str:
+def markdown_table(summaries: list[Summary], metrics: list[str], with_criterion: bool, title: str) -> str:
     """The papers' table: mean ± std x100 per metric, best run, L_sp-selected run, seconds."""
     names = [m.upper() for m in metrics]
     keys = list(summaries[0].group) if summaries else []
@@ -119,9 +117,7 @@ def markdown_table(
     for s in summaries:
         runs = str(s.n) + (f" (+{s.n_failed} failed)" if s.n_failed else "")
         scores = [
-            "–"
-            if m not in s.mean
-            else _pct(s.mean[m]) + ("" if s.std[m] is None else f" ± {_pct(s.std[m])}")
+            "–" if m not in s.mean else _pct(s.mean[m]) + ("" if s.std[m] is None else f" ± {_pct(s.std[m])}")
             for m in metrics
         ]
         cells = [*s.group.values(), runs, *scores, _run(s.best, metrics)]
@@ -132,9 +128,7 @@ def markdown_table(
     return "\n".join(lines) + "\n"
 
 
-def summary_rows(
-    summaries: list[Summary], metrics: list[str], with_criterion: bool
-) -> list[dict[str, object]]:
+def summary_rows(summaries: list[Summary], metrics: list[str], with_criterion: bool) -> list[dict[str, object]]:
     """The summary as flat rows (fractions, not x100) for ``<stem>_summary.csv``."""
     rows = []
     for s in summaries:
@@ -156,9 +150,7 @@ def plot_chart(summaries: list[Summary], metrics: list[str], path: Path, name: s
     from matplotlib.figure import Figure
 
     datasets = list(dict.fromkeys(s.group.get("dataset", "") for s in summaries))
-    fig = Figure(
-        figsize=(max(4.0, 2.2 * len(summaries) / max(len(datasets), 1) + 2), 3.6 * len(datasets))
-    )
+    fig = Figure(figsize=(max(4.0, 2.2 * len(summaries) / max(len(datasets), 1) + 2), 3.6 * len(datasets)))
     axes = fig.subplots(len(datasets), 1, squeeze=False)[:, 0]
     width = 0.8 / len(metrics)
     for ax, dataset in zip(axes, datasets, strict=True):
@@ -184,8 +176,10 @@ def _cell(v: object) -> str:
 
 def report_paths(results: Path) -> dict[str, Path]:
     """Where the table, summary CSV and chart of ``results`` go: beside it, named by its stem."""
-    return {kind: results.with_name(f"{results.stem}_{kind}.{ext}")
-            for kind, ext in (("table", "md"), ("summary", "csv"), ("chart", "png"))}  # fmt: skip
+    return {
+        kind: results.with_name(f"{results.stem}_{kind}.{ext}")
+        for kind, ext in (("table", "md"), ("summary", "csv"), ("chart", "png"))
+    }
 
 
 def write_report(

@@ -26,10 +26,10 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .report import write_report
 from .spec import Bench, BenchError, Cell, check_cells, load_bench, row_key
@@ -111,32 +111,23 @@ def end_attempt(run_dir: Path, started: float) -> None:
     (run_dir / TIMES).write_text(json.dumps(state))
 
 
-def make_row(fields: dict[str, str], columns: list[str], metrics: dict[str, Any] | None,
-             seconds: float | None, note: str = "") -> dict[str, str]:  # fmt: skip
+def make_row(
+    fields: dict[str, str], columns: list[str], metrics: dict[str, Any] | None, seconds: float | None, note: str = ""
+) -> dict[str, str]:
     """A results row: the cell's fields, ``epochs``, ``seconds``, ``note``, else a metric."""
     metrics = metrics or {}
     extra = {"epochs": metrics.get("epoch"), "seconds": seconds, "note": note}
     row = {}
     for c in columns:
         v = fields[c] if c in fields else extra[c] if c in extra else metrics.get(c)
-        row[c] = (
-            ""
-            if v is None
-            else f"{v:.1f}"
-            if c == "seconds"
-            else f"{v:.6g}"
-            if isinstance(v, float)
-            else str(v)
-        )
+        row[c] = "" if v is None else f"{v:.1f}" if c == "seconds" else f"{v:.6g}" if isinstance(v, float) else str(v)
     return row
 
 
 def last_line(log: Path) -> str:
     """The last non-empty line of a log, for a failed row's note."""
     try:
-        lines = [
-            line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()
-        ]
+        lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
     except OSError:
         return "no log"
     return lines[-1][:300] if lines else "no output"
@@ -175,12 +166,18 @@ class Subprocesses:
                 proc.kill()
 
 
+class Outcome(NamedTuple):
+    """A cell's row (``None`` if stopped), whether a process ran, and the seconds it took."""
+
+    row: dict[str, str] | None
+    ran: bool
+    seconds: float
+
+
 class Runner:
     """Runs a table's cells that have no row yet, ``jobs`` at a time, appending their rows."""
 
-    def __init__(
-        self, bench: Bench, launch: Launch, jobs: int = 1, gpus: list[str] | None = None
-    ) -> None:
+    def __init__(self, bench: Bench, launch: Launch, jobs: int = 1, gpus: list[str] | None = None) -> None:
         self.bench, self.launch, self.jobs = bench, launch, jobs
         self.results = ResultsFile(bench.results, bench.columns)
         self.stop = threading.Event()
@@ -202,37 +199,30 @@ class Runner:
             return "finished: write its row"
         return "resume from last.ckpt" if last_checkpoint(cell.run_dir) else "start"
 
-    def run_cell(self, cell: Cell) -> tuple[dict[str, str] | None, bool]:
-        """Trains the cell unless its run finished; appends and returns its row and whether a
-        process ran. Returns no row if the bench was stopped meanwhile."""
-        run_dir = cell.run_dir
-        metrics, ran = final_metrics(run_dir), False
-        note = ""
+    def run_cell(self, cell: Cell) -> Outcome:
+        """Trains the cell unless its run finished, then appends its row. No row if the bench
+        was stopped meanwhile."""
+        start, run_dir = time.monotonic(), cell.run_dir
+        metrics, ran, note = final_metrics(run_dir), False, ""
         if metrics is None:
             if self.stop.is_set():
-                return None, False
+                return Outcome(None, ran, 0.0)
             run_dir.mkdir(parents=True, exist_ok=True)
             with self._device() as env:
                 started = start_attempt(run_dir)
                 try:
-                    code = self.launch(
-                        cell, cell.command(last_checkpoint(run_dir)), run_dir / LOG, env
-                    )
+                    code = self.launch(cell, cell.command(last_checkpoint(run_dir)), run_dir / LOG, env)
                 finally:
                     end_attempt(run_dir, started)
             ran = True
             metrics = final_metrics(run_dir) if code == 0 else None
-            if metrics is None and self.stop.wait(0.5):  # stopped by the bench's own interrupt
-                return None, ran
+            if metrics is None and self.stop.wait(2.0):  # stopped by the bench's own interrupt
+                return Outcome(None, ran, time.monotonic() - start)
             if metrics is None:
-                note = (
-                    f"exit {code}: {last_line(run_dir / LOG)}" if code else "no final test metrics"
-                )
-        row = make_row(
-            cell.fields(), self.bench.columns, metrics, _times(run_dir)["seconds"] or None, note
-        )
+                note = f"exit {code}: {last_line(run_dir / LOG)}" if code else "no final test metrics"
+        row = make_row(cell.fields(), self.bench.columns, metrics, _times(run_dir)["seconds"] or None, note)
         self.results.append(row)
-        return row, ran
+        return Outcome(row, ran, time.monotonic() - start)
 
     @contextmanager
     def _device(self) -> Iterator[dict[str, str]]:
@@ -248,42 +238,39 @@ class Runner:
             self._gpus.put(gpu)
 
     def run(self, cells: list[Cell]) -> int:
-        """Runs the cells, printing a progress line as each ends; returns how many failed."""
-        t0, n, n_failed, spent = time.monotonic(), len(cells), 0, []
+        """Runs the cells, printing a progress line as each ends; returns how many failed.
+
+        On Ctrl-C or SIGTERM the running children are stopped and write no row; their run
+        directories resume on the next run.
+        """
+        t0, n, i, n_failed, spent = time.monotonic(), len(cells), 0, 0, []
         with ThreadPoolExecutor(self.jobs) as pool:
-            futures = {pool.submit(self._timed, cell): cell for cell in cells}
+            futures = {pool.submit(self.run_cell, cell): cell for cell in cells}
+            pending = set(futures)
             try:
-                for i, future in enumerate(as_completed(futures), 1):
-                    (row, ran), seconds = future.result()
-                    cell = futures[future]
-                    if row is None:
-                        continue
-                    if ran:
-                        spent.append(seconds)
-                    failed = bool(row.get("note"))
-                    n_failed += failed
-                    left = (n - i) * sum(spent) / len(spent) / self.jobs if spent else 0.0
-                    what = (
-                        f"failed in {seconds:.0f}s (see {cell.run_dir / LOG})"
-                        if failed
-                        else f"done in {seconds:.0f}s"
-                    )
-                    elapsed = _clock(time.monotonic() - t0)
-                    print(
-                        f"[bench] cell {i}/{n} {cell.name} {what}; "
-                        f"elapsed {elapsed}, ~{_clock(left)} remaining",
-                        flush=True,
-                    )
+                while pending:  # wakes every second, so that a signal is handled promptly
+                    done, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        row, ran, seconds = future.result()
+                        if row is None:
+                            continue
+                        i, failed = i + 1, bool(row["note"])
+                        n_failed += failed
+                        spent += [seconds] if ran else []
+                        left = (n - i) * sum(spent) / len(spent) / self.jobs if spent else 0.0
+                        log = futures[future].run_dir / LOG
+                        what = f"failed in {seconds:.0f}s (see {log})" if failed else f"done in {seconds:.0f}s"
+                        print(
+                            f"[bench] cell {i}/{n} {futures[future].name} {what}; "
+                            f"elapsed {_clock(time.monotonic() - t0)}, ~{_clock(left)} remaining",
+                            flush=True,
+                        )
             except KeyboardInterrupt:
                 self.stop.set()
                 getattr(self.launch, "terminate", lambda: None)()
                 pool.shutdown(cancel_futures=True)
                 raise
         return n_failed
-
-    def _timed(self, cell: Cell) -> tuple[tuple[dict[str, str] | None, bool], float]:
-        start = time.monotonic()
-        return self.run_cell(cell), time.monotonic() - start
 
 
 def _clock(seconds: float) -> str:
@@ -327,24 +314,14 @@ def _parser(command: str) -> argparse.ArgumentParser:
         description=(__doc__ or "").split("\n")[0],
         epilog="bench table schema: see lightning_protos/bench/spec.py",
     )
-    parser.add_argument(
-        "--config", required=True, type=Path, help="bench table, e.g. configs/bench/smoke.yaml"
-    )
+    parser.add_argument("--config", required=True, type=Path, help="bench table, e.g. configs/bench/smoke.yaml")
     parser.add_argument("--results", type=Path, help="results CSV instead of the table's `results`")
     if command == "bench":
-        parser.add_argument(
-            "--jobs", type=int, help="cells run at once (default 1, or one per --gpus entry)"
-        )
+        parser.add_argument("--jobs", type=int, help="cells run at once (default 1, or one per --gpus entry)")
         parser.add_argument("--gpus", help="comma-separated GPU ids: each cell gets one free GPU")
-        parser.add_argument(
-            "--root", type=Path, help="parent of the run directories (default bench_runs)"
-        )
-        parser.add_argument(
-            "--report", action="store_true", help="write the tables when the cells are done"
-        )
-        parser.add_argument(
-            "--dry-run", action="store_true", help="check the table and list what would run"
-        )
+        parser.add_argument("--root", type=Path, help="parent of the run directories (default bench_runs)")
+        parser.add_argument("--report", action="store_true", help="write the tables when the cells are done")
+        parser.add_argument("--dry-run", action="store_true", help="check the table and list what would run")
     return parser
 
 
@@ -375,8 +352,11 @@ def main(argv: list[str] | None = None, launch: Launch | None = None) -> int:
         print(f"protos {command}: error: {err}", file=sys.stderr)
         return 2
     todo = runner.pending(cells)
-    print(f"[bench] {bench.name}: {len(cells)} cells, {len(cells) - len(todo)} in {bench.results}, "
-          f"{len(todo)} to run (run dirs in {bench.root / bench.name})", flush=True)  # fmt: skip
+    print(
+        f"[bench] {bench.name}: {len(cells)} cells, {len(cells) - len(todo)} in {bench.results}, "
+        f"{len(todo)} to run (run dirs in {bench.root / bench.name})",
+        flush=True,
+    )
     if args.dry_run:
         for cell in todo:
             command = shlex.join(cell.command(last_checkpoint(cell.run_dir)))

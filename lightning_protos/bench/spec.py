@@ -160,9 +160,7 @@ class Bench:
         name = "-".join([entry["method"], *(v for _, v in labels)]) + f"_{dataset}_seed{seed}"
         run_dir = self.root / self.name / name
         if "reference" in entry:
-            return Cell(
-                entry["method"], dataset, seed, run_dir, labels, reference=entry["reference"]
-            )
+            return Cell(entry["method"], dataset, seed, run_dir, labels, reference=entry["reference"])
         try:
             config = Path(str(entry["config"]).format(dataset=dataset, method=entry["method"]))
         except (KeyError, IndexError) as err:
@@ -186,9 +184,7 @@ def _fail(where: str, message: str) -> None:
     raise BenchError(f"{where}: {message}")
 
 
-def load_bench(
-    path: str | Path, root: str | Path | None = None, results: str | Path | None = None
-) -> Bench:
+def load_bench(path: str | Path, root: str | Path | None = None, results: str | Path | None = None) -> Bench:
     """Reads and checks a table file (names, seeds, columns); data sets and configs are
     checked by :func:`check_cells`. ``root`` and ``results`` replace the defaults."""
     path = Path(path)
@@ -210,15 +206,11 @@ def load_bench(
     if missing:
         _fail(str(path), f"missing key(s) {', '.join(missing)}")
     if not isinstance(raw["name"], str) or not SAFE.fullmatch(raw["name"]):
-        _fail(
-            str(path), f"name must be a plain word (letters, digits, _ . + -), got {raw['name']!r}"
-        )
+        _fail(str(path), f"name must be a plain word (letters, digits, _ . + -), got {raw['name']!r}")
     seeds = raw["seeds"]
     if not isinstance(seeds, list) or not seeds:
         _fail(str(path), "seeds: give a non-empty list of integers")
-    if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) or len(
-        set(seeds)
-    ) < len(seeds):
+    if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) or len(set(seeds)) < len(seeds):
         _fail(str(path), f"seeds: expected distinct integers, got {seeds}")
     datasets = raw["datasets"]
     if not isinstance(datasets, list) or not datasets or len(set(datasets)) < len(datasets):
@@ -272,9 +264,7 @@ def _check_entry(path: Path, i: int, entry: Any) -> dict[str, Any]:
         if "overrides" in entry:
             _fail(where, f"reference {ref!r} takes no overrides")
         if "init" in entry and entry["init"] not in REFERENCES[ref]:
-            _fail(
-                where, f"{ref} init {entry['init']!r}: choose one of {', '.join(REFERENCES[ref])}"
-            )
+            _fail(where, f"{ref} init {entry['init']!r}: choose one of {', '.join(REFERENCES[ref])}")
     return dict(entry)
 
 
@@ -286,9 +276,7 @@ def check_cells(cells: list[Cell]) -> None:
     checked: set[tuple[Any, ...]] = set()
     for cell in cells:
         if cell.dataset not in DATASETS:
-            raise BenchError(
-                f"unknown data set {cell.dataset!r}; choose one of {', '.join(DATASETS)}"
-            )
+            raise BenchError(f"unknown data set {cell.dataset!r}; choose one of {', '.join(DATASETS)}")
         if cell.config is None:
             continue
         if not cell.config.is_file():
@@ -342,19 +330,24 @@ def _parse_fit_args(cell: Cell) -> Any:
                 if parse(base + list(cell.overrides[:n]))[1]:
                     culprit = f"override {cell.overrides[n - 1].removeprefix('--')}"
                     break
-        raise BenchError(
-            f"cell {cell.name}: {culprit} rejected by {cell.config}: {_one_line(message)}"
-        )
+        raise BenchError(f"cell {cell.name}: {culprit} rejected by {cell.config}: {_one_line(message)}")
     module, _, name = class_path.rpartition(".")
     return getattr(importlib.import_module(module), name, class_path)
 
 
 def _one_line(message: str) -> str:
     """jsonargparse's multi-line error, shortened to its informative lines."""
-    noise = ("Does not validate", "Subtypes:", "Errors:", "Given value", "usage:", "tip:", "[",
-             "Expected a <class 'NoneType'>", "Problem with given class_path")  # fmt: skip
-    lines = [
-        line.strip().removeprefix("- ").removeprefix("error: ") for line in message.splitlines()
-    ]
+    noise = (
+        "Does not validate",
+        "Subtypes:",
+        "Errors:",
+        "Given value",
+        "usage:",
+        "tip:",
+        "[",
+        "Expected a <class 'NoneType'>",
+        "Problem with given class_path",
+    )
+    lines = [line.strip().removeprefix("- ").removeprefix("error: ") for line in message.splitlines()]
     kept = [line for line in lines if line and not line.startswith(noise)]
     return " ".join(dict.fromkeys(kept))[:300] or message.strip()[:300]

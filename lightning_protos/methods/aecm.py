@@ -162,7 +162,10 @@ class AECM(ClusteringMethod):
             return
         z, x_rec = self.ae(x)  # step 4: joint, Eq. 10
         h = self.hparams
-        terms = aecm_terms(x, x_rec, z, self.cm(z), self.cm.centroids(), h.alpha, h.beta, h.lam)
+        gamma = self.cm(z)
+        with self.full_precision():
+            f32 = [t.float() for t in (x, x_rec, z, gamma, self.cm.centroids())]
+            terms = aecm_terms(*f32, h.alpha, h.beta, h.lam)
         self.optimize(self.check_and_log(terms), opt_joint)
         if h.average_last_epoch and self.is_last_epoch():  # step 5
             self.average.accumulate(list(self.parameters()))

@@ -100,6 +100,11 @@ class ClusteringMethod(L.LightningModule):
             self.log_dict({k: v / self._term_steps for k, v in self._term_sums.items()}, sync_dist=True)
         self._term_sums, self._term_steps = {}, 0
 
+    def full_precision(self):
+        """Context for loss terms: float32 even under ``--trainer.precision bf16-mixed`` (the
+        networks run in bf16; sums over a batch and Gram matrices need float32)."""
+        return torch.autocast(self.device.type, enabled=False)
+
     def fit_features(self) -> Tensor:
         """The whole training split as float features on this device (for initialisations)."""
         return self.trainer.datamodule.features("fit").to(self.device)

@@ -1,0 +1,299 @@
+"""Framework overhead: one ``protos fit`` epoch against a hand-written PyTorch loop.
+
+Both sides train the same network on the same in-memory uint8 data (scaled to [0, 1] per
+batch), with the same batch size, loss terms and Adam update, in one process, alternating
+(plain, protos, plain, protos, ...) so that both see the same machine load; the best of
+``--repeats`` epochs is kept on each side.
+
+* protos: ``ProtosCLI`` (what ``protos fit`` runs) on the method's MNIST config, with one
+  epoch, progress bar off, TensorBoard logger and ``last.ckpt`` on as in normal use, no
+  validation (the configs validate every 10-25 epochs) and no averaging epoch. Its time runs
+  from ``on_train_start`` to ``on_train_end``: the whole training epoch with Lightning's
+  loop, the DataLoader over ``__getitems__`` batches, the method's ``training_step`` (its
+  NaN check and term sums included), the epoch-end logging and the checkpoint save;
+  argument parsing and reading the data are not counted.
+* plain: a shuffled index, a slice of the tensor, forward, the same loss terms, a finite
+  check, ``zero_grad / backward / step``.
+
+Cases: ``cm`` (the clustering module on 784-d inputs, ``configs/cm_mnist.yaml``: batch 111)
+and ``aecm`` (AE-CM^r, the 784-500-500-2000-10 autoencoder with a CM on its code,
+``configs/aecm_mnist.yaml``: batch 500, joint phase). Data: random uint8 images of MNIST's
+shape, or the real MNIST when ``$PROTOS_DATA_DIR`` holds it (``--data auto``).
+
+    python benchmarks/overhead.py                      # both cases, fp32 and bf16-mixed
+    python benchmarks/overhead.py --n 2000 --out /tmp/overhead.csv   # a quick check
+
+Prints a Markdown table and appends rows (case, precision, lightning_s, plain_s, ratio,
+device) to ``benchmarks/results/overhead.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import logging
+import os
+import platform
+import re
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import yaml
+from torch import Tensor
+
+from lightning_protos.cli import ProtosCLI
+from lightning_protos.data import MNIST
+from lightning_protos.nets import ClusteringModule, MLPAutoencoder
+from lightning_protos.ops import aecm_terms, cm_terms
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = {"cm": ROOT / "configs" / "cm_mnist.yaml", "aecm": ROOT / "configs" / "aecm_mnist.yaml"}
+DEFAULT_REPEATS = {"cm": 3, "aecm": 1}
+# Training batches per epoch on a CPU (None: the whole epoch). A full AE-CM epoch on MNIST
+# (140 batches of 500) takes minutes on 2 CPU cores; its steps are uniform, so a shorter
+# epoch gives the same ratio. On a GPU every epoch is whole unless --max-batches says so.
+CPU_MAX_BATCHES = {"cm": None, "aecm": 30}
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+
+def load_images(kind: str, n: int, seed: int = 0) -> tuple[Tensor, str]:
+    """``(n, 784)`` uint8 images: MNIST (all 70,000, then the first ``n``) or random pixels."""
+    root = os.environ.get("PROTOS_DATA_DIR")
+    has_mnist = root and (Path(root) / "MNIST" / "raw" / "train-images-idx3-ubyte").exists()
+    if kind == "mnist" or (kind == "auto" and has_mnist):
+        splits = MNIST(fit_on="all", flatten=True, download=False).splits
+        return torch.cat([x for x, _ in splits.values()])[:n].contiguous(), "mnist"
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 784), dtype=torch.uint8, generator=g), "random"
+
+
+# -- the plain PyTorch side -----------------------------------------------------------------------
+
+
+def plain_epoch(
+    step: Callable[[Tensor], Tensor], params, x_u8: Tensor, batch_size: int, lr: float, eps: float,
+    device: torch.device, precision: str, max_batches: int | None,
+) -> float:  # fmt: skip
+    """Seconds for one shuffled epoch (or its first ``max_batches``) of Adam steps on
+    ``step(x) -> loss``."""
+    opt = torch.optim.Adam(params, lr=lr, eps=eps)
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16-mixed" else contextlib.nullcontext()
+    )
+    sync()
+    start = time.perf_counter()
+    order = torch.randperm(len(x_u8))
+    for b, i in enumerate(range(0, len(x_u8), batch_size)):
+        if max_batches is not None and b == max_batches:
+            break
+        x = x_u8[order[i : i + batch_size]].float().div_(255.0).to(device)
+        with autocast:
+            loss = step(x)
+        if not torch.isfinite(loss):
+            raise FloatingPointError("non-finite loss in the plain loop")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    sync()
+    return time.perf_counter() - start
+
+
+def plain_cm(init: dict, device: torch.device):
+    """The CM's training step (Eq. 7) on a bare ``ClusteringModule``."""
+    cm = ClusteringModule(784, init["n_clusters"]).to(device)
+    alpha = init["alpha"]
+
+    def step(x: Tensor) -> Tensor:
+        return sum(cm_terms(x, cm(x), cm.centroids(), alpha).values())
+
+    return step, list(cm.parameters())
+
+
+def plain_aecm(init: dict, device: torch.device):
+    """AE-CM's joint step (Eq. 10) on a bare ``MLPAutoencoder`` + ``ClusteringModule``."""
+    hidden = tuple(init.get("hidden", (500, 500, 2000)))
+    p, k = init.get("latent_dim", 10), init["n_clusters"]
+    ae = MLPAutoencoder(784, hidden, p, init.get("slope", 0.2)).to(device)
+    cm = ClusteringModule(p, k).to(device)
+    alpha, beta, lam = init["alpha"], init.get("beta", 5.0), init.get("lam", 1.0)
+
+    def step(x: Tensor) -> Tensor:
+        z, x_rec = ae(x)
+        return sum(aecm_terms(x, x_rec, z, cm(z), cm.centroids(), alpha, beta, lam).values())
+
+    return step, [*ae.parameters(), *cm.parameters()]
+
+
+PLAIN = {"cm": plain_cm, "aecm": plain_aecm}
+
+
+# -- the protos side -----------------------------------------------------------------------------
+
+
+class TrainTimer(L.Callback):
+    """Wall time from ``on_train_start`` to ``on_train_end``."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        sync()
+        self.start = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        sync()
+        self.seconds = time.perf_counter() - self.start
+
+
+def protos_epoch(
+    case: str, npz: Path, run_dir: Path, precision: str, accelerator: str, max_batches: int | None
+) -> float:
+    """Seconds of one ``protos fit`` training epoch on the case's config."""
+    timer = TrainTimer()
+    limit = [] if max_batches is None else ["--trainer.limit_train_batches", str(max_batches)]
+    args = [
+        "fit", "--config", str(CONFIGS[case]),
+        "--data", "lightning_protos.data.ArrayFile", "--data.init_args.path", str(npz),
+        "--model.init_args.average_last_epoch", "false",
+        "--trainer.max_epochs", "1", "--trainer.precision", precision,
+        "--trainer.accelerator", accelerator, "--trainer.devices", "1",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--trainer.default_root_dir", str(run_dir), "--final_test", "false", *limit,
+    ]  # fmt: skip
+    ProtosCLI(args=args, trainer_defaults={"callbacks": [timer]})
+    return timer.seconds
+
+
+# -- running -------------------------------------------------------------------------------------
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def device_label(device: torch.device) -> str:
+    """``cpu-2core``, ``h100``, ``a6000``, ... as in benchmarks/results (RESULTS.md)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        m = re.search(r"\b([A-Z]+\d{2,4})\b", name)
+        return (m.group(1) if m else name).lower().replace(" ", "-")
+    return f"cpu-{os.cpu_count()}core"
+
+
+def run_case(case, x_u8, precisions, repeats, max_batches, device, accelerator, tmp: Path):
+    config = yaml.safe_load(CONFIGS[case].read_text())
+    init, batch_size = config["model"]["init_args"], config["data"]["init_args"]["batch_size"]
+    npz = tmp / f"{case}.npz"
+    np.savez(npz, X=x_u8.numpy(), y=np.zeros(len(x_u8), dtype=np.int64))
+    rows = []
+    for precision in precisions:
+        plain_s, protos_s = [], []
+        for r in range(repeats):
+            torch.manual_seed(r)
+            step, params = PLAIN[case](init, device)
+            plain_s.append(
+                plain_epoch(
+                    step,
+                    params,
+                    x_u8,
+                    batch_size,
+                    init["lr"],
+                    init.get("adam_eps", 1e-8),
+                    device,
+                    precision,
+                    max_batches,
+                )
+            )
+            run_dir = tmp / f"{case}_{precision}_{r}"
+            protos_s.append(protos_epoch(case, npz, run_dir, precision, accelerator, max_batches))
+        lightning, plain = min(protos_s), min(plain_s)
+        rows.append(
+            {
+                "case": case,
+                "precision": precision,
+                "lightning_s": round(lightning, 3),
+                "plain_s": round(plain, 3),
+                "ratio": round(lightning / plain, 3),
+                "device": device_label(device),
+            }
+        )
+        n_batches = -(-len(x_u8) // batch_size)
+        steps = n_batches if max_batches is None else min(n_batches, max_batches)
+        print(
+            f"  {case} {precision}, {steps} steps of {batch_size}: protos "
+            f"{[round(t, 3) for t in protos_s]} s, plain {[round(t, 3) for t in plain_s]} s",
+            flush=True,
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=70000, help="samples (MNIST has 70,000)")
+    parser.add_argument("--cases", nargs="+", default=["cm", "aecm"], choices=sorted(CONFIGS))
+    parser.add_argument("--precisions", nargs="+", default=["32-true", "bf16-mixed"])
+    parser.add_argument("--repeats", type=int, default=None, help="epochs per side (best kept)")
+    parser.add_argument(
+        "--max-batches", type=int, default=None,
+        help="batches per epoch, 0 for whole epochs (default: whole, but 30 for aecm on a CPU)",
+    )  # fmt: skip
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument("--data", choices=["auto", "mnist", "random"], default="auto")
+    parser.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu"])
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "overhead.csv")
+    args = parser.parse_args(argv)
+
+    warnings.filterwarnings("ignore")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    use_gpu = args.accelerator == "gpu" or (args.accelerator == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if use_gpu else "cpu")
+    accelerator = "gpu" if use_gpu else "cpu"
+    x_u8, source = load_images(args.data, args.n)
+    print(
+        f"{len(x_u8)} {source} images, {device_label(device)}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}",
+        flush=True,
+    )
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for case in args.cases:
+            repeats = args.repeats or DEFAULT_REPEATS[case]
+            if args.max_batches is not None:
+                max_batches = args.max_batches or None
+            else:
+                max_batches = None if use_gpu else CPU_MAX_BATCHES[case]
+            rows += run_case(case, x_u8, args.precisions, repeats, max_batches, device, accelerator, Path(tmp))
+
+    cols = ["case", "precision", "lightning_s", "plain_s", "ratio", "device"]
+    print("\n| " + " | ".join(cols) + " |\n|" + " --- |" * len(cols))
+    for row in rows:
+        print("| " + " | ".join(str(row[c]) for c in cols) + " |")
+    for case in args.cases:
+        by_precision = {r["precision"]: r for r in rows if r["case"] == case}
+        if {"32-true", "bf16-mixed"} <= set(by_precision):
+            speedup = by_precision["32-true"]["lightning_s"] / by_precision["bf16-mixed"]["lightning_s"]
+            print(f"{case}: protos bf16-mixed epoch is {speedup:.2f}x the speed of 32-true")
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    new = not args.out.exists()
+    with open(args.out, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=cols)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+    print(f"rows appended to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Shared tiny fixtures: small tensors, small data modules, a quiet CPU trainer."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch import Tensor
+
+from lightning_protos.data import ArrayDataModule
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+# Tiny tensors: one thread is faster than contending for the 2 shared cores.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    """Lightning's info lines and its 'few workers' warnings are noise in tests."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+        yield
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The offline data sets of ../shared/data, or a skip saying why."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"offline data folder {SHARED_DATA} is absent")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def deterministic():
+    """Deterministic kernels for the duration of a test."""
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+class TwoSplits(ArrayDataModule):
+    """In-memory train / test tensors handed in directly (for data-layer tests)."""
+
+    name = "two_splits"
+
+    def __init__(self, train: tuple[Tensor, Tensor | None], test=None, **kwargs) -> None:
+        kwargs.setdefault("download", False)
+        super().__init__(**kwargs)
+        self._given = {"train": train, **({"test": test} if test is not None else {})}
+
+    def load(self):
+        return dict(self._given)
+
+
+@pytest.fixture
+def two_splits():
+    """20 train + 10 test uint8 'images' of shape 1x4x4 with labels 0..2."""
+    g = torch.Generator().manual_seed(0)
+    train = (torch.randint(0, 256, (20, 1, 4, 4), dtype=torch.uint8, generator=g), torch.arange(20) % 3)
+    test = (torch.randint(0, 256, (10, 1, 4, 4), dtype=torch.uint8, generator=g), torch.arange(10) % 3)
+    return train, test
+
+
+def make_trainer(**kwargs) -> L.Trainer:
+    """A quiet CPU trainer with no logger, checkpoints or validation unless asked."""
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+@pytest.fixture
+def trainer_factory():
+    return make_trainer

@@ -1,0 +1,373 @@
+"""`protos bench`: aggregation on hand-made rows, skip/resume with a fake cell launcher, the
+results CSV schema, one-line errors for bad tables, and end-to-end runs of real cells."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_protos.bench.report import mean_std, pick, summarize, summary_rows, write_report
+from lightning_protos.bench.runner import ResultsFile, Runner, main, make_row
+from lightning_protos.bench.spec import BenchError, Cell, load_bench
+
+ROOT = Path(__file__).resolve().parents[1]
+COLUMNS = ["method", "dataset", "seed", "epochs", "acc", "nmi", "ari", "l_sp", "seconds"]
+
+
+def write_table(tmp_path: Path, **changes) -> Path:
+    """A small table file in ``tmp_path``: CM and k-means on digits, 2 seeds."""
+    table = {
+        "name": "t",
+        "results": str(tmp_path / "results" / "t.csv"),
+        "columns": COLUMNS,
+        "seeds": [0, 1],
+        "datasets": ["digits"],
+        "overrides": {"trainer.max_epochs": 1},
+        "methods": [
+            {"method": "cm", "config": str(ROOT / "configs" / "cm_{dataset}.yaml")},
+            {"method": "kmeans", "reference": "kmeans", "init": "random"},
+        ],
+    }
+    table.update(changes)
+    path = tmp_path / "table.yaml"
+    path.write_text(yaml.safe_dump(table))
+    return path
+
+
+class FakeLaunch:
+    """Stands in for the cell processes: records each command and leaves what a run leaves."""
+
+    def __init__(self, fail: tuple[str, ...] = (), interrupt: tuple[str, ...] = ()) -> None:
+        self.fail, self.interrupt = fail, interrupt
+        self.calls: list[tuple[str, list[str]]] = []
+
+    def __call__(self, cell: Cell, command: list[str], log: Path, env: dict[str, str]) -> int:
+        self.calls.append((cell.name, command))
+        with open(log, "a") as f:
+            f.write("training\n")
+            if cell.name in self.fail:
+                f.write("RuntimeError: boom\n")
+                return 1
+        if cell.name in self.interrupt:  # Ctrl-C after the cell's first checkpoint
+            (cell.run_dir / "checkpoints").mkdir()
+            (cell.run_dir / "checkpoints" / "last.ckpt").write_text("ckpt")
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)
+            return 1  # as Lightning exits on KeyboardInterrupt
+        test = {"epoch": 1, "acc": 0.5 + cell.seed / 10, "nmi": 0.4, "ari": 0.3, "l_sp": 9.0 - cell.seed}
+        (cell.run_dir / "metrics.json").write_text(json.dumps({"test": test}))
+        return 0
+
+
+def names(launch: FakeLaunch) -> list[str]:
+    return [name for name, _ in launch.calls]
+
+
+# -- aggregation --------------------------------------------------------------------------
+
+
+def row(method: str, seed: int, acc: str, ari: str, l_sp: str = "", seconds: str = "10") -> dict:
+    return {
+        "method": method,
+        "dataset": "mnist",
+        "seed": str(seed),
+        "acc": acc,
+        "nmi": acc,
+        "ari": ari,
+        "l_sp": l_sp,
+        "seconds": seconds,
+        "note": "",
+    }
+
+
+ROWS = [
+    row("cm", 0, "0.80", "0.60", l_sp="5.0", seconds="10"),
+    row("cm", 1, "0.90", "0.75", l_sp="7.0", seconds="20"),
+    row("cm", 2, "0.70", "0.55", l_sp="3.0", seconds="30"),
+    {**row("cm", 3, "", "", seconds="1"), "note": "exit 1: CUDA out of memory"},
+    row("kmeans", 0, "0.50", "0.40"),
+]
+
+
+def test_mean_std_is_the_sample_std():
+    mean, std = mean_std([0.8, 0.9, 0.7])
+    assert mean == pytest.approx(0.8)
+    assert std == pytest.approx(0.1)  # ddof=1: sqrt((0.01 + 0.01) / 2)
+    assert mean_std([0.5]) == (0.5, None)
+
+
+def test_summarize_means_best_and_lsp_selection():
+    cm, km = summarize(ROWS, ["method", "dataset"], ["acc", "nmi", "ari"])
+    assert cm.group == {"method": "cm", "dataset": "mnist"}
+    assert (cm.n, cm.n_failed) == (3, 1)  # the failed run counts apart, not in the means
+    assert cm.mean["acc"] == pytest.approx(0.8)
+    assert cm.std["acc"] == pytest.approx(statistics.stdev([0.8, 0.9, 0.7]))
+    assert cm.mean["ari"] == pytest.approx((0.60 + 0.75 + 0.55) / 3)
+    assert cm.best["seed"] == "1"  # highest ARI
+    assert cm.selected["seed"] == "2"  # lowest L_sp, whatever its ARI
+    assert cm.seconds == pytest.approx(20.0)
+    assert (km.n, km.std["acc"], km.selected) == (1, None, None)
+
+
+def test_pick_ignores_empty_values_and_keeps_the_first_tie():
+    rows = [{"seed": "0", "ari": "0.5"}, {"seed": "1", "ari": ""}, {"seed": "2", "ari": "0.5"}]
+    assert pick(rows, "ari", highest=True)["seed"] == "0"
+    assert pick(rows, "ari", highest=False)["seed"] == "0"
+    assert pick([{"ari": ""}], "ari", highest=True) is None
+
+
+def test_summary_rows_are_fractions_with_best_and_selected_runs():
+    flat = summary_rows(summarize(ROWS, ["method", "dataset"], ["acc", "ari"]), ["acc", "ari"], True)
+    assert flat[0]["acc_mean"] == pytest.approx(0.8)
+    assert (flat[0]["best_seed"], flat[0]["best_ari"]) == ("1", 0.75)
+    assert (flat[0]["lsp_seed"], flat[0]["lsp_l_sp"]) == ("2", 3.0)
+    assert flat[1]["lsp_seed"] is None
+
+
+def test_write_report_files(tmp_path):
+    results = tmp_path / "cm.csv"
+    paths = write_report(ROWS, ["method", "dataset"], [*COLUMNS, "note"], results, "table1")
+    table = paths["table"].read_text()
+    assert paths["table"] == tmp_path / "cm_table.md"
+    assert "| cm | mnist | 3 (+1 failed) | 80.0 ± 10.0 |" in table
+    assert "75.0 (seed 1)" in table
+    assert "55.0 (seed 2)" in table
+    with open(paths["summary"]) as f:
+        assert [r["method"] for r in csv.DictReader(f)] == ["cm", "kmeans"]
+    assert paths["chart"].read_bytes()[:4] == b"\x89PNG"
+
+
+# -- results file -------------------------------------------------------------------------
+
+
+def test_results_csv_header_is_the_columns_then_note(tmp_path):
+    bench = load_bench(write_table(tmp_path))
+    assert bench.columns == [*COLUMNS, "note"]
+    results = ResultsFile(bench.results, bench.columns)
+    results.append(
+        make_row(
+            {"method": "cm", "dataset": "digits", "seed": "0"},
+            bench.columns,
+            {"epoch": 3, "acc": 0.123456789, "l_sp": 12.5},
+            4.26,
+        )
+    )
+    lines = bench.results.read_text().splitlines()
+    assert lines == [",".join(bench.columns), "cm,digits,0,3,0.123457,,,12.5,4.3,"]
+    with pytest.raises(BenchError, match="has columns"):
+        ResultsFile(bench.results, [c for c in bench.columns if c != "l_sp"])
+
+
+# -- skip and resume with a fake launcher -------------------------------------------------
+
+
+def test_second_run_launches_nothing(tmp_path):
+    bench = load_bench(write_table(tmp_path), root=tmp_path / "runs")
+    launch = FakeLaunch()
+    runner = Runner(bench, launch)
+    assert runner.run(runner.pending(bench.cells())) == 0
+    assert names(launch) == [
+        "cm_digits_seed0",
+        "kmeans-random_digits_seed0",
+        "cm_digits_seed1",
+        "kmeans-random_digits_seed1",
+    ]
+    first = bench.results.read_text()
+    again = Runner(bench, FakeLaunch(fail=tuple(names(launch))))
+    assert again.pending(bench.cells()) == []
+    assert again.run([]) == 0
+    assert bench.results.read_text() == first
+
+
+def test_finished_run_without_row_gets_its_row_without_training(tmp_path):
+    bench = load_bench(write_table(tmp_path), root=tmp_path / "runs")
+    Runner(bench, FakeLaunch()).run(bench.cells())
+    bench.results.unlink()
+    launch = FakeLaunch()
+    runner = Runner(bench, launch)
+    runner.run(runner.pending(bench.cells()))
+    assert launch.calls == []
+    assert len(ResultsFile(bench.results, bench.columns).rows()) == 4
+
+
+def test_interrupted_cell_resumes_from_last_ckpt_and_every_cell_is_present_once(tmp_path):
+    bench = load_bench(write_table(tmp_path), root=tmp_path / "runs")
+    runner = Runner(bench, FakeLaunch(interrupt=("cm_digits_seed1",)))
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(runner.pending(bench.cells()))
+    assert [r["seed"] for r in runner.results.rows()] == ["0", "0"]
+    launch = FakeLaunch()
+    runner = Runner(bench, launch)
+    runner.run(runner.pending(bench.cells()))
+    (resumed, command), *rest = launch.calls
+    assert resumed == "cm_digits_seed1"
+    assert command[-2:] == ["--ckpt_path", str(bench.root / "t" / resumed / "checkpoints" / "last.ckpt")]
+    assert all("--ckpt_path" not in c for _, c in rest)
+    keys = [(r["method"], r["seed"]) for r in runner.results.rows()]
+    assert sorted(keys) == sorted(set(keys))
+    assert len(keys) == 4
+    times = json.loads((bench.root / "t" / resumed / "bench.json").read_text())
+    assert times["attempts"] == 2
+    assert times["running_since"] is None
+
+
+def test_failed_cell_is_a_row_with_a_note_and_the_bench_goes_on(tmp_path):
+    bench = load_bench(write_table(tmp_path), root=tmp_path / "runs")
+    runner = Runner(bench, FakeLaunch(fail=("cm_digits_seed0",)), jobs=2)
+    assert runner.run(bench.cells()) == 1
+    rows = {(r["method"], r["seed"]): r for r in runner.results.rows()}
+    assert len(rows) == 4
+    failed = rows[("cm", "0")]
+    assert failed["acc"] == failed["ari"] == failed["epochs"] == ""
+    assert failed["note"] == "exit 1: RuntimeError: boom"
+    assert rows[("cm", "1")]["acc"] == "0.6"
+    assert rows[("cm", "1")]["note"] == ""
+
+
+def test_gpus_give_each_running_cell_its_own_device(tmp_path):
+    bench = load_bench(write_table(tmp_path, seeds=[0, 1, 2]), root=tmp_path / "runs")
+    seen: list[str] = []
+    busy: set[str] = set()
+    fake = FakeLaunch()
+
+    def launch(cell: Cell, command: list[str], log: Path, env: dict[str, str]) -> int:
+        gpu = env["CUDA_VISIBLE_DEVICES"]
+        assert gpu not in busy
+        busy.add(gpu)
+        seen.append(gpu)
+        time.sleep(0.05)
+        busy.discard(gpu)
+        return fake(cell, command, log, env)
+
+    assert Runner(bench, launch, jobs=2, gpus=["0", "1"]).run(bench.cells()) == 0
+    assert sorted(set(seen)) == ["0", "1"]
+    assert len(seen) == 6
+
+
+# -- bad input ----------------------------------------------------------------------------
+
+
+CM = {"method": "cm", "config": str(ROOT / "configs" / "cm_digits.yaml")}
+KM, GMM = {"method": "kmeans", "reference": "kmeans"}, {"method": "gmm", "reference": "gmm"}
+BAD_TABLES = [
+    ({"methods": [{**KM, "method": "kmean"}]}, "unknown method 'kmean'"),
+    ({"datasets": ["digitz"]}, "unknown data set 'digitz'"),
+    ({"seeds": []}, "seeds: give a non-empty list"),
+    ({"methods": [{**CM, "config": "configs/none_{dataset}.yaml"}]}, "not found"),
+    ({"overrides": {"trainer.max_epochz": 1}}, "override trainer.max_epochz=1 rejected"),
+    ({"methods": [{**CM, "overrides": {"model.init_args.alpah": 2}}]}, "'alpah' is not accepted"),
+    ({"datasets": ["5gaussians"], "methods": [CM]}, "trains on Digits, not on 5gaussians"),
+    ({"methods": [KM, KM]}, "share a run dir"),
+    ({"methods": [{**GMM, "init": "random"}, {**GMM, "init": "kmeans"}]}, "or a results row"),
+    ({"colour": "red"}, "unknown key(s) colour"),
+]
+
+
+@pytest.mark.parametrize(("changes", "message"), BAD_TABLES)
+def test_bad_table_is_a_one_line_error_before_any_cell(tmp_path, capsys, changes, message):
+    launch = FakeLaunch()
+    code = main(["bench", "--config", str(write_table(tmp_path, **changes)), "--root", str(tmp_path)], launch)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert launch.calls == []
+    assert len(err.strip().splitlines()) == 1
+    assert err.startswith("protos bench: error:")
+    assert message in err
+
+
+def test_main_runs_reports_and_dry_runs_with_a_fake_launcher(tmp_path, capsys):
+    table = str(write_table(tmp_path))
+    launch = FakeLaunch()
+    assert main(["bench", "--config", table, "--root", str(tmp_path / "runs"), "--report"], launch) == 0
+    out = capsys.readouterr().out
+    assert "[bench] cell 4/4 " in out
+    assert "remaining" in out
+    assert (tmp_path / "results" / "t_table.md").is_file()
+    assert main(["report", "--config", table]) == 0
+    assert main(["bench", "--config", table, "--root", str(tmp_path / "runs"), "--dry-run"], launch) == 0
+    assert "4 in " in capsys.readouterr().out
+    assert len(launch.calls) == 4
+
+
+def test_every_bench_table_in_configs_loads():
+    for path in sorted((ROOT / "configs" / "bench").glob("*.yaml")):
+        bench = load_bench(path)
+        assert bench.cells(), path
+
+
+# -- real cells -----------------------------------------------------------------------------
+
+
+def bench_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "lightning_protos.cli", "bench", *args]
+
+
+def test_real_cell_then_rerun_trains_nothing(tmp_path, monkeypatch, capsys):
+    """One real `protos fit` child (1 epoch on digits); the rerun starts no process."""
+    monkeypatch.chdir(ROOT)
+    table = write_table(tmp_path, seeds=[0], methods=[{"method": "cm", "config": "configs/cm_{dataset}.yaml"}])
+    args = ["bench", "--config", str(table), "--root", str(tmp_path / "runs")]
+    assert main(args) == 0
+    run_dir = tmp_path / "runs" / "t" / "cm_digits_seed0"
+    assert {"metrics.json", "config.yaml", "log.txt", "bench.json"} <= {p.name for p in run_dir.iterdir()}
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert not list(run_dir.rglob("version_*"))
+    (row,) = ResultsFile(tmp_path / "results" / "t.csv", [*COLUMNS, "note"]).rows()
+    assert row["epochs"] == "1"
+    assert float(row["acc"]) > 0.2
+    assert float(row["seconds"]) > 0
+    refuse = FakeLaunch(fail=("cm_digits_seed0",))
+    assert main(args, refuse) == 0
+    assert refuse.calls == []
+    assert "1 in " in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_smoke_twice_and_killed_mid_cell(tmp_path):
+    """The issue's measured claims on configs/bench/smoke.yaml: the second run trains nothing and
+    writes the same table; killed in the middle of a cell, a rerun has every cell once."""
+    args = bench_cmd(
+        "--config",
+        "configs/bench/smoke.yaml",
+        "--root",
+        str(tmp_path / "runs"),
+        "--results",
+        str(tmp_path / "smoke.csv"),
+        "--report",
+    )
+    start = time.monotonic()
+    assert subprocess.run(args, cwd=ROOT, timeout=600).returncode == 0
+    assert time.monotonic() - start < 120
+    table, rows = (tmp_path / "smoke_table.md").read_text(), (tmp_path / "smoke.csv").read_text()
+    logs = {p: p.stat().st_mtime for p in (tmp_path / "runs").rglob("log.txt")}
+    again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert "[bench] cell" not in again.stdout
+    assert (tmp_path / "smoke_table.md").read_text() == table
+    assert (tmp_path / "smoke.csv").read_text() == rows
+    assert {p: p.stat().st_mtime for p in logs} == logs
+
+    (tmp_path / "smoke.csv").unlink()
+    shutil.rmtree(tmp_path / "runs")
+    proc = subprocess.Popen(args, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL)
+    log = tmp_path / "runs" / "smoke" / "cm_digits_seed0" / "log.txt"
+    while proc.poll() is None and not log.is_file():
+        time.sleep(0.2)
+    time.sleep(3)
+    os.killpg(proc.pid, signal.SIGKILL)  # the bench and its cell, in the middle of the cell
+    proc.wait()
+    assert subprocess.run(args, cwd=ROOT, timeout=600).returncode == 0
+    done = ResultsFile(tmp_path / "smoke.csv", [*COLUMNS, "note"]).rows()
+    cells = sorted((r["method"], r["seed"]) for r in done)
+    assert cells == [("cm", "0"), ("cm", "1"), ("kmeans", "0"), ("kmeans", "1")]
+    assert all(r["acc"] for r in done)

@@ -1,0 +1,195 @@
+"""The ``protos`` command: fit -> test -> predict on digits, every config parses, errors are one
+line, and the GPU architecture check."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+
+from lightning_protos import cli
+from lightning_protos.cli import check_cuda_arch, main
+
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+def run_main(args: list[str], capsys) -> tuple[int, str, str]:
+    """Runs ``protos ARGS`` in this process: (exit code, stdout, stderr)."""
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    if isinstance(code, str):  # sys.exit("message") prints the message and exits 1
+        err, code = err + code + "\n", 1
+    return code or 0, out, err
+
+
+def protos_error(err: str) -> str:
+    """The single ``protos: error:`` line, which must be the last line of stderr."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("protos: error:")]
+    assert len(errors) == 1, err
+    assert lines[-1] == errors[0]
+    assert "Traceback" not in err
+    assert "usage:" not in err
+    return errors[0]
+
+
+def digits(tmp_path, *extra: str) -> list[str]:
+    return [
+        "--config", str(ROOT / "configs" / "cm_digits.yaml"),
+        "--trainer.default_root_dir", str(tmp_path), *QUIET, *extra,
+    ]  # fmt: skip
+
+
+def test_fit_test_predict_round_trip_on_digits(tmp_path, capsys):
+    code, out, err = run_main(
+        ["fit", *digits(tmp_path, "--trainer.max_epochs", "2", "--trainer.check_val_every_n_epoch", "1")],
+        capsys,
+    )
+    assert code == 0, err
+    run = tmp_path / "lightning_logs" / "version_0"
+    assert f"run directory: {run}" in out
+    assert "final evaluation: acc=" in out
+    for name in ("config.yaml", "checkpoints/last.ckpt", "checkpoints/best.ckpt", "metrics.json"):
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    for stage in ("val", "test"):
+        assert {"acc", "nmi", "ari", "homogeneity", "l_sp"} <= set(metrics[stage])
+    assert 0.3 < metrics["test"]["acc"] <= 1.0  # 10 digits: chance is 0.1
+    assert list(run.glob("events.out.tfevents.*"))  # TensorBoard logs
+
+    last = str(run / "checkpoints" / "last.ckpt")
+    code, _, err = run_main(["test", *digits(tmp_path, "--ckpt_path", last)], capsys)
+    assert code == 0, err
+    tested = json.loads((tmp_path / "lightning_logs" / "version_1" / "metrics.json").read_text())
+    assert tested["test"]["acc"] == pytest.approx(metrics["test"]["acc"])
+
+    code, out, err = run_main(["predict", *digits(tmp_path, "--ckpt_path", last)], capsys)
+    assert code == 0, err
+    path = tmp_path / "lightning_logs" / "version_2" / "predictions.csv"
+    with open(path) as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["index", "label", "cluster", *(f"p_{k}" for k in range(10))]
+    assert len(rows) - 1 == 1797
+    assert sorted(int(r[0]) for r in rows[1:]) == list(range(1797))
+    assert all(0 <= int(r[2]) < 10 for r in rows[1:])
+    assert sum(float(p) for p in rows[1][3:]) == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_every_config_parses(config, capsys):
+    code, out, err = run_main(["fit", "--config", str(config), "--print_config"], capsys)
+    assert code == 0, err
+    assert "class_path: lightning_protos." in out
+    assert "trainer:" in out
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--model.init_args.lr", "0"], "lr must be > 0, got 0.0"),
+        (["--model.init_args.alpha", "-1"], "alpha must be > 0"),
+        (["--model.init_args.n_clusters", "5000"], "exceeds the 1797 training samples"),
+        (["--data", "lightning_protos.data.Nope"], "lightning_protos.data' has no attribute 'Nope'"),
+        (["--data", "Nope"], "data sets in lightning_protos.data: Blobs"),
+        (["--model", "lightning_protos.methods.cm.CMM"], "no attribute 'CMM'"),
+        (["--model.init_args.optimizer", "rmsprop"], "Got value: rmsprop"),
+        (["--trainer.max_epochz", "3"], "unrecognized arguments: --trainer.max_epochz 3"),
+        (["--config", "missing.yaml"], "missing.yaml"),
+        (["--model.init_args.lr", "1e30"], "non-finite loss term E"),
+    ],
+)
+def test_errors_are_one_line(tmp_path, capsys, extra, message):
+    code, _, err = run_main(["fit", *digits(tmp_path, "--trainer.max_epochs", "3", *extra)], capsys)
+    assert code != 0
+    assert message in protos_error(err)
+
+
+def test_missing_data_offline_through_the_cli(tmp_path, capsys):
+    extra = [
+        "--data", "lightning_protos.data.MNIST", "--data.init_args.flatten", "true",
+        "--data.init_args.data_dir", str(tmp_path / "none"), "--data.init_args.download", "false",
+    ]  # fmt: skip
+    code, _, err = run_main(["fit", *digits(tmp_path, *extra)], capsys)
+    line = protos_error(err)
+    assert code != 0
+    assert "MNIST/raw/t10k-images-idx3-ubyte" in line
+    assert str(tmp_path / "none") in line
+
+
+def test_too_few_clusters_from_the_shell(tmp_path):
+    """The installed entry point, as a user runs it: non-zero exit and one error line."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "lightning_protos.cli", "fit", *digits(tmp_path)]
+    proc = subprocess.run(
+        [*cmd, "--model.init_args.n_clusters", "1"], capture_output=True, text=True, env=env, cwd=ROOT
+    )
+    assert proc.returncode != 0
+    assert protos_error(proc.stderr) == "protos: error: n_clusters (K) must be >= 2, got 1"
+
+
+# -- the GPU architecture check ------------------------------------------------------------
+
+CUDA13_ARCHS = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]
+
+
+def test_volta_is_missing_from_cuda13_wheels():
+    problem = check_cuda_arch((7, 0), CUDA13_ARCHS)
+    assert problem is not None
+    assert "\n" not in problem
+    assert "sm_70" in problem
+    assert "TORCH_CUDA=cu126" in problem
+
+
+@pytest.mark.parametrize(
+    ("capability", "archs"),
+    [
+        ((8, 6), ["sm_80"]),  # A6000: sm_80 binaries run on 8.6
+        ((8, 6), CUDA13_ARCHS),
+        ((7, 0), ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80"]),  # cu126 wheels on a V100
+        ((9, 0), ["sm_80", "compute_80"]),  # PTX for 8.0 JIT-compiles on newer GPUs
+        ((12, 0), ["sm_90", "compute_90"]),
+    ],
+)
+def test_supported_architectures(capability, archs):
+    assert check_cuda_arch(capability, archs) is None
+
+
+@pytest.mark.parametrize(
+    ("capability", "archs"),
+    [
+        ((8, 0), ["sm_86", "sm_90"]),  # an sm_86 binary does not run on 8.0
+        ((9, 0), ["sm_80", "sm_86"]),  # binaries do not cross major versions
+        ((7, 0), ["compute_80"]),  # PTX does not run on older GPUs
+        ((7, 5), []),
+    ],
+)
+def test_unsupported_architectures(capability, archs):
+    assert f"sm_{capability[0]}{capability[1]}" in check_cuda_arch(capability, archs)
+
+
+def test_main_stops_on_a_gpu_without_kernels(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 0))
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: CUDA13_ARCHS)
+    code, _, err = run_main(["fit", "--config", str(ROOT / "configs" / "cm_digits.yaml")], capsys)
+    assert code == 1
+    assert "sm_70" in protos_error(err)
+
+
+def test_one_line_keeps_the_informative_lines():
+    report = (
+        'Parser key "model":\n  Does not validate against any of the Union subtypes\n'
+        "  Subtypes: [<class 'X'>, <class 'NoneType'>]\n  Errors:\n"
+        "    - Problem with given class_path 'a.B':\n        bad thing\n"
+        "    - Expected a <class 'NoneType'>\n  Given value type: <class 'str'>\n  Given value: a.B"
+    )
+    assert cli.one_line(report) == "Parser key \"model\": Problem with given class_path 'a.B': bad thing"

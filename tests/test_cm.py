@@ -1,0 +1,178 @@
+"""methods/cm.py: the contract, a real fit on blobs, the averaging epoch, seeds and checkpoints."""
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from conftest import make_trainer
+from sklearn.metrics import adjusted_rand_score
+
+import lightning_protos.methods.cm as cm_module
+from lightning_protos.data import Blobs
+from lightning_protos.methods.cm import CM
+
+
+def blobs(**kwargs) -> Blobs:
+    """Three well-separated blobs in 2-D (400 points)."""
+    return Blobs(**{"n_samples": 400, "centers": 3, "batch_size": 32, "seed": 0, **kwargs})
+
+
+def fit(model: CM, dm, seed: int = 0, **trainer_kwargs) -> L.Trainer:
+    L.seed_everything(seed, verbose=False)
+    trainer = make_trainer(**{"max_epochs": 3, **trainer_kwargs})
+    trainer.fit(model, dm)
+    return trainer
+
+
+def assignments(model: CM, dm) -> np.ndarray:
+    model.eval()
+    with torch.no_grad():
+        return model.predict_clusters(dm.features("eval")).numpy()
+
+
+def test_contract_shapes():
+    model = CM(n_clusters=4, input_shape=(1, 2, 3), alpha=2.0)
+    x = torch.rand(5, 1, 2, 3)
+    probs = model.cluster_probs(x)
+    assert probs.shape == (5, 4)
+    torch.testing.assert_close(probs.sum(1), torch.ones(5))
+    assert model.predict_clusters(x).shape == (5,)
+    assert model.embed(x).shape == (5, 4)
+    assert model.prototypes().shape == (4, 6)
+    assert model.decode(torch.eye(4)).shape == (4, 1, 2, 3)
+    torch.testing.assert_close(model.decode(torch.eye(4)).reshape(4, 6), model.prototypes())
+    assert set(model.selection_criteria(x)) == {"l_sp"}
+    assert model.automatic_optimization is False
+
+
+@pytest.mark.parametrize(
+    ("init", "alpha", "lr", "precision"),
+    [("kmeans++", 1.0, 0.01, "32-true"), ("random", 10.0, 0.05, "32-true"), ("random", 10.0, 0.05, "bf16-mixed")],
+)
+def test_recovers_well_separated_blobs(init, alpha, lr, precision):
+    dm = blobs()
+    model = CM(n_clusters=3, input_shape=(2,), alpha=alpha, lr=lr, init=init)
+    fit(model, dm, max_epochs=20, precision=precision)
+    assert adjusted_rand_score(dm.labels().numpy(), assignments(model, dm)) > 0.95
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fits_on_the_gpu_in_bf16():
+    from lightning_protos.cli import check_cuda_arch
+
+    assert check_cuda_arch(torch.cuda.get_device_capability(), torch.cuda.get_arch_list()) is None
+    dm = blobs()
+    model = CM(n_clusters=3, input_shape=(2,), alpha=10.0, lr=0.05)
+    fit(model, dm, max_epochs=20, accelerator="gpu", precision="bf16-mixed")
+    assert model.device.type == "cuda"
+    model.cpu()
+    assert adjusted_rand_score(dm.labels().numpy(), assignments(model, dm)) > 0.95
+
+
+def test_one_training_step_moves_the_weights():
+    dm = blobs()
+    model = CM(n_clusters=3, input_shape=(2,), alpha=2.0, average_last_epoch=False)
+    before = {k: v.clone() for k, v in model.cm.state_dict().items()}
+    trainer = fit(model, dm, max_steps=1)
+    assert trainer.global_step == 1
+    for name, value in model.cm.state_dict().items():
+        assert not torch.equal(before[name], value), f"{name} did not move"
+
+
+class Snapshots(L.Callback):
+    """Parameters after every training step of the last epoch (what the average accumulates)."""
+
+    def __init__(self) -> None:
+        self.steps: list[list[np.ndarray]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.current_epoch == trainer.max_epochs - 1:
+            self.steps.append([p.detach().numpy().copy() for p in pl_module.cm.parameters()])
+
+
+@pytest.mark.parametrize("average", ["all", "centroids"])
+def test_the_averaging_epoch_sets_the_parameters_to_their_mean(average):
+    dm = blobs(n_samples=96)  # 3 steps an epoch
+    model = CM(n_clusters=3, input_shape=(2,), alpha=2.0, lr=0.05, average=average)
+    snaps = Snapshots()
+    fit(model, dm, max_epochs=2, callbacks=[snaps])
+    assert len(snaps.steps) == 3
+    names = [n for n, _ in model.cm.named_parameters()]
+    averaged = {"all": names, "centroids": ["decoder.weight", "decoder.bias"]}[average]
+    for i, (name, p) in enumerate(model.cm.named_parameters()):
+        mean = np.mean([s[i] for s in snaps.steps], axis=0)
+        last = snaps.steps[-1][i]
+        if name in averaged:
+            np.testing.assert_allclose(p.detach().numpy(), mean, rtol=1e-5, atol=1e-6)
+            assert not np.allclose(mean, last)  # the mean really differs from the last step
+        else:
+            np.testing.assert_array_equal(p.detach().numpy(), last)
+
+
+def test_no_averaging_keeps_the_last_step():
+    dm = blobs(n_samples=96)
+    model = CM(n_clusters=3, input_shape=(2,), alpha=2.0, lr=0.05, average_last_epoch=False)
+    snaps = Snapshots()
+    fit(model, dm, max_epochs=1, callbacks=[snaps])
+    for i, p in enumerate(model.cm.parameters()):
+        np.testing.assert_array_equal(p.detach().numpy(), snaps.steps[-1][i])
+
+
+@pytest.mark.parametrize("init", ["random", "kmeans++"])
+def test_same_seed_gives_identical_assignments(init, deterministic):
+    runs = []
+    for _ in range(2):
+        dm = blobs(n_samples=200, cluster_std=2.0)
+        L.seed_everything(5, verbose=False)
+        model = CM(n_clusters=3, input_shape=(2,), alpha=2.0, init=init)
+        fit(model, dm, seed=5, max_epochs=2)
+        runs.append((assignments(model, dm), [p.detach().clone() for p in model.parameters()]))
+    assert np.array_equal(runs[0][0], runs[1][0])
+    for a, b in zip(runs[0][1], runs[1][1], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_checkpoint_restores_probs_and_the_init_flag(tmp_path):
+    dm = blobs(n_samples=200)
+    model = CM(n_clusters=3, input_shape=(2,), alpha=2.0, init="kmeans++")
+    assert not bool(model.initialised)
+    trainer = fit(model, dm, max_epochs=2)
+    assert bool(model.initialised)
+    path = tmp_path / "cm.ckpt"
+    trainer.save_checkpoint(path)
+    restored = CM.load_from_checkpoint(path, strict=True)
+    assert bool(restored.initialised)
+    assert restored.hparams.init == "kmeans++"
+    assert restored.n_clusters == 3
+    model.eval()
+    restored.eval()
+    x = dm.features("eval")
+    with torch.no_grad():
+        assert torch.equal(model.cluster_probs(x), restored.cluster_probs(x))
+    assert torch.equal(model.average.count, restored.average.count)
+
+
+def test_kmeans_init_runs_once_and_not_on_resume(tmp_path, monkeypatch):
+    dm = blobs(n_samples=200)
+    calls = []
+    real = cm_module.kmeans_pp_centres
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cm_module, "kmeans_pp_centres", counting)
+    model = CM(n_clusters=3, input_shape=(2,), alpha=2.0, init="kmeans++")
+    trainer = fit(model, dm, max_epochs=1)
+    assert len(calls) == 1
+    path = tmp_path / "epoch1.ckpt"
+    trainer.save_checkpoint(path)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    fresh = CM(n_clusters=3, input_shape=(2,), alpha=2.0, init="kmeans++")
+    resumed = make_trainer(max_epochs=2, limit_train_batches=0)  # restore only, no new steps
+    resumed.fit(fresh, dm, ckpt_path=path)
+    assert len(calls) == 1, "k-means++ ran again on resume"
+    for name, value in fresh.state_dict().items():
+        assert torch.equal(value, before[name]), name

@@ -1,0 +1,340 @@
+"""data/: whole-batch loading, splits, users' files, the synthetic sets and the offline copies."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import TwoSplits
+from sklearn.metrics import adjusted_rand_score
+from torchvision.io import write_png
+
+from lightning_protos.data import (
+    MNIST,
+    USPS,
+    ArrayFile,
+    Blobs,
+    DataError,
+    Digits,
+    FiveGaussians,
+    ImageFolder,
+    Pendigits,
+    PneumoniaMNIST,
+    get_datamodule,
+    resolve_root,
+)
+from lightning_protos.data.base import TensorBatches
+from lightning_protos.data.synthetic import FIVE_GAUSSIANS_RADIUS, five_gaussians
+
+# -- the in-memory batches ----------------------------------------------------------------
+
+
+def test_tensor_batches_return_whole_float_batches(two_splits):
+    (x, y), _ = two_splits
+    ds = TensorBatches(x, y, with_labels=True)
+    batch = ds.__getitems__([3, 0, 7])
+    assert set(batch) == {"x", "y", "index"}
+    assert batch["x"].dtype == torch.float32
+    assert batch["x"].shape == (3, 1, 4, 4)
+    assert float(batch["x"].min()) >= 0.0
+    assert float(batch["x"].max()) <= 1.0
+    torch.testing.assert_close(batch["x"], x[[3, 0, 7]].float() / 255)
+    assert batch["y"].tolist() == y[[3, 0, 7]].tolist()
+    assert batch["index"].tolist() == [3, 0, 7]
+    assert x.dtype == torch.uint8  # the stored tensor is untouched
+    one = ds[5]
+    assert one["x"].shape == (1, 4, 4)
+    assert int(one["index"]) == 5
+
+
+def test_float_features_pass_through_unscaled():
+    x = torch.tensor([[2.5, -1.0], [300.0, 0.0]])
+    batch = TensorBatches(x, None, with_labels=True).__getitems__([0, 1])
+    assert "y" not in batch
+    torch.testing.assert_close(batch["x"], x)
+
+
+def test_training_batches_carry_no_labels_evaluation_batches_do(two_splits):
+    train, test = two_splits
+    dm = TwoSplits(train, test, batch_size=8, eval_batch_size=16, fit_on="train")
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"x", "index"}  # no "y": methods cannot read labels
+    assert batch["x"].shape == (8, 1, 4, 4)
+    assert batch["x"].dtype == torch.float32
+    for loader in (dm.val_dataloader(), dm.test_dataloader(), dm.predict_dataloader()):
+        batch = next(iter(loader))
+        assert set(batch) == {"x", "y", "index"}
+        assert len(batch["x"]) == 10
+
+
+def test_a_training_epoch_visits_every_sample_once(two_splits):
+    train, _ = two_splits
+    dm = TwoSplits(train, batch_size=6)
+    seen = torch.cat([b["index"] for b in dm.train_dataloader()])
+    assert sorted(seen.tolist()) == list(range(20))
+
+
+def test_fit_on_all_versus_train(two_splits):
+    train, test = two_splits
+    on_all = TwoSplits(train, test, fit_on="all")
+    on_train = TwoSplits(train, test, fit_on="train")
+    assert on_all.n_train == 30
+    assert on_all.n_of("eval") == 30
+    assert on_train.n_train == 20
+    assert on_train.n_of("eval") == 10
+    assert torch.equal(on_train.labels("eval"), test[1])
+    assert on_all.input_shape == (1, 4, 4)
+    assert on_all.input_dim == 16
+    assert on_all.n_classes == 3
+    flat = TwoSplits(train, test, flatten=True)
+    assert flat.input_shape == (16,)
+    assert next(iter(flat.train_dataloader()))["x"].shape[1:] == (16,)
+
+
+def test_features_are_floats_in_the_served_shape(two_splits):
+    train, test = two_splits
+    f = TwoSplits(train, test, fit_on="train").features("fit")
+    assert f.shape == (20, 1, 4, 4)
+    assert f.dtype == torch.float32
+    assert float(f.max()) <= 1.0
+
+
+def test_bad_batch_size_and_fit_on():
+    with pytest.raises(DataError, match="batch_size"):
+        Digits(batch_size=0)
+    with pytest.raises(DataError, match="fit_on"):
+        Digits(fit_on="everything")
+
+
+def test_root_resolution(monkeypatch, tmp_path):
+    monkeypatch.setenv("PROTOS_DATA_DIR", str(tmp_path / "env"))
+    assert resolve_root(tmp_path / "arg") == tmp_path / "arg"
+    assert resolve_root(None) == tmp_path / "env"
+    monkeypatch.delenv("PROTOS_DATA_DIR")
+    assert resolve_root(None).name == "lightning_protos"
+
+
+# -- users' files ---------------------------------------------------------------------------
+
+
+def test_array_file_npz_keeps_uint8_and_labels(tmp_path):
+    x = np.arange(6 * 2 * 3, dtype=np.uint8).reshape(6, 2, 3)
+    path = tmp_path / "mine.npz"
+    np.savez(path, X=x, y=np.array([0, 1, 0, 1, 2, 2]))
+    dm = ArrayFile(str(path), batch_size=4)
+    xt, yt = dm.splits["train"]
+    assert xt.dtype == torch.uint8
+    assert xt.shape == (6, 2, 3)
+    assert yt.tolist() == [0, 1, 0, 1, 2, 2]
+    assert dm.n_classes == 3
+    assert dm.input_shape == (2, 3)
+    assert dm.name == "mine"
+    torch.testing.assert_close(dm.features(), torch.as_tensor(x).float() / 255)
+
+
+def test_array_file_npy(tmp_path):
+    path = tmp_path / "feats.npy"
+    np.save(path, np.random.default_rng(0).normal(size=(9, 4)))
+    dm = ArrayFile(str(path), flatten=True)
+    assert dm.n_train == 9
+    assert dm.input_shape == (4,)
+    assert dm.labels() is None
+    assert dm.features().dtype == torch.float32
+    assert "y" not in next(iter(dm.val_dataloader()))
+
+
+def test_array_file_csv_with_header_and_label_column(tmp_path):
+    path = tmp_path / "table.csv"
+    path.write_text("f1,label,f2\n0.5,1,2.0\n1.5,0,3.0\n2.5,1,4.0\n")
+    dm = ArrayFile(str(path), label_column="label")
+    x, y = dm.splits["train"]
+    assert x.tolist() == [[0.5, 2.0], [1.5, 3.0], [2.5, 4.0]]
+    assert y.tolist() == [1, 0, 1]
+    by_index = ArrayFile(str(path), label_column="1").splits["train"]
+    assert torch.equal(by_index[1], y)
+
+
+def test_array_file_csv_without_header(tmp_path):
+    path = tmp_path / "plain.csv"
+    path.write_text("1,2,3\n4,5,6\n")
+    x, y = ArrayFile(str(path)).splits["train"]
+    assert x.tolist() == [[1, 2, 3], [4, 5, 6]]
+    assert y is None
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "match"),
+    [
+        ("missing.npz", None, "no such file"),
+        ("wrong.npz", {"A": np.zeros(3)}, "named 'X'"),
+        ("data.txt", "1 2 3", "unsupported file type"),
+        ("uneven.npz", {"X": np.zeros((4, 2)), "y": np.zeros(3)}, "4 samples but 3 labels"),
+    ],
+)
+def test_array_file_errors(tmp_path, name, content, match):
+    path = tmp_path / name
+    if isinstance(content, dict):
+        np.savez(path, **content)
+    elif content is not None:
+        path.write_text(content)
+    with pytest.raises(DataError, match=match) as err:
+        ArrayFile(str(path)).splits  # noqa: B018
+    assert "\n" not in str(err.value)
+
+
+def _write_images(folder, sizes_by_class):
+    for cls, sizes in sizes_by_class.items():
+        (folder / cls).mkdir(parents=True)
+        for i, (h, w) in enumerate(sizes):
+            img = torch.full((3, h, w), 40 * i, dtype=torch.uint8)
+            img[0] = 200 if cls == "cat" else 10
+            write_png(img, str(folder / cls / f"{i}.png"))
+
+
+def test_image_folder_with_class_subfolders(tmp_path):
+    _write_images(tmp_path, {"dog": [(5, 5)] * 2, "cat": [(5, 5)] * 3})
+    dm = ImageFolder(str(tmp_path), batch_size=2)
+    x, y = dm.splits["train"]
+    assert x.dtype == torch.uint8
+    assert x.shape == (5, 3, 5, 5)
+    assert sorted(y.tolist()) == [0, 0, 0, 1, 1]  # sorted class names: cat = 0, dog = 1
+    assert (x[y == 0][:, 0] == 200).all()
+    assert (x[y == 1][:, 0] == 10).all()
+    gray = ImageFolder(str(tmp_path), grayscale=True, image_size=3)
+    assert gray.input_shape == (1, 3, 3)
+
+
+def test_image_folder_without_classes_and_size_errors(tmp_path):
+    for i in range(2):
+        write_png(torch.zeros(1, 4, 4 + i, dtype=torch.uint8), str(tmp_path / f"{i}.png"))
+    with pytest.raises(DataError, match="differ in size"):
+        ImageFolder(str(tmp_path)).splits  # noqa: B018
+    dm = ImageFolder(str(tmp_path), image_size=4, grayscale=True)
+    assert dm.splits["train"][1] is None
+    assert dm.n_train == 2
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no images"):
+        ImageFolder(str(tmp_path / "empty")).splits  # noqa: B018
+
+
+def test_image_folder_missing(tmp_path):
+    with pytest.raises(DataError, match="no such folder"):
+        ImageFolder(str(tmp_path / "nope")).splits  # noqa: B018
+
+
+# -- embedded and synthetic sets --------------------------------------------------------------
+
+
+def test_digits_embedded():
+    dm = Digits()
+    assert dm.n_train == 1797
+    assert dm.input_shape == (1, 8, 8)
+    assert dm.n_classes == 10
+    assert float(dm.features().min()) >= 0.0
+    assert float(dm.features().max()) <= 1.0
+
+
+def test_five_gaussians_bayes_assignment_has_the_designed_overlap():
+    """Nearest true mean (equal priors, identity covariance) in the raw space. The generator
+    standardises X; its population scale is sqrt(r^2 / 2 + 1) on both axes, its mean 0."""
+    x, y, means = five_gaussians(seed=0)
+    assert x.shape == (2000, 2)
+    assert means.shape == (5, 2)
+    assert np.bincount(y).tolist() == [400] * 5
+    np.testing.assert_allclose(x.mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(x.std(0), 1, atol=1e-5)
+    raw = x * math.sqrt(FIVE_GAUSSIANS_RADIUS**2 / 2 + 1)
+    bayes = ((raw[:, None, :] - means[None]) ** 2).sum(-1).argmin(1)
+    assert 0.85 <= adjusted_rand_score(y, bayes) <= 0.90
+    dm = FiveGaussians()
+    assert dm.n_train == 2000
+    assert dm.input_shape == (2,)
+    assert dm.n_classes == 5
+
+
+def test_blobs():
+    dm = Blobs(n_samples=50, n_features=3, centers=4)
+    assert dm.n_train == 50
+    assert dm.input_shape == (3,)
+    assert dm.n_classes == 4
+
+
+# -- registry and offline errors --------------------------------------------------------------
+
+
+def test_get_datamodule():
+    assert isinstance(get_datamodule("digits", batch_size=7), Digits)
+    with pytest.raises(DataError, match=r"unknown data set 'nope'.*mnist") as err:
+        get_datamodule("nope")
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("cls", "expected"),
+    [
+        (MNIST, "MNIST/raw/train-images-idx3-ubyte"),
+        (PneumoniaMNIST, "pneumoniamnist.npz"),
+        (USPS, "usps/usps.npz"),
+        (Pendigits, "pendigits/pendigits.tra"),
+    ],
+)
+def test_missing_data_offline_is_one_line_naming_files_and_folder(tmp_path, cls, expected):
+    dm = cls(data_dir=str(tmp_path / "empty"), download=False)
+    with pytest.raises(DataError) as err:
+        dm.prepare_data()
+    message = str(err.value)
+    assert "\n" not in message
+    assert expected in message
+    assert str(tmp_path / "empty") in message
+
+
+# -- the offline copies in ../shared/data ------------------------------------------------------
+
+
+@pytest.mark.data
+def test_mnist_from_shared_data(shared_data):
+    dm = MNIST(data_dir=str(shared_data), download=False, fit_on="all")
+    x, _ = dm.splits["train"]
+    assert x.dtype == torch.uint8  # images stay uint8 in memory
+    assert dm.n_train == 70000
+    assert dm.n_of("eval") == 70000
+    assert dm.input_shape == (1, 28, 28)
+    assert dm.n_classes == 10
+    assert MNIST(data_dir=str(shared_data), download=False, fit_on="train").n_train == 60000
+
+
+@pytest.mark.data
+def test_mnist_through_the_environment(shared_data, monkeypatch):
+    monkeypatch.setenv("PROTOS_DATA_DIR", str(shared_data))
+    assert MNIST(download=False, fit_on="train", flatten=True).input_shape == (784,)
+
+
+@pytest.mark.data
+def test_pneumoniamnist_from_shared_data(shared_data):
+    dm = PneumoniaMNIST(data_dir=str(shared_data), download=False, fit_on="all")
+    assert dm.n_train == 5856
+    assert dm.input_shape == (1, 28, 28)
+    assert dm.n_classes == 2
+    on_train = PneumoniaMNIST(data_dir=str(shared_data), download=False, fit_on="train")
+    assert on_train.n_of("eval") == 1148  # val + test, as in VAESim
+
+
+@pytest.mark.data
+def test_usps_from_shared_data(shared_data):
+    dm = USPS(data_dir=str(shared_data), download=False)
+    assert dm.n_train == 7291 + 2007
+    assert dm.input_shape == (1, 16, 16)
+    assert dm.n_classes == 10
+    f = dm.features()
+    assert float(f.min()) >= 0.0
+    assert float(f.max()) <= 1.0
+
+
+@pytest.mark.data
+def test_pendigits_from_shared_data(shared_data):
+    dm = Pendigits(data_dir=str(shared_data), download=False)
+    assert dm.n_train == 7494 + 3498
+    assert dm.input_shape == (16,)
+    assert dm.n_classes == 10
+    assert float(dm.features().max()) <= 1.0

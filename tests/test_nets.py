@@ -1,0 +1,70 @@
+"""nets/: the parameter average, the clustering-module network and the MLP autoencoder."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lightning_protos.nets import ClusteringModule, MLPAutoencoder, ParameterAverage
+
+
+def test_parameter_average_is_the_mean_of_the_snapshots():
+    net = nn.Linear(3, 2)
+    params = list(net.parameters())
+    avg = ParameterAverage(params)
+    rng = np.random.default_rng(0)
+    snapshots = []
+    for _ in range(4):
+        with torch.no_grad():
+            for p in params:
+                p.copy_(torch.as_tensor(rng.normal(size=tuple(p.shape)), dtype=p.dtype))
+        snapshots.append([p.detach().numpy().copy() for p in params])
+        avg.accumulate(params)
+    assert int(avg.count) == 4
+    avg.apply(params)
+    for i, p in enumerate(params):
+        want = np.mean([s[i] for s in snapshots], axis=0)
+        np.testing.assert_allclose(p.detach().numpy(), want, rtol=1e-6, atol=1e-7)
+    assert int(avg.count) == 0
+    assert float(avg.total.abs().sum()) == 0.0
+
+
+def test_parameter_average_without_snapshots_leaves_parameters_alone():
+    net = nn.Linear(3, 2)
+    before = [p.detach().clone() for p in net.parameters()]
+    ParameterAverage(list(net.parameters())).apply(list(net.parameters()))
+    for b, p in zip(before, net.parameters(), strict=True):
+        assert torch.equal(b, p)
+
+
+def test_parameter_average_state_is_in_the_state_dict():
+    avg = ParameterAverage(list(nn.Linear(3, 2).parameters()))
+    assert set(avg.state_dict()) == {"total", "count"}
+    assert avg.state_dict()["total"].shape == (3 * 2 + 2,)
+
+
+def test_clustering_module_shapes_and_centroids():
+    cm = ClusteringModule(6, 3)
+    x = torch.randn(4, 6)
+    gamma = cm(x)
+    assert gamma.shape == (4, 3)
+    torch.testing.assert_close(gamma.sum(1), torch.ones(4))
+    # mu_k is the decoder's image of the k-th basis vector
+    with torch.no_grad():
+        torch.testing.assert_close(cm.centroids(), cm.decoder(torch.eye(3)))
+
+
+def test_mlp_autoencoder_shapes():
+    ae = MLPAutoencoder(12, hidden=(8, 6), latent_dim=2)
+    z, x_rec = ae(torch.randn(5, 12))
+    assert z.shape == (5, 2)
+    assert x_rec.shape == (5, 12)
+    linears = [m for m in ae.encoder if isinstance(m, nn.Linear)]
+    assert [m.out_features for m in linears] == [8, 6, 2]
+    assert isinstance(ae.encoder[-1], nn.Linear)  # linear code
+
+
+@pytest.mark.parametrize(("slope", "kind"), [(0.2, nn.LeakyReLU), (0.0, nn.ReLU)])
+def test_mlp_activation(slope, kind):
+    ae = MLPAutoencoder(4, hidden=(3,), latent_dim=2, slope=slope)
+    assert any(isinstance(m, kind) for m in ae.encoder)

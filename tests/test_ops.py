@@ -1,0 +1,139 @@
+"""ops/: the CM and AE-CM loss terms against explicit loops, and the k-means initialisations."""
+
+import numpy as np
+import pytest
+import torch
+from reference import aecm_terms_numpy, cm_terms_loops, dirichlet_loops
+
+from lightning_protos.nets import ClusteringModule
+from lightning_protos.ops import aecm_terms, cm_terms, dirichlet_term, kmeans_pp_centres, pinv_encoder
+
+
+@pytest.fixture
+def tiny():
+    """B=5 samples in d=3, K=4 clusters; gamma rows on the simplex, float64."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    gamma = torch.softmax(torch.randn(5, 4, generator=g, dtype=torch.float64), dim=1)
+    mu = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    return x, gamma, mu
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5, 177.0])
+def test_cm_terms_match_loops(tiny, alpha):
+    x, gamma, mu = tiny
+    got = cm_terms(x, gamma, mu, alpha)
+    want = cm_terms_loops(x.numpy(), gamma.numpy(), mu.numpy(), alpha)
+    assert set(got) == {"E1", "E2", "E3", "E4"}
+    for name, value in want.items():
+        assert float(got[name]) == pytest.approx(value, rel=1e-9, abs=1e-12), name
+
+
+def test_cm_terms_hand_case():
+    """One sample, two orthogonal unit centroids, gamma = (1/2, 1/2), x = 0, alpha = 1."""
+    x = torch.zeros(1, 2, dtype=torch.float64)
+    gamma = torch.tensor([[0.5, 0.5]], dtype=torch.float64)
+    mu = torch.eye(2, dtype=torch.float64)
+    t = cm_terms(x, gamma, mu, 1.0)
+    assert float(t["E1"]) == pytest.approx(0.5)  # ||(1/2, 1/2)||^2
+    assert float(t["E2"]) == pytest.approx(0.5)  # 2 * 1/2 * 1/2 * 1
+    assert float(t["E3"]) == pytest.approx(0.0)  # orthogonal centroids
+    assert float(t["E4"]) == pytest.approx(0.0)  # alpha = 1
+
+
+def test_cm_terms_e3_counts_only_distinct_pairs():
+    """With identical centroids E3 = -sum_i sum_{k != l} g_ik g_il ||mu||^2, not the full square."""
+    gamma = torch.tensor([[0.25, 0.75]], dtype=torch.float64)
+    mu = torch.tensor([[1.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
+    t = cm_terms(torch.zeros(1, 2, dtype=torch.float64), gamma, mu, 1.0)
+    assert float(t["E3"]) == pytest.approx(-2 * 0.25 * 0.75 * 2.0)
+
+
+def test_cm_terms_sum_to_the_weighted_distances(tiny):
+    """E1 + E2 + E3 = sum_i sum_k gamma_ik ||x_i - mu_k||^2 for rows of gamma on the simplex."""
+    x, gamma, mu = tiny
+    t = cm_terms(x, gamma, mu, 1.0)
+    weighted = sum(
+        float(gamma[i, k]) * float(((x[i] - mu[k]) ** 2).sum()) for i in range(len(x)) for k in range(len(mu))
+    )
+    assert float(t["E1"] + t["E2"] + t["E3"]) == pytest.approx(weighted, rel=1e-10)
+
+
+def test_cm_terms_are_differentiable_in_float32(tiny):
+    x, gamma, mu = (a.float() for a in tiny)
+    mu.requires_grad_(True)
+    sum(cm_terms(x, gamma, mu, 2.0).values()).backward()
+    assert mu.grad is not None
+    assert torch.isfinite(mu.grad).all()
+
+
+def test_dirichlet_term_scalar_alpha(tiny):
+    _, gamma, _ = tiny
+    assert float(dirichlet_term(gamma, 3.0)) == pytest.approx(dirichlet_loops(gamma.numpy(), 3.0))
+    assert float(dirichlet_term(gamma, 1.0)) == 0.0
+
+
+def test_dirichlet_term_vector_alpha_is_paired_in_sorted_order(tiny):
+    _, gamma, _ = tiny
+    alpha = [5.0, 0.5, 2.0, 1.5]
+    got = float(dirichlet_term(gamma, torch.tensor(alpha, dtype=torch.float64)))
+    assert got == pytest.approx(dirichlet_loops(gamma.numpy(), alpha))
+    # the pairing ignores the order in which the concentrations are given
+    shuffled = float(dirichlet_term(gamma, torch.tensor(alpha[::-1], dtype=torch.float64)))
+    assert shuffled == pytest.approx(got)
+    # a constant vector equals the scalar
+    assert float(dirichlet_term(gamma, torch.full((4,), 2.0, dtype=torch.float64))) == pytest.approx(
+        float(dirichlet_term(gamma, 2.0))
+    )
+
+
+@pytest.mark.parametrize(("alpha", "beta", "lam"), [(1.0, 1.0, 1.0), (230.0, 5.0, 0.5)])
+def test_aecm_terms_match_numpy(alpha, beta, lam):
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(6, 7, generator=g, dtype=torch.float64)
+    x_rec = torch.rand(6, 7, generator=g, dtype=torch.float64)
+    z = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    gamma = torch.softmax(torch.randn(6, 4, generator=g, dtype=torch.float64), dim=1)
+    mu = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    got = aecm_terms(x, x_rec, z, gamma, mu, alpha, beta, lam)
+    want = aecm_terms_numpy(x, x_rec, z, gamma, mu, alpha, beta, lam)
+    assert set(got) == set(want)
+    for name, value in want.items():
+        assert float(got[name]) == pytest.approx(value, rel=1e-9, abs=1e-12), name
+
+
+def test_aecm_orthonormality_penalty_vanishes_on_orthonormal_centroids():
+    mu = torch.eye(3, 5, dtype=torch.float64)
+    gamma = torch.full((2, 3), 1 / 3, dtype=torch.float64)
+    z, x = torch.zeros(2, 5, dtype=torch.float64), torch.zeros(2, 4, dtype=torch.float64)
+    assert float(aecm_terms(x, x, z, gamma, mu, 1.0, 1.0, 1.0)["L_orth"]) == 0.0
+
+
+def test_pinv_encoder_maps_each_centre_to_its_cluster():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(5, 8, generator=g)  # K = 5 centres in d = 8
+    w = pinv_encoder(centres)
+    assert w.shape == (8, 5)
+    np.testing.assert_allclose((centres.double() @ w.double()).numpy(), np.eye(5), atol=1e-5)
+    cm = ClusteringModule(8, 5)
+    cm.init_from_centres(centres)
+    with torch.no_grad():
+        assert torch.equal(cm(centres).argmax(1), torch.arange(5))
+        torch.testing.assert_close(cm.centroids(), centres)
+
+
+def test_kmeans_pp_centres_shape_and_determinism():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 4, generator=g)
+    a = kmeans_pp_centres(x, 6, seed=3)
+    assert a.shape == (6, 4)
+    assert a.dtype == x.dtype
+    assert torch.equal(a, kmeans_pp_centres(x, 6, seed=3))
+    assert not torch.equal(a, kmeans_pp_centres(x, 6, seed=4))
+    # k-means++ seeds are data points, all distinct
+    matches = (torch.cdist(a, x) < 1e-6).sum(1)
+    assert (matches >= 1).all()
+    assert len({tuple(r.tolist()) for r in a}) == 6
+    refined = kmeans_pp_centres(x, 6, seed=3, lloyd_steps=2)
+    assert refined.shape == (6, 4)
+    assert torch.equal(refined, kmeans_pp_centres(x, 6, 3, lloyd_steps=2))
