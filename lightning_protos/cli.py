@@ -49,10 +49,16 @@ class ProtosCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ClusteringEvaluator, "evaluation")
         parser.add_lightning_class_args(AssignmentWriter, "assignments")
+        # best.ckpt by val/acc at each validation; last.ckpt at the end of every training epoch
+        # (independent of how often validation runs), so a killed run loses at most one epoch.
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
         parser.set_defaults(
             {
-                "checkpoint.save_last": True,
+                "last_checkpoint.save_last": True,
+                "last_checkpoint.save_top_k": 0,
+                "last_checkpoint.save_on_train_epoch_end": True,
+                "checkpoint.save_last": False,
                 "checkpoint.monitor": "val/acc",
                 "checkpoint.mode": "max",
                 "checkpoint.filename": "best",

@@ -117,11 +117,16 @@ def make_row(
     """A results row: the cell's fields, ``epochs``, ``seconds``, ``note``, else a metric."""
     metrics = metrics or {}
     extra = {"epochs": metrics.get("epoch"), "seconds": seconds, "note": note}
-    row = {}
-    for c in columns:
-        v = fields[c] if c in fields else extra[c] if c in extra else metrics.get(c)
-        row[c] = "" if v is None else f"{v:.1f}" if c == "seconds" else f"{v:.6g}" if isinstance(v, float) else str(v)
-    return row
+    values = {c: fields[c] if c in fields else extra[c] if c in extra else metrics.get(c) for c in columns}
+    return {c: _text(c, v) for c, v in values.items()}
+
+
+def _text(column: str, value: Any) -> str:
+    if value is None:
+        return ""
+    if column == "seconds":
+        return f"{value:.1f}"
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
 def last_line(log: Path) -> str:

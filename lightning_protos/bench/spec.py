@@ -33,7 +33,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -108,7 +108,7 @@ class Cell:
             "--trainer.logger.name=",
             f"--trainer.logger.version={self.name}",
             f"--checkpoint.dirpath={self.run_dir / 'checkpoints'}",
-            "--checkpoint.save_last=true",
+            f"--last_checkpoint.dirpath={self.run_dir / 'checkpoints'}",
         ]  # fmt: skip
 
 
@@ -180,7 +180,7 @@ def cli_value(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def _fail(where: str, message: str) -> None:
+def _fail(where: str, message: str) -> NoReturn:
     raise BenchError(f"{where}: {message}")
 
 
