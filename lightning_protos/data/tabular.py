@@ -71,7 +71,7 @@ class ArrayFile(ArrayDataModule):
             d = np.load(self.path)
             if "X" not in d:
                 raise DataError(f"{self.path}: expected an array named 'X' (and optionally 'y'), found {list(d)}")
-            x, y = d["X"], d["y"] if "y" in d else None
+            x, y = d["X"], d.get("y")
         elif suffix == ".npy":
             x, y = np.load(self.path), None
         elif suffix == ".csv":

@@ -92,7 +92,7 @@ class AssignmentWriter(BasePredictionWriter):
         self.filename = filename
 
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
-        if not predictions or trainer.world_size > 1 and not trainer.is_global_zero:
+        if not predictions or (trainer.world_size > 1 and not trainer.is_global_zero):
             return
         batches = predictions[0] if isinstance(predictions[0], list) else predictions
         path = run_dir(trainer) / self.filename

@@ -4,7 +4,7 @@ Phases, by epoch, all inside one ``fit`` (so a checkpoint resumes in the right p
 
 random init (AE-CM^r): every weight random; joint training from the first step.
 pretrained init (AE-CM^p), Sec. 4.2.2:
-  1. ``pretrain_epochs``: the DAE alone on reconstruction         (methods/pretrain.py)
+  1. ``pretrain_epochs``: the DAE alone on reconstruction, cached (methods/pretrain.py)
   2. k-means (k-means++, ``kmeans_n_init`` restarts) on the codes; W_dec = centres,
      W_enc = pinv(W_dec), zero biases                              (Sec. 4.1)
   3. ``cm_epochs``: the CM alone on the frozen codes, non-orthonormal CM loss E1..E4 (Eq. 7)
@@ -34,13 +34,13 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ..nets import ClusteringModule, MLPAutoencoder, ParameterAverage
-from ..ops import aecm_terms, cm_terms, kmeans_centres
-from .base import ClusteringMethod, check_positive
-from .pretrain import encode_all, pretrain_step
+from ..nets import ClusteringModule, ParameterAverage
+from ..ops import aecm_terms, cm_terms
+from .base import check_positive
+from .pretrain import AutoencoderMethod
 
 
-class AECM(ClusteringMethod):
+class AECM(AutoencoderMethod):
     """AE-CM with both initialisations.
 
     Args:
@@ -60,6 +60,7 @@ class AECM(ClusteringMethod):
         average_last_epoch: run the averaging epoch as the trainer's last epoch.
         lsp: ``cm`` (E2 + E3 of Eq. 7 on the codes) or ``orthonormal`` (E2 + L_orth).
         slope: LeakyReLU slope of the DAE (0.2).
+        pretrain_cache: where pretrained DAE weights are cached (see ``AutoencoderMethod``).
     """
 
     def __init__(
@@ -80,16 +81,18 @@ class AECM(ClusteringMethod):
         average_last_epoch: bool = True,
         lsp: Literal["cm", "orthonormal"] = "cm",
         slope: float = 0.2,
+        pretrain_cache: bool | str = True,
     ) -> None:
-        super().__init__(n_clusters, input_shape)
-        check_positive(lr=lr, alpha=alpha, latent_dim=latent_dim)
+        check_positive(alpha=alpha)
         if beta < 0 or lam < 0:
             raise ValueError(f"beta and lam must be >= 0, got {beta}, {lam}")
+        super().__init__(
+            n_clusters, input_shape, latent_dim, hidden, slope, lr, adam_eps, init, pretrain_epochs,
+            kmeans_n_init, pretrain_cache, init_from_codes=init == "pretrained",
+        )  # fmt: skip
         self.save_hyperparameters()
-        self.ae = MLPAutoencoder(self.input_dim, hidden, latent_dim, slope)
         self.cm = ClusteringModule(latent_dim, n_clusters)
         self.average = ParameterAverage(list(self.parameters()))
-        self.register_buffer("initialised", torch.tensor(init == "random"))
 
     # -- phases -----------------------------------------------------------------------
     @property
@@ -99,22 +102,16 @@ class AECM(ClusteringMethod):
         return 0 if h.init == "random" else h.pretrain_epochs + h.cm_epochs
 
     def phase(self, epoch: int) -> str:
-        if self.hparams.init == "pretrained" and epoch < self.hparams.pretrain_epochs:
+        if super().phase(epoch) == "pretrain":
             return "pretrain"
         return "cm" if epoch < self.joint_start else "joint"
 
     # -- contract ---------------------------------------------------------------------
-    def embed(self, x: Tensor) -> Tensor:
-        return self.ae.encoder(self.flat(x))
-
     def cluster_probs(self, x: Tensor) -> Tensor:
         return self.cm(self.embed(x))
 
     def prototypes(self) -> Tensor:
         return self.cm.centroids().detach()
-
-    def decode(self, z: Tensor) -> Tensor:
-        return self.ae.decoder(z).reshape(len(z), *self.input_shape)
 
     def selection_criteria(self, x: Tensor) -> dict[str, Tensor]:
         z = self.embed(x)
@@ -126,35 +123,19 @@ class AECM(ClusteringMethod):
         return {"l_sp": t["E2"] + t["E3"]}
 
     # -- training ---------------------------------------------------------------------
-    def configure_optimizers(self):
-        h = self.hparams
-
-        def adam(params):
-            return torch.optim.Adam(params, lr=h.lr, eps=h.adam_eps)
-
-        # one optimizer per phase, each with its own moments (all checkpointed)
-        return adam(self.ae.parameters()), adam(self.cm.parameters()), adam(self.parameters())
-
-    def on_train_epoch_start(self) -> None:
-        if self.phase(self.current_epoch) != "pretrain" and not bool(self.initialised):
-            self._init_cm_from_codes()
+    def clustering_optimizers(self):
+        # the CM alone (step 3) and everything (step 4); the DAE's (step 1) comes first
+        return [self.adam(self.cm.parameters()), self.adam(self.parameters())]
 
     @torch.no_grad()
-    def _init_cm_from_codes(self) -> None:
+    def init_from_codes(self, z: Tensor) -> None:
         """Step 2: k-means on the pretrained codes initialises the CM (Sec. 4.1)."""
-        z = encode_all(self.ae.encoder, self.fit_features().reshape(-1, self.input_dim))
-        seed = torch.initial_seed() % 2**31
-        self.cm.init_from_centres(kmeans_centres(z, self.n_clusters, seed, self.hparams.kmeans_n_init))
-        self.initialised.fill_(True)
+        self.cm.init_from_centres(self.kmeans(z))
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+    def clustering_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         x = self.flat(batch["x"])
-        opt_ae, opt_cm, opt_joint = self.optimizers()
-        phase = self.phase(self.current_epoch)
-        if phase == "pretrain":  # step 1
-            pretrain_step(self, self.ae, x, opt_ae)
-            return
-        if phase == "cm":  # step 3: CM alone on frozen codes, Eq. 7
+        _, opt_cm, opt_joint = self.optimizers()
+        if self.phase(self.current_epoch) == "cm":  # step 3: CM alone on frozen codes, Eq. 7
             with torch.no_grad():
                 z = self.ae.encoder(x)
             terms = cm_terms(z, self.cm(z), self.cm.centroids(), self.hparams.alpha)

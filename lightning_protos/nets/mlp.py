@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import pairwise
 
 from torch import Tensor, nn
 
@@ -11,7 +12,7 @@ def mlp(sizes: Sequence[int], slope: float = 0.2, last_activation: bool = False)
     """Linear layers ``sizes[0] -> ... -> sizes[-1]`` with LeakyReLU(slope) between them
     (slope 0 gives ReLU); the last layer is linear unless ``last_activation``."""
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+    for i, (a, b) in enumerate(pairwise(sizes)):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2 or last_activation:
             layers.append(nn.LeakyReLU(slope) if slope > 0 else nn.ReLU())

@@ -1,16 +1,36 @@
 """Pure tensor functions, each tested alone against a reference."""
 
 from .cm import aecm_terms, cm_terms, dirichlet_term
+from .dec import kl_clustering_loss, student_t_assign, student_t_logits, target_distribution
+from .dkm import annealed_alpha, dkm_clustering_loss, dkm_weights, kmeans_loss
+from .kmeans import (
+    cluster_sums,
+    kmeans_centres,
+    kmeans_pp_centres,
+    pinv_encoder,
+    running_mean_update,
+    squared_distances,
+)
 from .latent import around, interpolate
-from .kmeans import kmeans_centres, kmeans_pp_centres, pinv_encoder
 
 __all__ = [
     "aecm_terms",
+    "annealed_alpha",
     "around",
-    "interpolate",
+    "cluster_sums",
     "cm_terms",
     "dirichlet_term",
+    "dkm_clustering_loss",
+    "dkm_weights",
+    "interpolate",
+    "kl_clustering_loss",
     "kmeans_centres",
+    "kmeans_loss",
     "kmeans_pp_centres",
     "pinv_encoder",
+    "running_mean_update",
+    "squared_distances",
+    "student_t_assign",
+    "student_t_logits",
+    "target_distribution",
 ]

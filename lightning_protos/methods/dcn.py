@@ -1,0 +1,141 @@
+"""DCN: the Deep Clustering Network (Yang, Fu, Sidiropoulos, Hong; ICML 2017).
+
+Phases, by epoch, inside one ``fit`` (shared with AE-CM, DEC and DKM: methods/pretrain.py):
+
+pretrained init (DCN^p): ``pretrain_epochs`` of the DAE alone on reconstruction (cached);
+random init (DCN^r, AE-CM paper Table 5): no pretraining; then, for both:
+  1. M <- k-means on the codes of all samples, s_i <- nearest centroid, c_k <- ``initial_count``
+  2. each batch, the alternating updates of Sec. 4:
+     (a) network, with M and the stored s_i fixed:                                       (Eq. 10)
+            L = L_rec + L_km,  L_rec = sum_i mean_d (x_id - x^_id)^2,
+                               L_km = (lambda / 2) sum_i ||z_i - M s_i||^2
+     (b) s_i <- argmin_k ||f(x_i) - m_k||^2 with the updated network                      (Eq. 11)
+     (c) per sample, c_k <- c_k + 1 and m_k <- m_k - (1 / c_k)(m_k - z_i)                  (Eq. 12)
+         done for the whole batch at once in closed form (ops.running_mean_update)
+Prediction: the nearest centroid (hard assignment).
+
+Choices (METHODS 2 and 3.5, REFERENCE_CODE 5):
+- L_rec is the per-sample mean squared error, the AE-CM paper's "mean square error regardless
+  of the model"; lambda = 0.1 is its Table 14 weight (the DCN code's MNIST setting, 0.05 on the
+  squared norm of the reconstruction against 1 on the k-means term, is of the same size).
+- The counts start at 100, as in the DCN authors' code (a k-means centroid weighs as 100 samples).
+- The centroids, counts and assignments are buffers; their batch updates are all-reduced across
+  ranks, so that every rank holds the same M, c and s.
+- Adam (lr 1e-3) as in the AE-CM paper's runs; the AE-CM code's once-an-epoch full-data
+  reassignment (REFERENCE_CODE 5) is not what the DCN paper does and is not implemented.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..errors import ProtosError
+from ..ops import cluster_sums, running_mean_update, squared_distances
+from .pretrain import AutoencoderMethod, reconstruction_loss
+
+
+class DCN(AutoencoderMethod):
+    """Reconstruction plus a k-means loss, with online k-means on the codes.
+
+    Args:
+        n_clusters: K.
+        input_shape: shape of one sample (linked from the data by the CLI).
+        latent_dim: code size p (AE-CM paper: 10).
+        hidden: encoder widths (decoder mirrored): d-500-500-2000-p.
+        lam: weight lambda of the k-means term (AE-CM paper Table 14: 0.1).
+        initial_count: c_k after the k-means initialisation (DCN code: 100).
+        lr: Adam learning rate (0.001).
+        adam_eps: Adam epsilon.
+        init: ``pretrained`` (DCN^p, the paper's) or ``random`` (DCN^r).
+        pretrain_epochs: DAE pretraining epochs for ``init: pretrained`` (AE-CM code: 100).
+        kmeans_n_init: k-means restarts on the codes.
+        slope: LeakyReLU slope of the DAE (AE-CM paper: 0.2).
+        pretrain_cache: where pretrained DAE weights are cached (see ``AutoencoderMethod``).
+    """
+
+    def __init__(
+        self,
+        n_clusters: int = 10,
+        input_shape: tuple[int, ...] = (784,),
+        latent_dim: int = 10,
+        hidden: Sequence[int] = (500, 500, 2000),
+        lam: float = 0.1,
+        initial_count: int = 100,
+        lr: float = 1e-3,
+        adam_eps: float = 1e-8,
+        init: Literal["random", "pretrained"] = "pretrained",
+        pretrain_epochs: int = 100,
+        kmeans_n_init: int = 20,
+        slope: float = 0.2,
+        pretrain_cache: bool | str = True,
+    ) -> None:
+        if lam < 0:
+            raise ProtosError(f"lam must be >= 0, got {lam}")
+        if initial_count < 1:
+            raise ProtosError(f"initial_count must be >= 1, got {initial_count}")
+        super().__init__(
+            n_clusters, input_shape, latent_dim, hidden, slope, lr, adam_eps, init, pretrain_epochs,
+            kmeans_n_init, pretrain_cache,
+        )  # fmt: skip
+        self.save_hyperparameters()
+        self.register_buffer("centroids", torch.zeros(n_clusters, latent_dim))  # M
+        self.register_buffer("counts", torch.zeros(n_clusters, dtype=torch.long))  # c_k
+        self.register_per_sample_buffer("assignments", (), torch.long)  # s_i
+
+    # -- contract ---------------------------------------------------------------------
+    def nearest(self, z: Tensor) -> Tensor:
+        """``(B,)`` index of the nearest centroid of each code (Eq. 11)."""
+        with self.full_precision():
+            return squared_distances(z.float(), self.centroids).argmin(dim=1)
+
+    def cluster_probs(self, x: Tensor) -> Tensor:
+        """The one-hot of the nearest centroid: DCN's assignments are hard."""
+        nearest = self.nearest(self.embed(x))
+        return torch.nn.functional.one_hot(nearest, self.n_clusters).to(self.centroids.dtype)
+
+    def prototypes(self) -> Tensor:
+        return self.centroids.clone()
+
+    # -- training ---------------------------------------------------------------------
+    def clustering_optimizers(self):
+        return [self.adam(self.ae.parameters())]
+
+    @torch.no_grad()
+    def init_from_codes(self, z: Tensor) -> None:
+        """Step 1: M by k-means, s_i the nearest centroid, c_k the initial count."""
+        self.centroids.copy_(self.kmeans(z))
+        self.counts.fill_(self.hparams.initial_count)
+        self.size_per_sample_buffers(len(z))
+        self.assignments.copy_(torch.cat([self.nearest(c) for c in z.split(4096)]))
+
+    def clustering_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        x, index = self.flat(batch["x"]), batch["index"]
+        z, x_rec = self.ae(x)  # (a) network step, M and s fixed
+        m_s = self.centroids[self.assignments[index]]
+        with self.full_precision():
+            terms = {
+                "L_rec": reconstruction_loss(x.float(), x_rec.float()),
+                "L_km": self.hparams.lam / 2 * (z.float() - m_s).pow(2).sum(),
+            }
+        self.optimize(self.check_and_log(terms), self.optimizers()[1])
+        self.update_clusters(x, index)
+
+    @torch.no_grad()
+    def update_clusters(self, x: Tensor, index: Tensor) -> None:
+        """Steps (b) and (c) on a batch, with the codes of the updated network."""
+        z = self.ae.encoder(x).float()
+        s = self.nearest(z)  # (b)
+        sums, sizes = cluster_sums(z, s, self.n_clusters)
+        if dist.is_available() and dist.is_initialized():  # the union of every rank's batch
+            dist.all_reduce(sums)
+            dist.all_reduce(sizes)
+            index, s = self.all_gather(index).reshape(-1), self.all_gather(s).reshape(-1)
+        centroids, counts = running_mean_update(self.centroids, self.counts, sums, sizes)  # (c)
+        self.centroids.copy_(centroids)
+        self.counts.copy_(counts)
+        self.assignments[index] = s

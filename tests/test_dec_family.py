@@ -1,0 +1,264 @@
+"""DEC, IDEC, DCN and DKM: their ops against hand-computed values, recovery of blobs, exact
+checkpoint restore, the shared pretraining cache and DEC's tolerance stop."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from conftest import make_trainer
+
+import lightning_protos.methods.pretrain as pretrain_module
+from lightning_protos.data import Blobs
+from lightning_protos.eval.metrics import clustering_scores
+from lightning_protos.methods.dcn import DCN
+from lightning_protos.methods.dec import DEC, IDEC
+from lightning_protos.methods.dkm import DKM
+from lightning_protos.ops import (
+    annealed_alpha,
+    cluster_sums,
+    dkm_clustering_loss,
+    kl_clustering_loss,
+    kmeans_loss,
+    running_mean_update,
+    student_t_assign,
+    target_distribution,
+)
+
+METHODS = {"dec": DEC, "idec": IDEC, "dcn": DCN, "dkm": DKM}
+EXTRA = {"dec": {"update_interval": 12}, "idec": {"update_interval": 12}, "dcn": {}, "dkm": {}}
+
+
+# -- ops ------------------------------------------------------------------------------
+@pytest.mark.parametrize("dof", [1.0, 2.5])
+def test_student_t_assign_matches_hand_computed(dof):
+    z = np.array([[0.0, 0.0], [1.0, 2.0], [-3.0, 0.5]])
+    mu = np.array([[0.0, 1.0], [2.0, 2.0]])
+    want = np.zeros((3, 2))
+    for i in range(3):
+        for j in range(2):
+            want[i, j] = (1 + ((z[i] - mu[j]) ** 2).sum() / dof) ** (-(dof + 1) / 2)
+        want[i] /= want[i].sum()
+    got = student_t_assign(torch.tensor(z), torch.tensor(mu), dof).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    # z_0 is at distance 1 and sqrt(8) from the centroids: q = (1/2, 1/9) normalised (a = 1)
+    if dof == 1.0:
+        np.testing.assert_allclose(got[0], [9 / 11, 2 / 11], rtol=1e-12)
+
+
+def test_target_distribution_matches_hand_computed():
+    q = np.array([[0.7, 0.2, 0.1], [0.3, 0.4, 0.3], [0.1, 0.1, 0.8], [0.5, 0.25, 0.25]])
+    f = q.sum(axis=0)  # soft cluster frequencies over all samples
+    want = np.array([[q[i, j] ** 2 / f[j] for j in range(3)] for i in range(4)])
+    want /= want.sum(axis=1, keepdims=True)
+    got = target_distribution(torch.tensor(q)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    np.testing.assert_allclose(got.sum(axis=1), 1.0)
+    assert got[0, 0] > q[0, 0]  # confident assignments are sharpened
+
+
+def test_kl_clustering_loss_matches_hand_computed():
+    p = np.array([[0.9, 0.1, 0.0], [0.2, 0.3, 0.5]])  # a zero target contributes nothing
+    q = np.array([[0.6, 0.3, 0.1], [0.25, 0.25, 0.5]])
+    want = sum(p[i, j] * math.log(p[i, j] / q[i, j]) for i in range(2) for j in range(3) if p[i, j] > 0)
+    got = kl_clustering_loss(torch.tensor(p), torch.tensor(q).log())
+    assert float(got) == pytest.approx(want, rel=1e-12)
+
+
+def test_dcn_batched_centroid_update_equals_the_sequential_one():
+    g = torch.Generator().manual_seed(0)
+    k, p = 4, 3
+    centroids = torch.randn(k, p, generator=g, dtype=torch.float64)
+    counts = torch.tensor([100, 1, 0, 7])  # cluster 3 gets no sample of the batch
+    z = torch.randn(25, p, generator=g, dtype=torch.float64)
+    assign = torch.randint(0, 3, (25,), generator=g)
+    m, c = centroids.clone(), counts.clone()
+    for i in range(len(z)):  # DCN Eq. 12, one sample at a time
+        s = int(assign[i])
+        c[s] += 1
+        m[s] = m[s] - (m[s] - z[i]) / c[s]
+    got_m, got_c = running_mean_update(centroids, counts, *cluster_sums(z, assign, k))
+    torch.testing.assert_close(got_m, m, rtol=1e-12, atol=1e-12)
+    assert torch.equal(got_c, c)
+    assert torch.equal(got_m[3], centroids[3])  # untouched cluster
+    assert torch.allclose(got_m[2], z[assign == 2].mean(0))  # from a zero count: the batch mean
+
+
+def test_dkm_loss_tends_to_the_kmeans_loss():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(50, 3, generator=g, dtype=torch.float64)
+    r = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    km = float(kmeans_loss(z, r))
+    gaps = [float(dkm_clustering_loss(z, r, alpha)) - km for alpha in (0.1, 1.0, 10.0, 100.0, 1e3, 1e5)]
+    tiny = 1e-12 * km  # rounding
+    assert all(gap >= -tiny for gap in gaps)  # a convex combination of distances >= their minimum
+    assert all(a >= b - tiny for a, b in itertools.pairwise(gaps))  # d/d alpha = -Var_G(d)
+    assert gaps[-1] < 1e-9 * km
+
+
+def test_annealed_alpha_schedule():
+    assert annealed_alpha(0) == pytest.approx(0.1)
+    assert annealed_alpha(1) == pytest.approx(0.1 * 2 ** (1 / math.log(2) ** 2))
+    assert annealed_alpha(5) == pytest.approx(annealed_alpha(4) * 2 ** (1 / math.log(6) ** 2))
+    assert annealed_alpha(199) > 1e3  # the DKM code's 200 steps end far beyond the constant 1000
+
+
+# -- methods on blobs -----------------------------------------------------------------
+def blobs() -> Blobs:
+    """Four well-separated standardised blobs in 10-D, 600 points, batches of 50."""
+    return Blobs(n_samples=600, n_features=10, centers=4, cluster_std=1.0, batch_size=50)
+
+
+def small(name: str, tmp_path, init: str = "pretrained", seed: int = 0, **kwargs):
+    """A small network (10-32-32-4) on the blobs, its weights drawn after seeding with ``seed``."""
+    L.seed_everything(seed, verbose=False)
+    args = dict(latent_dim=4, hidden=(32, 32), init=init, pretrain_epochs=5, pretrain_cache=str(tmp_path / "cache"))
+    return METHODS[name](n_clusters=4, input_shape=(10,), **{**args, **EXTRA[name], **kwargs})
+
+
+def fit(model, dm, epochs: int, seed: int = 0, ckpt_path=None, **kwargs) -> L.Trainer:
+    L.seed_everything(seed, verbose=False)
+    trainer = make_trainer(max_epochs=epochs, **kwargs)
+    trainer.fit(model, dm, ckpt_path=ckpt_path)
+    return trainer
+
+
+def ari(model, dm) -> float:
+    with torch.no_grad():
+        return clustering_scores(dm.labels(), model.predict_clusters(dm.features("eval")))["ari"]
+
+
+@pytest.mark.parametrize(
+    ("name", "init", "kwargs"),
+    [
+        ("dec", "pretrained", {}),
+        ("idec", "pretrained", {}),
+        ("dcn", "pretrained", {}),
+        ("dkm", "pretrained", {"lam": 1.0, "alpha": 1000.0}),
+        ("dcn", "random", {}),  # DEC^r and IDEC^r may merge blobs, as in the AE-CM paper's Table 5
+        ("dkm", "random", {"lam": 1.0, "alpha": None, "anneal_every": 1}),
+    ],
+)
+def test_recovers_well_separated_blobs(name, init, kwargs, tmp_path):
+    dm = blobs()
+    model = small(name, tmp_path, init, **kwargs)
+    fit(model, dm, epochs=20)
+    assert ari(model, dm) > 0.9
+    probs = model.cluster_probs(dm.features("eval")[:7])
+    assert probs.shape == (7, 4)
+    torch.testing.assert_close(probs.sum(1), torch.ones(7))
+    assert model.prototypes().shape == (4, 4)
+    assert model.decode(model.prototypes()).shape == (4, 10)
+
+
+@pytest.mark.parametrize("name", ["dec", "idec"])
+def test_dec_trains_without_its_decoder_and_idec_with_it(name, tmp_path):
+    dm = blobs()
+    model = small(name, tmp_path, tol=None)
+    snaps = {}
+
+    class AtClusterStart(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == pl_module.cluster_start:
+                snaps["decoder"] = [p.detach().clone() for p in pl_module.ae.decoder.parameters()]
+
+    fit(model, dm, epochs=8, callbacks=[AtClusterStart()])
+    same = [torch.equal(a, b) for a, b in zip(snaps["decoder"], model.ae.decoder.parameters(), strict=True)]
+    assert all(same) == (name == "dec")
+    assert model.target_p.shape == (600, 4)
+    torch.testing.assert_close(model.target_p.sum(1), torch.ones(600))
+
+
+def test_dcn_counts_grow_by_the_samples_seen(tmp_path):
+    dm = blobs()
+    model = small("dcn", tmp_path, initial_count=100)
+    fit(model, dm, epochs=8)  # 5 pretraining + 3 clustering epochs
+    assert int(model.counts.sum()) == 4 * 100 + 3 * 600
+    assert model.assignments.shape == (600,)
+
+
+def test_dkm_alpha_follows_the_annealing_schedule(tmp_path):
+    dm = blobs()
+    model = small("dkm", tmp_path, "random", alpha=None, anneal_every=2)
+    fit(model, dm, epochs=5)  # epochs 0..4: steps 0, 0, 1, 1, 2
+    assert int(model.alpha_step) == 2
+    assert float(model.alpha) == pytest.approx(annealed_alpha(2), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_checkpoint_restores_with_strict_loading(name, tmp_path):
+    dm = blobs()
+    model = small(name, tmp_path)
+    trainer = fit(model, dm, epochs=8)
+    path = tmp_path / f"{name}.ckpt"
+    trainer.save_checkpoint(path)
+    restored = METHODS[name].load_from_checkpoint(path, strict=True)
+    x = dm.features("eval")
+    with torch.no_grad():
+        assert torch.equal(model.cluster_probs(x), restored.cluster_probs(x))
+    for key, value in model.state_dict().items():  # incl. the (N, K) target and (N,) assignments
+        assert torch.equal(value, restored.state_dict()[key]), key
+    # and training resumes from it (the trainer's restore path), in the clustering phase
+    resumed = small(name, tmp_path)
+    fit(resumed, dm, epochs=9, ckpt_path=path)
+    assert bool(resumed.initialised)
+
+
+def test_pretraining_cache_is_hit_on_the_second_run(tmp_path, monkeypatch):
+    dm = blobs()
+    calls = {"n": 0}
+    step = pretrain_module.pretrain_step
+
+    def counting_step(*args, **kwargs):
+        calls["n"] += 1
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain_module, "pretrain_step", counting_step)
+    first = small("dec", tmp_path)
+    fit(first, dm, epochs=6)
+    assert calls["n"] == 5 * 12  # 5 pretraining epochs of 12 batches
+    assert first.pretrain_cache_hit is None
+    entries = list((tmp_path / "cache").glob("*.pt"))
+    assert len(entries) == 1
+
+    seen = {}
+
+    class AtClusterStart(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == pl_module.cluster_start:
+                seen["ae"] = {k: v.clone() for k, v in pl_module.ae.state_dict().items()}
+
+    second = small("dcn", tmp_path)  # another method, same DAE, data and seed
+    trainer = fit(second, dm, epochs=6, callbacks=[AtClusterStart()])
+    assert calls["n"] == 5 * 12  # the DAE was not trained again
+    assert second.pretrain_cache_hit == entries[0]
+    assert trainer.global_step == 12  # only the clustering epoch's optimizer steps
+    cached = torch.load(entries[0], weights_only=True)["state_dict"]
+    assert all(torch.equal(cached[k], v) for k, v in seen["ae"].items())
+
+    other_seed = small("dcn", tmp_path)
+    fit(other_seed, dm, epochs=6, seed=1)
+    assert other_seed.pretrain_cache_hit is None
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 2
+
+
+@pytest.mark.parametrize("name", ["dec", "idec"])
+def test_tol_stops_training_and_records_why(name, tmp_path):
+    dm = blobs()
+    model = small(name, tmp_path, tol=0.01)
+    trainer = fit(model, dm, epochs=40)
+    assert trainer.current_epoch < 40
+    assert int(model.stop_iteration) > 0
+    assert float(model.stop_delta) < 0.01
+    assert model.stop_reason.startswith("tol:")
+    assert float(trainer.callback_metrics["train/tol_stop"]) == 1.0
+
+    never = small(name, tmp_path, tol=None)
+    trainer = fit(never, dm, epochs=12)
+    assert trainer.current_epoch == 12
+    assert never.stop_reason is None
+    assert float(trainer.callback_metrics["train/tol_stop"]) == 0.0
