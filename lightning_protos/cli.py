@@ -18,6 +18,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from .data import DATASETS, ArrayDataModule
 from .errors import ProtosError
 from .eval.callbacks import AssignmentWriter, ClusteringEvaluator
+from .eval.probes import ProbeEvaluator
 from .methods.base import ClusteringMethod
 
 
@@ -73,7 +74,9 @@ class ProtosCLI(LightningCLI):
         if self.config[self.subcommand].final_test and not self.trainer.interrupted:
             self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
             evaluator = next(c for c in self.trainer.callbacks if isinstance(c, ClusteringEvaluator))
-            metrics = evaluator.results.get("test", {})
+            metrics = dict(evaluator.results.get("test", {}))
+            for probes in (c for c in self.trainer.callbacks if isinstance(c, ProbeEvaluator)):
+                metrics.update(probes.results.get("test", {}))
             if self.trainer.is_global_zero:
                 shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
                 print(f"final evaluation: {shown}\nrun directory: {self.trainer.log_dir}")

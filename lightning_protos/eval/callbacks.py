@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import lightning as L
@@ -19,12 +20,29 @@ def run_dir(trainer: L.Trainer) -> Path:
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
+def record_metrics(trainer: L.Trainer, stage: str, scores: dict[str, float]) -> None:
+    """Merges ``scores`` into the ``stage`` entry of the run's ``metrics.json`` (global rank zero
+    only; written to a temporary file, then renamed), so that several callbacks share the file."""
+    if not trainer.is_global_zero:
+        return
+    path = run_dir(trainer) / "metrics.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        results = {}
+    results[stage] = {**results.get(stage, {}), **scores}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, path)
+
+
 class ClusteringEvaluator(L.Callback):
     """Scores the assignments of ``cluster_probs`` at validation and test end.
 
     Logs ``{stage}/acc``, ``nmi``, ``ari``, ``homogeneity`` and each of the method's
-    ``selection_criteria`` (e.g. ``l_sp``) to every logger, and writes the latest figures
-    of each stage to ``metrics.json`` in the run directory.
+    ``selection_criteria`` (e.g. ``l_sp``) to every logger, and records the latest figures
+    of each stage in ``metrics.json`` in the run directory (:func:`record_metrics`).
     """
 
     def __init__(self) -> None:
@@ -57,10 +75,7 @@ class ClusteringEvaluator(L.Callback):
         scores["n_clusters_used"] = int(preds.unique().numel())
         pl_module.log_dict({f"{stage}/{k}": float(v) for k, v in scores.items()}, sync_dist=False, rank_zero_only=True)
         self.results[stage] = {"epoch": trainer.current_epoch, **scores}
-        if trainer.is_global_zero:
-            path = run_dir(trainer) / "metrics.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(self.results, indent=2))
+        record_metrics(trainer, stage, self.results[stage])
         self._reset()
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
@@ -84,27 +99,72 @@ class ClusteringEvaluator(L.Callback):
         self._finish("test", trainer, pl_module)
 
 
-class AssignmentWriter(BasePredictionWriter):
-    """Writes ``predictions.csv``: index, label (if known), cluster and each cluster probability."""
+# (B, K) outputs of ``predict_step`` written one column per cluster, and their column prefixes.
+PER_CLUSTER_COLUMNS = {"probs": "p", "similarity": "sim"}
 
-    def __init__(self, filename: str = "predictions.csv") -> None:
+
+class AssignmentWriter(BasePredictionWriter):
+    """Writes ``predictions.csv`` from the outputs of ``predict_step``: index, label (if known),
+    cluster, then one column per cluster for each ``(B, K)`` output it finds: ``probs`` as
+    ``p_k`` and ``similarity`` (VAESim: the similarity to prototype k) as ``sim_k``.
+
+    When the outputs carry ``similarity``, also writes ``prototype_neighbours.csv``: for each
+    prototype, its ``n_nearest`` most similar images (rank 0 the most similar), with their
+    index, label and similarity: real exemplars of each prototype.
+
+    Args:
+        filename: the predictions file, in the run directory.
+        neighbours_filename: the nearest-images file, in the run directory.
+        n_nearest: images listed per prototype.
+    """
+
+    def __init__(
+        self,
+        filename: str = "predictions.csv",
+        neighbours_filename: str = "prototype_neighbours.csv",
+        n_nearest: int = 5,
+    ) -> None:
         super().__init__(write_interval="epoch")
-        self.filename = filename
+        self.filename, self.neighbours_filename, self.n_nearest = filename, neighbours_filename, n_nearest
 
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
         if not predictions or (trainer.world_size > 1 and not trainer.is_global_zero):
             return
         batches = predictions[0] if isinstance(predictions[0], list) else predictions
-        path = run_dir(trainer) / self.filename
-        path.parent.mkdir(parents=True, exist_ok=True)
-        k = batches[0]["probs"].shape[1]
+        out = {key: torch.cat([b[key].detach().cpu() for b in batches]) for key in batches[0]}
+        folder = run_dir(trainer)
+        folder.mkdir(parents=True, exist_ok=True)
+        self._write_predictions(folder / self.filename, out)
+        print(f"assignments written to {folder / self.filename}")
+        if "similarity" in out and self.n_nearest > 0:
+            self._write_neighbours(folder / self.neighbours_filename, out)
+            print(f"nearest images of each prototype written to {folder / self.neighbours_filename}")
+
+    @staticmethod
+    def _write_predictions(path: Path, out: dict[str, Tensor]) -> None:
+        has_y = "y" in out
+        per_cluster = [(key, prefix) for key, prefix in PER_CLUSTER_COLUMNS.items() if key in out]
+        header = ["index", *(["label"] if has_y else []), "cluster"]
+        for key, prefix in per_cluster:
+            header += [f"{prefix}_{j}" for j in range(out[key].shape[1])]
         with open(path, "w", newline="") as f:
             w = csv.writer(f)
-            has_y = "y" in batches[0]
-            w.writerow(["index", *(["label"] if has_y else []), "cluster", *(f"p_{j}" for j in range(k))])
-            for b in batches:
-                for i in range(len(b["index"])):
-                    label = [int(b["y"][i])] if has_y else []
-                    probs = [f"{p:.6g}" for p in b["probs"][i].tolist()]
-                    w.writerow([int(b["index"][i]), *label, int(b["cluster"][i]), *probs])
-        print(f"assignments written to {path}")
+            w.writerow(header)
+            for i in range(len(out["index"])):
+                row = [int(out["index"][i]), *([int(out["y"][i])] if has_y else []), int(out["cluster"][i])]
+                for key, _ in per_cluster:
+                    row += [f"{v:.6g}" for v in out[key][i].tolist()]
+                w.writerow(row)
+
+    def _write_neighbours(self, path: Path, out: dict[str, Tensor]) -> None:
+        sims = out["similarity"].float()  # (N, K)
+        top = sims.topk(min(self.n_nearest, len(sims)), dim=0)  # (n, K) each
+        has_y = "y" in out
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["prototype", "rank", "index", *(["label"] if has_y else []), "similarity"])
+            for j in range(sims.shape[1]):
+                for rank in range(top.indices.shape[0]):
+                    row = int(top.indices[rank, j])
+                    label = [int(out["y"][row])] if has_y else []
+                    w.writerow([j, rank, int(out["index"][row]), *label, f"{float(top.values[rank, j]):.6g}"])

@@ -2,6 +2,7 @@
 
 from .averaging import ParameterAverage
 from .cm import ClusteringModule
+from .conv import ConvDecoder, ConvEncoder
 from .mlp import MLPAutoencoder, mlp
 
-__all__ = ["ClusteringModule", "MLPAutoencoder", "ParameterAverage", "mlp"]
+__all__ = ["ClusteringModule", "ConvDecoder", "ConvEncoder", "MLPAutoencoder", "ParameterAverage", "mlp"]

@@ -1,8 +1,10 @@
 """Pure tensor functions, each tested alone against a reference."""
 
+from .augment import random_affine, random_equalize
 from .cm import aecm_terms, cm_terms, dirichlet_term
 from .dec import kl_clustering_loss, student_t_assign, student_t_logits, target_distribution
 from .dkm import annealed_alpha, dkm_clustering_loss, dkm_weights, kmeans_loss
+from .elbow import elbow_kmeans, kneedle_elbow
 from .kmeans import (
     cluster_sums,
     kmeans_centres,
@@ -12,6 +14,15 @@ from .kmeans import (
     squared_distances,
 )
 from .latent import around, interpolate
+from .vaesim import (
+    draw_assignments,
+    ema_prototype_update,
+    gaussian_kl,
+    ortho_loss,
+    similarity,
+    soft_assign,
+    temperature,
+)
 
 __all__ = [
     "aecm_terms",
@@ -22,15 +33,26 @@ __all__ = [
     "dirichlet_term",
     "dkm_clustering_loss",
     "dkm_weights",
+    "draw_assignments",
+    "elbow_kmeans",
+    "ema_prototype_update",
+    "gaussian_kl",
     "interpolate",
     "kl_clustering_loss",
     "kmeans_centres",
     "kmeans_loss",
     "kmeans_pp_centres",
+    "kneedle_elbow",
+    "ortho_loss",
     "pinv_encoder",
+    "random_affine",
+    "random_equalize",
     "running_mean_update",
+    "similarity",
+    "soft_assign",
     "squared_distances",
     "student_t_assign",
     "student_t_logits",
     "target_distribution",
+    "temperature",
 ]

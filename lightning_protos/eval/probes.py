@@ -1,0 +1,175 @@
+"""Probes of a learnt representation (VAESim J §3.5; METHODS 1.1): statistical accuracy of the
+clusters, kNN accuracy and linear-probe accuracy of the embedding, fitted on the training split
+and scored on the evaluation split.
+
+Functions first (numpy / torch in, a fraction out), then :class:`ProbeEvaluator`, the callback
+that reads a method through its contract (``embed``, ``predict_clusters``) only.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import torch
+from sklearn.neighbors import KNeighborsClassifier
+from torch import Tensor
+
+from .callbacks import record_metrics
+
+# The authors' code's linear probe (REFERENCE_CODE 1.2): Adam 1e-3, 10 epochs, batch 512, 10 outputs.
+REFERENCE_LINEAR = {"lr": 1e-3, "epochs": 10, "batch_size": 512, "n_outputs": 10}
+
+
+def statistical_accuracy(fit_clusters, fit_labels, eval_clusters, eval_labels) -> float:
+    """The "statistical" accuracy (J §3.5): each cluster maps to the most frequent label among the
+    fitting samples assigned to it (many-to-one, any number of clusters; ties go to the smaller
+    label); a cluster with no fitting sample maps to the most frequent label overall. The
+    accuracy of that map on the evaluation samples.
+
+    >>> statistical_accuracy([0, 0, 1, 2], [1, 1, 0, 1], [0, 1, 2, 3], [1, 0, 0, 1])
+    0.75
+    """
+    fit_clusters, fit_labels = np.asarray(fit_clusters), np.asarray(fit_labels)
+    eval_clusters, eval_labels = np.asarray(eval_clusters), np.asarray(eval_labels)
+    n_clusters = int(max(fit_clusters.max(), eval_clusters.max())) + 1
+    n_labels = int(max(fit_labels.max(), eval_labels.max())) + 1
+    counts = np.zeros((n_clusters, n_labels), dtype=np.int64)
+    np.add.at(counts, (fit_clusters, fit_labels), 1)
+    mapping = counts.argmax(axis=1)
+    mapping[counts.sum(axis=1) == 0] = np.bincount(fit_labels, minlength=n_labels).argmax()
+    return float((mapping[eval_clusters] == eval_labels).mean())
+
+
+def knn_accuracy(fit_x, fit_labels, eval_x, eval_labels, k: int = 5) -> float:
+    """Accuracy of scikit-learn's k-nearest-neighbour vote (Euclidean, uniform weights) with all
+    fitting samples as the memory bank (J §3.5; the authors' code)."""
+    knn = KNeighborsClassifier(n_neighbors=k).fit(np.asarray(fit_x), np.asarray(fit_labels))
+    return float(knn.score(np.asarray(eval_x), np.asarray(eval_labels)))
+
+
+def linear_probe_accuracy(
+    fit_x: Tensor,
+    fit_labels: Tensor,
+    eval_x: Tensor,
+    eval_labels: Tensor,
+    lr: float = 3e-4,
+    epochs: int = 200,
+    batch_size: int = 512,
+    n_outputs: int | None = None,
+    seed: int = 0,
+) -> float:
+    """Accuracy of a linear classifier Linear(p -> n_outputs) trained with cross-entropy by Adam
+    on shuffled mini-batches of the fitting samples (J §3.5: Adam 3e-4, 200 epochs; batch 512
+    ours), on the evaluation samples. Runs on the inputs' device, with its own seeded random
+    stream (the caller's is left untouched).
+
+    Args:
+        fit_x: ``(N, p)`` embeddings; fit_labels: ``(N,)`` integer labels.
+        eval_x: ``(M, p)``; eval_labels: ``(M,)``.
+        n_outputs: logits of the layer; default the number of labels (the code used 10).
+    """
+    device = fit_x.device
+    n_out = n_outputs or int(max(fit_labels.max(), eval_labels.max())) + 1
+    fork = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+    with fork, torch.inference_mode(False), torch.enable_grad():  # also inside Lightning's evaluation loops
+        fit_x, eval_x = fit_x.float().clone(), eval_x.float().clone()  # clone: no inference tensors
+        fit_labels, eval_labels = fit_labels.to(device).long().clone(), eval_labels.to(device).long().clone()
+        torch.manual_seed(seed)
+        layer = torch.nn.Linear(fit_x.shape[1], n_out).to(device)
+        optimizer = torch.optim.Adam(layer.parameters(), lr=lr)
+        for _ in range(epochs):
+            for idx in torch.randperm(len(fit_x), device=device).split(batch_size):
+                loss = torch.nn.functional.cross_entropy(layer(fit_x[idx]), fit_labels[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        with torch.no_grad():
+            return float((layer(eval_x).argmax(1) == eval_labels).float().mean())
+
+
+class ProbeEvaluator(L.Callback):
+    """Statistical, kNN and linear-probe accuracy at the end of validation and test.
+
+    The method is read through its contract only: ``predict_clusters`` (statistical accuracy)
+    and ``embed`` (kNN and linear probe) on the whole fitting split and the whole evaluation
+    split of the DataModule, with their labels. Logged as ``{stage}/stat_acc``, ``knn_acc``,
+    ``linear_acc`` (and ``linear_acc_reference``) and merged into ``metrics.json``. Computed on
+    global rank zero; a data set without labels gets no probes.
+
+    Args:
+        knn_k: neighbours of the kNN vote (the authors: 5 on MNIST, 10 on PneumoniaMNIST).
+        linear_lr: Adam learning rate of the linear probe (J: 3e-4).
+        linear_epochs: its epochs (J: 200).
+        linear_batch_size: its batch size (ours: 512, as the code).
+        linear_outputs: its outputs; default the number of classes.
+        reference_linear: also report ``linear_acc_reference``, the authors' code's probe
+            (Adam 1e-3, 10 epochs, batch 512, 10 outputs; REFERENCE_CODE 1.2).
+        stages: ``val`` and / or ``test``.
+        seed: seed of the linear probe's initialisation and shuffling.
+    """
+
+    def __init__(
+        self,
+        knn_k: int = 5,
+        linear_lr: float = 3e-4,
+        linear_epochs: int = 200,
+        linear_batch_size: int = 512,
+        linear_outputs: int | None = None,
+        reference_linear: bool = False,
+        stages: tuple[str, ...] = ("val", "test"),
+        seed: int = 0,
+    ) -> None:
+        if knn_k < 1 or linear_epochs < 1 or linear_batch_size < 1 or not linear_lr > 0:
+            raise ValueError("knn_k, linear_epochs, linear_batch_size and linear_lr must be positive")
+        self.knn_k = knn_k
+        self.linear = {"lr": linear_lr, "epochs": linear_epochs, "batch_size": linear_batch_size}
+        self.linear["n_outputs"] = linear_outputs
+        self.reference_linear = reference_linear
+        self.stages = tuple(stages)
+        self.seed = seed
+        self.results: dict[str, dict[str, float]] = {}
+
+    @torch.no_grad()
+    def _outputs(self, pl_module, x: Tensor, batch_size: int) -> tuple[Tensor, Tensor]:
+        z, k = [], []
+        for i in range(0, len(x), batch_size):
+            xb = x[i : i + batch_size].to(pl_module.device)
+            z.append(pl_module.embed(xb).float())
+            k.append(pl_module.predict_clusters(xb))
+        return torch.cat(z), torch.cat(k).cpu()
+
+    def scores(self, pl_module, datamodule) -> dict[str, float]:
+        """The probes' accuracies for ``pl_module`` on ``datamodule`` (empty without labels)."""
+        fit_y, eval_y = datamodule.labels("fit"), datamodule.labels("eval")
+        if fit_y is None or eval_y is None:
+            return {}
+        batch_size = getattr(datamodule, "eval_batch_size", 1024)
+        fit_z, fit_k = self._outputs(pl_module, datamodule.features("fit"), batch_size)
+        eval_z, eval_k = self._outputs(pl_module, datamodule.features("eval"), batch_size)
+        fit_y, eval_y, k = fit_y.cpu(), eval_y.cpu(), self.knn_k
+        out = {
+            "stat_acc": statistical_accuracy(fit_k.numpy(), fit_y.numpy(), eval_k.numpy(), eval_y.numpy()),
+            "knn_acc": knn_accuracy(fit_z.cpu().numpy(), fit_y.numpy(), eval_z.cpu().numpy(), eval_y.numpy(), k),
+            "linear_acc": linear_probe_accuracy(fit_z, fit_y, eval_z, eval_y, **self.linear, seed=self.seed),
+        }
+        if self.reference_linear:
+            ref = linear_probe_accuracy(fit_z, fit_y, eval_z, eval_y, **REFERENCE_LINEAR, seed=self.seed)
+            out["linear_acc_reference"] = ref
+        return out
+
+    def _run(self, stage: str, trainer: L.Trainer, pl_module) -> None:
+        if stage not in self.stages or not trainer.is_global_zero or trainer.datamodule is None:
+            return
+        scores = self.scores(pl_module, trainer.datamodule)
+        if not scores:
+            return
+        self.results[stage] = {"epoch": trainer.current_epoch, **scores}
+        pl_module.log_dict({f"{stage}/{k}": v for k, v in scores.items()}, rank_zero_only=True)
+        record_metrics(trainer, stage, self.results[stage])
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._run("val", trainer, pl_module)
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        self._run("test", trainer, pl_module)

@@ -1,0 +1,286 @@
+"""Convolutional VAEs: the base VAESim is built on, the plain VAE and the VAE+KMeans baseline.
+
+VAE (Kingma & Welling 2014) with VAESim's network (METHODS 1.1, 2):
+  1. (z_mu, z_logvar) = e(x), z = z_mu + exp(z_logvar / 2) * eps           (reparameterisation)
+  2. x~ = d(z); minimise L = L_recon + beta * KL(q(z|x) || N(0, s^2 I))    (ELBO, VAESim Eq. 2)
+        L_recon = mean over pixels and batch of (x - x~)^2   (on the 32x32 images the net sees)
+        KL      = mean over batch and latent dims of the Gaussian KL (ops.gaussian_kl)
+VAE+KMeans (VAESim's baseline, J §3.6):
+  3. after training: k-means on the z_mu of the training images, with K fixed (``VAE``) or
+     chosen by the elbow of the k-means inertia over K = k_min..n_clusters (``VAEKMeans``,
+     yellowbrick's KElbowVisualizer in the authors' code; ops.elbow)
+Prediction: the nearest k-means centre of z_mu (a hard, one-hot assignment).
+
+28x28 images are resized to 32x32 on the batch (bilinear) before the encoder, and decoded
+images are resized back to the input size (METHODS 1.1: the authors resize with PIL).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from ..errors import ProtosError
+from ..nets.conv import NET_SIZE, ConvDecoder, ConvEncoder, resize
+from ..ops import elbow_kmeans, gaussian_kl, kmeans_centres
+from .base import ClusteringMethod, check_positive
+
+IMAGE_SIZES = ((28, 28), (32, 32))
+
+
+class ConvVAEMethod(ClusteringMethod):
+    """The network, the ELBO and the optimiser shared by :class:`VAE` and VAESim.
+
+    Args:
+        n_clusters: K.
+        input_shape: ``(C, 28, 28)`` or ``(C, 32, 32)`` (linked from the data by the CLI).
+        latent_dim: q.
+        condition_dim: extra decoder inputs beside z (VAESim: K, the soft assignment).
+        beta: weight of the KL term.
+        prior_std: s of the prior N(0, s^2 I).
+        encoder: ``bn_relu`` (J App. A) or ``linear`` (no BatchNorm nor ReLU: the authors' code).
+        channels: encoder widths; the decoder mirrors them.
+        lr: Adam learning rate.
+        lr_step_epochs: multiply the learning rate by ``lr_step_gamma`` every this many epochs
+            (the authors' StepLR); ``None`` keeps it constant.
+        lr_step_gamma: the factor of that decay.
+    """
+
+    def __init__(
+        self,
+        n_clusters: int,
+        input_shape: tuple[int, ...],
+        latent_dim: int,
+        condition_dim: int,
+        beta: float,
+        prior_std: float,
+        encoder: Literal["bn_relu", "linear"],
+        channels: Sequence[int],
+        lr: float,
+        lr_step_epochs: int | None,
+        lr_step_gamma: float,
+    ) -> None:
+        super().__init__(n_clusters, input_shape)
+        if len(self.input_shape) != 3 or tuple(self.input_shape[1:]) not in IMAGE_SIZES:
+            raise ProtosError(
+                f"the conv network takes images (C, 28, 28) or (C, 32, 32), got input shape {self.input_shape}"
+                " (set data.init_args.flatten false, or resize the images)"
+            )
+        check_positive(lr=lr, latent_dim=latent_dim, prior_std=prior_std)
+        if beta < 0:
+            raise ProtosError(f"beta must be >= 0, got {beta}")
+        if encoder not in ("bn_relu", "linear"):
+            raise ProtosError(f"encoder must be 'bn_relu' or 'linear', got {encoder!r}")
+        if lr_step_epochs is not None:
+            check_positive(lr_step_epochs=lr_step_epochs, lr_step_gamma=lr_step_gamma)
+        channels = tuple(channels)
+        c = self.input_shape[0]
+        self.encoder = ConvEncoder(c, latent_dim, channels, activation=encoder == "bn_relu")
+        self.decoder = ConvDecoder(latent_dim + condition_dim, c, channels[::-1])
+
+    # -- network ----------------------------------------------------------------------
+    def to_net(self, x: Tensor) -> Tensor:
+        """``(B, *input_shape)`` -> ``(B, C, 32, 32)``, the size the network works at."""
+        return resize(x, NET_SIZE)
+
+    def from_net(self, x: Tensor) -> Tensor:
+        """``(B, C, 32, 32)`` -> ``(B, *input_shape)``."""
+        return resize(x, self.input_shape[1:])
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(B, *input_shape)`` -> (z_mu, z_logvar), each ``(B, q)``."""
+        return self.encoder(self.to_net(x))
+
+    @staticmethod
+    def reparameterise(mu: Tensor, logvar: Tensor) -> Tensor:
+        return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+
+    def elbo_terms(self, x_net: Tensor, x_rec: Tensor, mu: Tensor, logvar: Tensor) -> dict[str, Tensor]:
+        """L_recon (MSE) and beta * KL of the ELBO, in float32 (VAESim Eq. 2; ``KL`` is weighted)."""
+        h = self.hparams
+        with self.full_precision():
+            return {
+                "L_recon": F.mse_loss(x_rec.float(), x_net.float()),
+                "KL": h.beta * gaussian_kl(mu.float(), logvar.float(), h.prior_std).mean(),
+            }
+
+    # -- contract ---------------------------------------------------------------------
+    def embed(self, x: Tensor) -> Tensor:
+        """z_mu, the posterior mean (deterministic)."""
+        return self.encode(x)[0]
+
+    @torch.no_grad()
+    def embed_all(self, x: Tensor, batch_size: int = 1024) -> Tensor:
+        """``(N, *input_shape)`` -> ``(N, q)`` z_mu in eval mode (BatchNorm running statistics)."""
+        was_training = self.training
+        self.eval()
+        try:
+            return torch.cat([self.embed(x[i : i + batch_size]).float() for i in range(0, len(x), batch_size)])
+        finally:
+            self.train(was_training)
+
+    # -- optimisation -----------------------------------------------------------------
+    def configure_optimizers(self):
+        h = self.hparams
+        optimizer = torch.optim.Adam(self.parameters(), lr=h.lr)
+        if h.lr_step_epochs is None:
+            return optimizer
+        return [optimizer], [torch.optim.lr_scheduler.StepLR(optimizer, h.lr_step_epochs, h.lr_step_gamma)]
+
+    def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
+        if self.hparams.lr_step_epochs is not None:  # manual optimization: step the schedule ourselves
+            self.lr_schedulers().step()
+
+
+class VAE(ConvVAEMethod):
+    """A plain VAE (the decoder sees z only), clustered by k-means on z_mu after training.
+
+    Args:
+        n_clusters: K; with ``k_min`` the largest K the elbow search tries.
+        input_shape: ``(C, 28, 28)`` or ``(C, 32, 32)``.
+        latent_dim: q (VAESim's baseline: 32).
+        beta: weight of the KL term (ours, = VAESim's: 5e-3).
+        prior_std: s of the prior N(0, s^2 I).
+        encoder: ``bn_relu`` or ``linear`` (see :class:`ConvVAEMethod`).
+        channels: encoder widths (ours: 64-128-256).
+        lr: Adam learning rate (the authors' code: 1e-4).
+        lr_step_epochs: see :class:`ConvVAEMethod`.
+        lr_step_gamma: see :class:`ConvVAEMethod`.
+        k_min: ``None`` for k-means with K = ``n_clusters``; else K is chosen by the elbow of
+            the inertia over K = k_min..n_clusters.
+        kmeans_n_init: k-means restarts per K (1: scikit-learn's and yellowbrick's default).
+
+    The k-means centres are a ``(n_clusters, q)`` buffer of which the first ``k`` rows are used
+    (``k``, a buffer too, is 0 until k-means has run), so a checkpoint restores the fitted
+    clusters with strict loading. ``cluster_probs`` has ``n_clusters`` columns; those past
+    ``k`` are always 0. k-means runs when a validation starts after new training steps, and at
+    the end of training (before the last checkpoint is written).
+    """
+
+    def __init__(
+        self,
+        n_clusters: int = 10,
+        input_shape: tuple[int, ...] = (1, 28, 28),
+        latent_dim: int = 32,
+        beta: float = 5e-3,
+        prior_std: float = 1.0,
+        encoder: Literal["bn_relu", "linear"] = "bn_relu",
+        channels: Sequence[int] = (64, 128, 256),
+        lr: float = 1e-4,
+        lr_step_epochs: int | None = None,
+        lr_step_gamma: float = 0.2,
+        k_min: int | None = None,
+        kmeans_n_init: int = 1,
+    ) -> None:
+        super().__init__(
+            n_clusters, input_shape, latent_dim, 0, beta, prior_std, encoder, channels, lr, lr_step_epochs,
+            lr_step_gamma,
+        )  # fmt: skip
+        check_positive(kmeans_n_init=kmeans_n_init)
+        if k_min is not None and not 2 <= k_min < n_clusters - 1:
+            raise ProtosError(f"k_min must be >= 2 and leave >= 3 values up to n_clusters={n_clusters}, got {k_min}")
+        self.save_hyperparameters()
+        self.register_buffer("centres", torch.zeros(n_clusters, latent_dim))
+        self.register_buffer("k", torch.tensor(0))  # clusters fitted, 0 before k-means has run
+        self.register_buffer("inertias", torch.zeros(n_clusters))  # k-means inertia at each K tried
+        self._fitted_at_step = -1
+
+    # -- contract ---------------------------------------------------------------------
+    def cluster_probs(self, x: Tensor) -> Tensor:
+        """One-hot of the nearest k-means centre of z_mu, ``(B, n_clusters)``."""
+        k = int(self.k)
+        if k == 0:
+            raise ProtosError("the VAE's k-means has not run yet: train the model first (or load a checkpoint)")
+        z = self.embed(x).float()
+        nearest = torch.cdist(z, self.centres[:k]).argmin(dim=1)
+        return F.one_hot(nearest, self.n_clusters).to(z.dtype)
+
+    def prototypes(self) -> Tensor | None:
+        """The ``k`` fitted k-means centres ``(k, q)``, or ``None`` before k-means."""
+        k = int(self.k)
+        return self.centres[:k].clone() if k else None
+
+    def decode(self, z: Tensor) -> Tensor:
+        return self.from_net(self.decoder(z))
+
+    # -- training ---------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        x = self.to_net(batch["x"])
+        mu, logvar = self.encoder(x)
+        x_rec = self.decoder(self.reparameterise(mu, logvar))  # step 1-2
+        loss = self.check_and_log(self.elbo_terms(x, x_rec, mu, logvar))
+        self.optimize(loss, self.optimizers())
+
+    @torch.no_grad()
+    def fit_clusters(self) -> None:
+        """Step 3: k-means on z_mu of the whole training split (on every rank; rank 0's result is kept)."""
+        z = self.embed_all(self.fit_features())
+        seed = torch.initial_seed() % 2**31
+        h = self.hparams
+        self.centres.zero_()
+        self.inertias.zero_()
+        if h.k_min is None:
+            k, centres = self.n_clusters, kmeans_centres(z, self.n_clusters, seed, h.kmeans_n_init)
+        else:
+            k_values = list(range(h.k_min, self.n_clusters + 1))
+            k, centres, inertias = elbow_kmeans(z, k_values, seed, h.kmeans_n_init)
+            self.inertias[h.k_min - 1 :] = torch.as_tensor(inertias, dtype=self.inertias.dtype)
+            rank_zero_info(f"VAE+KMeans: the elbow of the k-means inertia over K={h.k_min}..{self.n_clusters} is K={k}")
+        self.centres[:k] = torch.as_tensor(centres, dtype=self.centres.dtype, device=self.centres.device)
+        self.k.fill_(k)
+        if dist.is_available() and dist.is_initialized():  # rank 0's clusters everywhere, bit for bit
+            for buffer in (self.centres, self.k, self.inertias):
+                dist.broadcast(buffer, src=0)
+        self._fitted_at_step = self.global_step
+
+    def _clusters_stale(self) -> bool:
+        return self.global_step != self._fitted_at_step
+
+    def on_validation_epoch_start(self) -> None:
+        if self.trainer.state.fn == TrainerFn.FITTING and self._clusters_stale():
+            self.fit_clusters()
+
+    def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
+        max_steps = self.trainer.max_steps
+        ending = self.is_last_epoch() or (max_steps is not None and 0 < max_steps <= self.global_step)
+        if ending and self._clusters_stale():  # before ModelCheckpoint writes last.ckpt
+            self.fit_clusters()
+
+    def on_train_end(self) -> None:
+        if self._clusters_stale():  # training stopped early (e.g. interrupted): cluster what there is
+            self.fit_clusters()
+
+
+class VAEKMeans(VAE):
+    """VAE+KMeans (VAESim's baseline): a plain VAE, then k-means with K at the elbow of the
+    inertia over K = 2..40 (METHODS 2). Arguments as :class:`VAE`; ``n_clusters`` is the top of
+    the range."""
+
+    def __init__(
+        self,
+        n_clusters: int = 40,
+        input_shape: tuple[int, ...] = (1, 28, 28),
+        latent_dim: int = 32,
+        beta: float = 5e-3,
+        prior_std: float = 1.0,
+        encoder: Literal["bn_relu", "linear"] = "bn_relu",
+        channels: Sequence[int] = (64, 128, 256),
+        lr: float = 1e-4,
+        lr_step_epochs: int | None = None,
+        lr_step_gamma: float = 0.2,
+        k_min: int | None = 2,
+        kmeans_n_init: int = 1,
+    ) -> None:
+        super().__init__(
+            n_clusters, input_shape, latent_dim, beta, prior_std, encoder, channels, lr, lr_step_epochs,
+            lr_step_gamma, k_min, kmeans_n_init,
+        )  # fmt: skip
