@@ -371,3 +371,16 @@ def test_smoke_twice_and_killed_mid_cell(tmp_path):
     cells = sorted((r["method"], r["seed"]) for r in done)
     assert cells == [("cm", "0"), ("cm", "1"), ("kmeans", "0"), ("kmeans", "1")]
     assert all(r["acc"] for r in done)
+
+
+def test_config_can_be_given_per_data_set(tmp_path):
+    cm = {
+        "digits": str(ROOT / "configs" / "cm_digits.yaml"),
+        "5gaussians": str(ROOT / "configs" / "cm_5gaussians.yaml"),
+    }
+    path = write_table(tmp_path, datasets=["digits", "5gaussians"], methods=[{"method": "cm", "config": cm}])
+    cells = load_bench(path, root=tmp_path / "runs").cells()
+    assert {c.dataset: c.config.name for c in cells} == {"digits": "cm_digits.yaml", "5gaussians": "cm_5gaussians.yaml"}
+    path = write_table(tmp_path, datasets=["digits", "usps"], methods=[{"method": "cm", "config": cm}])
+    with pytest.raises(BenchError, match="no config for data set 'usps'"):
+        load_bench(path, root=tmp_path / "runs").cells()

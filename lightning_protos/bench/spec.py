@@ -13,7 +13,8 @@ A table file (``configs/bench/<table>.yaml``)::
       - {method: kmeans, reference: kmeans, init: random}
 
 A method entry has ``method`` (a name from RESULTS.md) and either ``config`` (a ``protos fit``
-config; ``{dataset}`` and ``{method}`` are filled in; ``overrides`` are applied after the
+config; ``{dataset}`` and ``{method}`` are filled in, or a mapping from data set to config;
+``overrides`` are applied after the
 table's) or ``reference`` (``kmeans``: KMeans, n_init=1, ``init`` random or k-means++; ``gmm``:
 GaussianMixture, full covariance, ``init`` = sklearn's init_params, default kmeans; both on the
 raw flattened features, see ``bench/reference.py``). Any other key (``init``, ``profile``,
@@ -161,8 +162,13 @@ class Bench:
         run_dir = self.root / self.name / name
         if "reference" in entry:
             return Cell(entry["method"], dataset, seed, run_dir, labels, reference=entry["reference"])
+        template = entry["config"]
+        if isinstance(template, dict):  # one config per data set
+            if dataset not in template:
+                raise BenchError(f"method {entry['method']!r}: no config for data set {dataset!r} in {template}")
+            template = template[dataset]
         try:
-            config = Path(str(entry["config"]).format(dataset=dataset, method=entry["method"]))
+            config = Path(str(template).format(dataset=dataset, method=entry["method"]))
         except (KeyError, IndexError) as err:
             raise BenchError(f"config {entry['config']!r}: unknown placeholder {err}") from None
         overrides = {**self.overrides, **entry.get("overrides", {})}
