@@ -100,3 +100,31 @@ def aecm_terms_numpy(x, x_rec, z, gamma, mu, alpha, beta, lam) -> dict[str, floa
         "E4": dirichlet_loops(gamma, alpha),
         "L_orth": lam * float(np.sum(np.abs(gram - np.eye(k_)))),
     }
+
+
+def sinkhorn_numpy(scores, eps: float, n_iters: int):
+    """Sinkhorn-Knopp in float64 NumPy as written in METHODS 1.2: Q = exp(S^T / eps) normalised
+    to total 1, then n_iters x (cluster sums -> 1/K, sample sums -> 1/B); returns (B Q)^T.
+    Exact for scores whose spread over eps stays within float64's exponent range."""
+    s = np.asarray(scores, dtype=np.float64).T
+    q = np.exp((s - s.max()) / eps)
+    q /= q.sum()
+    k, b = q.shape
+    for _ in range(n_iters):
+        q /= q.sum(axis=1, keepdims=True) * k
+        q /= q.sum(axis=0, keepdims=True) * b
+    return (q * b).T
+
+
+def mmd_loops(x, y, bandwidth: float) -> float:
+    """Unbiased MMD^2 with w(a, b) = exp(-||a - b||^2 / bandwidth), by explicit double loops."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+
+    def w(a, b):
+        return math.exp(-float(((a - b) ** 2).sum()) / bandwidth)
+
+    n, m = len(x), len(y)
+    xx = sum(w(x[i], x[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    yy = sum(w(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    xy = sum(w(x[i], y[j]) for i in range(n) for j in range(m)) / (n * m)
+    return xx + yy - 2 * xy

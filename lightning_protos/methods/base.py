@@ -26,14 +26,18 @@ class ClusteringMethod(L.LightningModule):
     with centroids or a decoder also override :meth:`prototypes` and :meth:`decode`.
 
     Args:
-        n_clusters: K, the number of clusters / prototypes (>= 2).
+        n_clusters: K, the number of clusters / prototypes (>= ``min_clusters``).
         input_shape: shape of one input sample; linked from the DataModule by the CLI.
     """
 
+    # The smallest K a method accepts: 2 for clustering; 1 where one cluster is meaningful
+    # (ProtoVAE's K = 1 run, the reconstruction baselines that have no clusters).
+    min_clusters: int = 2
+
     def __init__(self, n_clusters: int, input_shape: tuple[int, ...]) -> None:
         super().__init__()
-        if n_clusters < 2:
-            raise ProtosError(f"n_clusters (K) must be >= 2, got {n_clusters}")
+        if n_clusters < self.min_clusters:
+            raise ProtosError(f"n_clusters (K) must be >= {self.min_clusters}, got {n_clusters}")
         self.automatic_optimization = False
         self.n_clusters = n_clusters
         self.input_shape = tuple(input_shape)
@@ -78,8 +82,11 @@ class ClusteringMethod(L.LightningModule):
         self.manual_backward(loss)
         optimizer.step()
 
-    def check_and_log(self, terms: dict[str, Tensor], prefix: str = "train") -> Tensor:
-        """Sum the loss terms, stop on a NaN/Inf naming the term, log each term and the total."""
+    def check_and_log(
+        self, terms: dict[str, Tensor], prefix: str = "train", metrics: dict[str, Tensor] | None = None
+    ) -> Tensor:
+        """Sum the loss terms, stop on a NaN/Inf naming the term, log each term and the total;
+        ``metrics`` (e.g. a training MSE beside a BCE loss) are logged the same way, outside the sum."""
         loss = sum(terms.values())
         if not torch.isfinite(loss):
             bad = [k for k, v in terms.items() if not torch.isfinite(v)] or ["loss"]
@@ -88,7 +95,7 @@ class ClusteringMethod(L.LightningModule):
                 f"{self.global_step}: lower the learning rate or check the data"
             )
         # Summed here and logged once per epoch: self.log on every step costs more than a CM step.
-        for k, v in {**terms, "loss": loss}.items():
+        for k, v in {**terms, "loss": loss, **(metrics or {})}.items():
             key = f"{prefix}/{k}"
             self._term_sums[key] = self._term_sums.get(key, 0.0) + v.detach()
         self._term_steps += 1

@@ -14,6 +14,8 @@ from .kmeans import (
     squared_distances,
 )
 from .latent import around, interpolate
+from .mmd import gaussian_kernel, mmd
+from .sinkhorn import sinkhorn
 from .vaesim import (
     draw_assignments,
     ema_prototype_update,
@@ -36,6 +38,7 @@ __all__ = [
     "draw_assignments",
     "elbow_kmeans",
     "ema_prototype_update",
+    "gaussian_kernel",
     "gaussian_kl",
     "interpolate",
     "kl_clustering_loss",
@@ -43,12 +46,14 @@ __all__ = [
     "kmeans_loss",
     "kmeans_pp_centres",
     "kneedle_elbow",
+    "mmd",
     "ortho_loss",
     "pinv_encoder",
     "random_affine",
     "random_equalize",
     "running_mean_update",
     "similarity",
+    "sinkhorn",
     "soft_assign",
     "squared_distances",
     "student_t_assign",
