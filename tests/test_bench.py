@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from lightning_protos.bench.report import mean_std, pick, summarize, summary_rows, write_report
-from lightning_protos.bench.runner import ResultsFile, Runner, main, make_row
+from lightning_protos.bench.runner import ResultsFile, Runner, main, make_row, report
 from lightning_protos.bench.spec import BenchError, Cell, load_bench
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -384,3 +384,29 @@ def test_config_can_be_given_per_data_set(tmp_path):
     path = write_table(tmp_path, datasets=["digits", "usps"], methods=[{"method": "cm", "config": cm}])
     with pytest.raises(BenchError, match="no config for data set 'usps'"):
         load_bench(path, root=tmp_path / "runs").cells()
+
+
+def test_method_entry_can_write_its_own_results_file(tmp_path):
+    own = tmp_path / "results" / "own.csv"
+    methods = [
+        {"method": "cm", "config": str(ROOT / "configs" / "cm_{dataset}.yaml")},
+        {
+            "method": "kmeans",
+            "reference": "kmeans",
+            "results": str(own),
+            "columns": ["method", "dataset", "seed", "acc"],
+        },
+    ]
+    bench = load_bench(write_table(tmp_path, methods=methods), root=tmp_path / "runs")
+    runner = Runner(bench, FakeLaunch())
+    assert runner.run(runner.pending(bench.cells())) == 0
+    assert [r["method"] for r in runner.results.rows()] == ["cm", "cm"]
+    assert own.read_text().splitlines()[0] == "method,dataset,seed,acc,note"
+    assert [
+        (r["method"], r["seed"]) for r in ResultsFile(own, ["method", "dataset", "seed", "acc", "note"]).rows()
+    ] == [
+        ("kmeans", "0"),
+        ("kmeans", "1"),
+    ]
+    assert Runner(bench, FakeLaunch()).pending(bench.cells()) == []  # both files count as done
+    assert set(report(bench)) == {f"{p.stem}/{k}" for p in (bench.results, own) for k in ("table", "summary", "chart")}

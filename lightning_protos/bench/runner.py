@@ -184,7 +184,8 @@ class Runner:
 
     def __init__(self, bench: Bench, launch: Launch, jobs: int = 1, gpus: list[str] | None = None) -> None:
         self.bench, self.launch, self.jobs = bench, launch, jobs
-        self.results = ResultsFile(bench.results, bench.columns)
+        self.files = {path: ResultsFile(path, columns) for path, columns in bench.results_files().items()}
+        self.results = self.files.get(bench.results) or ResultsFile(bench.results, bench.columns)
         self.stop = threading.Event()
         self._gpus: queue.Queue[str] | None = None
         if gpus:
@@ -193,9 +194,9 @@ class Runner:
                 self._gpus.put(gpu)
 
     def pending(self, cells: list[Cell]) -> list[Cell]:
-        """The cells with no row in the results file."""
-        done = {row_key(r, self.bench.id_columns) for r in self.results.rows()}
-        return [c for c in cells if row_key(c.fields(), self.bench.id_columns) not in done]
+        """The cells with no row in their results file."""
+        done = {(path, row_key(r, self.bench.ids_of(f.columns))) for path, f in self.files.items() for r in f.rows()}
+        return [c for c in cells if (c.results, row_key(c.fields(), self.bench.ids_of(c.columns))) not in done]
 
     @staticmethod
     def plan(cell: Cell) -> str:
@@ -225,8 +226,8 @@ class Runner:
                 return Outcome(None, ran, time.monotonic() - start)
             if metrics is None:
                 note = f"exit {code}: {last_line(run_dir / LOG)}" if code else "no final test metrics"
-        row = make_row(cell.fields(), self.bench.columns, metrics, _times(run_dir)["seconds"] or None, note)
-        self.results.append(row)
+        row = make_row(cell.fields(), list(cell.columns), metrics, _times(run_dir)["seconds"] or None, note)
+        self.files[cell.results].append(row)
         return Outcome(row, ran, time.monotonic() - start)
 
     @contextmanager
@@ -301,16 +302,23 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 def report(bench: Bench) -> dict[str, Path]:
-    """Writes the table, summary and chart of the rows so far, in the table's cell order."""
-    rows = ResultsFile(bench.results, bench.columns).rows()
-    if not rows:
-        raise BenchError(f"no results yet in {bench.results}; run protos bench first")
-    ids = bench.id_columns
-    order = {row_key(c.fields(), ids): i for i, c in enumerate(bench.cells())}
-    rows.sort(key=lambda r: order.get(row_key(r, ids), len(order)))
-    labels = [c for c in ids if c not in ("method", "dataset", "seed")]
-    group_by = ["method", *labels, "dataset"]
-    return write_report(rows, group_by, bench.columns, bench.results, bench.name)
+    """Writes the table, summary and chart of the rows so far of each results file, in the
+    table's cell order."""
+    written: dict[str, Path] = {}
+    for path, columns in bench.results_files().items():
+        rows = ResultsFile(path, columns).rows()
+        if not rows:
+            continue
+        ids = bench.ids_of(columns)
+        order = {row_key(c.fields(), ids): i for i, c in enumerate(bench.cells()) if c.results == path}
+        rows.sort(key=lambda r: order.get(row_key(r, ids), len(order)))
+        labels = [c for c in ids if c not in ("method", "dataset", "seed")]
+        group_by = ["method", *labels, "dataset"]
+        paths = write_report(rows, group_by, columns, path, bench.name)
+        written.update({f"{path.stem}/{kind}": p for kind, p in paths.items()})
+    if not written:
+        raise BenchError(f"no results yet in {', '.join(map(str, bench.results_files()))}; run protos bench first")
+    return written
 
 
 def _parser(command: str) -> argparse.ArgumentParser:
@@ -358,7 +366,8 @@ def main(argv: list[str] | None = None, launch: Launch | None = None) -> int:
         return 2
     todo = runner.pending(cells)
     print(
-        f"[bench] {bench.name}: {len(cells)} cells, {len(cells) - len(todo)} in {bench.results}, "
+        f"[bench] {bench.name}: {len(cells)} cells, {len(cells) - len(todo)} in "
+        f"{', '.join(map(str, runner.files))}, "
         f"{len(todo)} to run (run dirs in {bench.root / bench.name})",
         flush=True,
     )
@@ -375,7 +384,7 @@ def main(argv: list[str] | None = None, launch: Launch | None = None) -> int:
         return 130
     if n_failed:
         print(
-            f"[bench] {n_failed} cell(s) failed: see the note column of {bench.results}",
+            f"[bench] {n_failed} cell(s) failed: see the note column of {', '.join(map(str, runner.files))}",
             file=sys.stderr,
         )
     if args.report:

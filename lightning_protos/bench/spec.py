@@ -19,6 +19,8 @@ table's) or ``reference`` (``kmeans``: KMeans, n_init=1, ``init`` random or k-me
 GaussianMixture, full covariance, ``init`` = sklearn's init_params, default kmeans; both on the
 raw flattened features, see ``bench/reference.py``). Any other key (``init``, ``profile``,
 ``device``) labels the cell: it names the run dir and is a column when listed in ``columns``.
+An entry may also send its rows to a results file of its own (``results``, with its own
+``columns``), so that one table can join methods whose rows live in different files.
 Columns: ``method``, ``dataset``, ``seed``, labels, ``epochs`` (epochs trained), ``seconds``
 (wall time of the cell's processes), else a key of ``metrics.json``'s final ``test`` entry
 (``acc``, ``nmi``, ``ari``, ``homogeneity``, ``l_sp``, ``n_clusters_used``, ...).
@@ -51,7 +53,7 @@ REFERENCES = {
     "gmm": ("kmeans", "k-means++", "random", "random_from_data"),
 }
 TABLE_KEYS = ("name", "results", "columns", "seeds", "datasets", "overrides", "methods")
-ENTRY_KEYS = {"method", "config", "reference", "overrides"}
+ENTRY_KEYS = {"method", "config", "reference", "overrides", "results", "columns"}
 CELL_KEYS = ("method", "dataset", "seed")
 SAFE = re.compile(r"[A-Za-z0-9_.+-]+")
 
@@ -72,6 +74,8 @@ class Cell:
     config: Path | None = None
     reference: str | None = None
     overrides: tuple[str, ...] = ()
+    results: Path = Path("results.csv")
+    columns: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -134,8 +138,20 @@ class Bench:
 
     @property
     def id_columns(self) -> list[str]:
-        """The columns that identify a row's cell."""
-        return [c for c in self.columns if c in CELL_KEYS or c in self.label_keys]
+        """The columns that identify a row's cell (in the table's default results file)."""
+        return self.ids_of(self.columns)
+
+    def ids_of(self, columns: list[str] | tuple[str, ...]) -> list[str]:
+        """The columns among ``columns`` that identify a row's cell."""
+        return [c for c in columns if c in CELL_KEYS or c in self.label_keys]
+
+    def results_files(self) -> dict[Path, list[str]]:
+        """Every results file of the table with its columns (a method entry may name its own)."""
+        files: dict[Path, list[str]] = {}
+        for cell in self.cells():
+            if files.setdefault(cell.results, list(cell.columns)) != list(cell.columns):
+                raise BenchError(f"{cell.results}: method entries give it different columns")
+        return files
 
     def cells(self) -> list[Cell]:
         """Every (data set, seed, method) cell, data sets outermost and methods innermost."""
@@ -147,7 +163,7 @@ class Bench:
         ]
         seen: dict[Any, Cell] = {}
         for cell in cells:
-            for key in (cell.name, row_key(cell.fields(), self.id_columns)):
+            for key in (cell.name, (cell.results, row_key(cell.fields(), self.ids_of(cell.columns)))):
                 if key in seen:
                     raise BenchError(
                         f"cells {seen[key].name} and {cell.name} share a run dir or a results row: "
@@ -160,8 +176,12 @@ class Bench:
         labels = tuple((k, str(v)) for k, v in entry.items() if k not in ENTRY_KEYS)
         name = "-".join([entry["method"], *(v for _, v in labels)]) + f"_{dataset}_seed{seed}"
         run_dir = self.root / self.name / name
+        sink = {
+            "results": Path(entry.get("results", self.results)),
+            "columns": tuple(entry.get("columns", self.columns)),
+        }
         if "reference" in entry:
-            return Cell(entry["method"], dataset, seed, run_dir, labels, reference=entry["reference"])
+            return Cell(entry["method"], dataset, seed, run_dir, labels, reference=entry["reference"], **sink)
         template = entry["config"]
         if isinstance(template, dict):  # one config per data set
             if dataset not in template:
@@ -173,7 +193,7 @@ class Bench:
             raise BenchError(f"config {entry['config']!r}: unknown placeholder {err}") from None
         overrides = {**self.overrides, **entry.get("overrides", {})}
         args = tuple(f"--{k}={cli_value(v)}" for k, v in overrides.items())
-        return Cell(entry["method"], dataset, seed, run_dir, labels, config=config, overrides=args)
+        return Cell(entry["method"], dataset, seed, run_dir, labels, config=config, overrides=args, **sink)
 
 
 def row_key(fields: dict[str, str], id_columns: list[str]) -> tuple[str, ...]:
@@ -227,13 +247,7 @@ def load_bench(path: str | Path, root: str | Path | None = None, results: str | 
     methods = [_check_entry(path, i, e) for i, e in enumerate(raw["methods"] or [])]
     if not methods:
         _fail(str(path), "methods: give at least one method entry")
-    columns = [str(c) for c in raw["columns"] or []]
-    for needed in CELL_KEYS:
-        if needed not in columns:
-            _fail(str(path), f"columns must include {needed!r}")
-    if len(set(columns)) < len(columns):
-        _fail(str(path), f"columns: duplicates in {columns}")
-    columns = [c for c in columns if c != "note"] + ["note"]
+    columns = _check_columns(str(path), raw["columns"])
     return Bench(
         name=raw["name"],
         results=Path(results if results is not None else raw["results"]),
@@ -244,6 +258,17 @@ def load_bench(path: str | Path, root: str | Path | None = None, results: str | 
         overrides=overrides,
         root=Path(root) if root is not None else Bench.root,
     )
+
+
+def _check_columns(where: str, columns: Any) -> list[str]:
+    """A results file's columns: the cell keys included, no duplicates, ``note`` last."""
+    columns = [str(c) for c in columns or []]
+    for needed in CELL_KEYS:
+        if needed not in columns:
+            _fail(where, f"columns must include {needed!r}")
+    if len(set(columns)) < len(columns):
+        _fail(where, f"columns: duplicates in {columns}")
+    return [c for c in columns if c != "note"] + ["note"]
 
 
 def _check_entry(path: Path, i: int, entry: Any) -> dict[str, Any]:
@@ -271,7 +296,10 @@ def _check_entry(path: Path, i: int, entry: Any) -> dict[str, Any]:
             _fail(where, f"reference {ref!r} takes no overrides")
         if "init" in entry and entry["init"] not in REFERENCES[ref]:
             _fail(where, f"{ref} init {entry['init']!r}: choose one of {', '.join(REFERENCES[ref])}")
-    return dict(entry)
+    entry = dict(entry)
+    if "columns" in entry:
+        entry["columns"] = _check_columns(where, entry["columns"])
+    return entry
 
 
 def check_cells(cells: list[Cell]) -> None:
