@@ -410,3 +410,18 @@ def test_method_entry_can_write_its_own_results_file(tmp_path):
     ]
     assert Runner(bench, FakeLaunch()).pending(bench.cells()) == []  # both files count as done
     assert set(report(bench)) == {f"{p.stem}/{k}" for p in (bench.results, own) for k in ("table", "summary", "chart")}
+
+
+def test_method_entry_can_keep_to_some_data_sets(tmp_path):
+    cm = {"method": "cm", "config": str(ROOT / "configs" / "cm_{dataset}.yaml")}
+    gmm = {"method": "gmm", "reference": "gmm", "datasets": ["5gaussians"]}
+    path = write_table(tmp_path, datasets=["digits", "5gaussians"], methods=[cm, gmm])
+    cells = load_bench(path, root=tmp_path / "runs").cells()
+    assert sorted({(c.method, c.dataset) for c in cells}) == [
+        ("cm", "5gaussians"),
+        ("cm", "digits"),
+        ("gmm", "5gaussians"),
+    ]
+    path = write_table(tmp_path, methods=[cm, gmm])  # 5gaussians is not a data set of this table
+    with pytest.raises(BenchError, match="not all among the table's"):
+        load_bench(path, root=tmp_path / "runs")

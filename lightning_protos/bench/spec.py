@@ -20,7 +20,8 @@ GaussianMixture, full covariance, ``init`` = sklearn's init_params, default kmea
 raw flattened features, see ``bench/reference.py``). Any other key (``init``, ``profile``,
 ``device``) labels the cell: it names the run dir and is a column when listed in ``columns``.
 An entry may also send its rows to a results file of its own (``results``, with its own
-``columns``), so that one table can join methods whose rows live in different files.
+``columns``), so that one table can join methods whose rows live in different files, and
+restrict itself to some of the table's ``datasets`` (a list).
 Columns: ``method``, ``dataset``, ``seed``, labels, ``epochs`` (epochs trained), ``seconds``
 (wall time of the cell's processes), else a key of ``metrics.json``'s final ``test`` entry
 (``acc``, ``nmi``, ``ari``, ``homogeneity``, ``l_sp``, ``n_clusters_used``, ...).
@@ -53,7 +54,7 @@ REFERENCES = {
     "gmm": ("kmeans", "k-means++", "random", "random_from_data"),
 }
 TABLE_KEYS = ("name", "results", "columns", "seeds", "datasets", "overrides", "methods")
-ENTRY_KEYS = {"method", "config", "reference", "overrides", "results", "columns"}
+ENTRY_KEYS = {"method", "config", "reference", "overrides", "results", "columns", "datasets"}
 CELL_KEYS = ("method", "dataset", "seed")
 SAFE = re.compile(r"[A-Za-z0-9_.+-]+")
 
@@ -160,6 +161,7 @@ class Bench:
             for dataset in self.datasets
             for seed in self.seeds
             for entry in self.methods
+            if dataset in entry.get("datasets", [dataset])
         ]
         seen: dict[Any, Cell] = {}
         for cell in cells:
@@ -247,6 +249,9 @@ def load_bench(path: str | Path, root: str | Path | None = None, results: str | 
     methods = [_check_entry(path, i, e) for i, e in enumerate(raw["methods"] or [])]
     if not methods:
         _fail(str(path), "methods: give at least one method entry")
+    for i, entry in enumerate(methods):
+        if set(entry.get("datasets", [])) - set(datasets):
+            _fail(f"{path}: methods[{i}]", f"datasets {entry['datasets']} are not all among the table's {datasets}")
     columns = _check_columns(str(path), raw["columns"])
     return Bench(
         name=raw["name"],
@@ -297,6 +302,8 @@ def _check_entry(path: Path, i: int, entry: Any) -> dict[str, Any]:
         if "init" in entry and entry["init"] not in REFERENCES[ref]:
             _fail(where, f"{ref} init {entry['init']!r}: choose one of {', '.join(REFERENCES[ref])}")
     entry = dict(entry)
+    if "datasets" in entry and not (isinstance(entry["datasets"], list) and entry["datasets"]):
+        _fail(where, "datasets: give a non-empty list of the table's data sets")
     if "columns" in entry:
         entry["columns"] = _check_columns(where, entry["columns"])
     return entry
