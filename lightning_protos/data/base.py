@@ -18,7 +18,7 @@ from typing import Literal
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from ..errors import ProtosError
 
@@ -82,6 +82,28 @@ class TensorBatches(Dataset):
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         batch = self.__getitems__([i])
         return {k: v[0] for k, v in batch.items()}
+
+
+class EpochShuffle(RandomSampler):
+    """A random permutation per epoch drawn from ``(seed, epoch)``: Lightning calls
+    ``set_epoch`` before each epoch, so a run resumed from a checkpoint sees exactly the
+    batches an uninterrupted run would (torch's ``RandomSampler`` draws from the global RNG,
+    whose state a checkpoint does not hold). Under DDP Lightning replaces it, as any
+    ``RandomSampler``, by a shuffling ``DistributedSampler`` built on the same idea."""
+
+    def __init__(self, data_source: Dataset, seed: int) -> None:
+        super().__init__(data_source)
+        self.n, self.seed, self.epoch = len(data_source), seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.n, generator=generator).tolist())
 
 
 class ArrayDataModule(L.LightningDataModule):
@@ -187,10 +209,12 @@ class ArrayDataModule(L.LightningDataModule):
     # -- loaders ----------------------------------------------------------------------
     def _loader(self, stage: Literal["fit", "eval"], shuffle: bool, batch_size: int, labels: bool):
         x, y = self._split(stage)
+        dataset = TensorBatches(x, y, with_labels=labels)
         return DataLoader(
-            TensorBatches(x, y, with_labels=labels),
+            dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            # seeded by seed_everything (the CLI's seed_everything), one permutation per epoch
+            sampler=EpochShuffle(dataset, torch.initial_seed() % 2**31) if shuffle else None,
             collate_fn=collate_batch,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
