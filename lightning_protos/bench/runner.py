@@ -218,6 +218,9 @@ class Runner:
                 started = start_attempt(run_dir)
                 try:
                     code = self.launch(cell, cell.command(last_checkpoint(run_dir)), run_dir / LOG, env)
+                except KeyboardInterrupt:
+                    self.stop.set()  # before this worker can take the next cell
+                    raise
                 finally:
                     end_attempt(run_dir, started)
             ran = True
