@@ -37,7 +37,42 @@ def record_metrics(trainer: L.Trainer, stage: str, scores: dict[str, float]) -> 
     os.replace(tmp, path)
 
 
-class ClusteringEvaluator(L.Callback):
+class EvaluationCallback(L.Callback):
+    """Accumulates over the validation / test batches and reports at the epoch's end: a
+    subclass implements ``_reset``, ``_collect(pl_module, batch)`` and
+    ``_finish(stage, trainer, pl_module)``. Sanity-check batches are ignored."""
+
+    def _reset(self) -> None:
+        raise NotImplementedError
+
+    def _collect(self, pl_module, batch: dict[str, Tensor]) -> None:
+        raise NotImplementedError
+
+    def _finish(self, stage: str, trainer: L.Trainer, pl_module) -> None:
+        raise NotImplementedError
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._reset()
+
+    def on_test_epoch_start(self, trainer, pl_module) -> None:
+        self._reset()
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if not trainer.sanity_checking:
+            self._collect(pl_module, batch)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._collect(pl_module, batch)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._finish("val", trainer, pl_module)
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        self._finish("test", trainer, pl_module)
+
+
+class ClusteringEvaluator(EvaluationCallback):
     """Scores the assignments of ``cluster_probs`` at validation and test end.
 
     Logs ``{stage}/acc``, ``nmi``, ``ari``, ``homogeneity`` and each of the method's
@@ -77,26 +112,6 @@ class ClusteringEvaluator(L.Callback):
         self.results[stage] = {"epoch": trainer.current_epoch, **scores}
         record_metrics(trainer, stage, self.results[stage])
         self._reset()
-
-    def on_validation_epoch_start(self, trainer, pl_module) -> None:
-        self._reset()
-
-    def on_test_epoch_start(self, trainer, pl_module) -> None:
-        self._reset()
-
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        if not trainer.sanity_checking:
-            self._collect(pl_module, batch)
-
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        self._collect(pl_module, batch)
-
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if not trainer.sanity_checking:
-            self._finish("val", trainer, pl_module)
-
-    def on_test_epoch_end(self, trainer, pl_module) -> None:
-        self._finish("test", trainer, pl_module)
 
 
 # (B, K) outputs of ``predict_step`` written one column per cluster, and their column prefixes.

@@ -6,7 +6,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from .callbacks import record_metrics
+from .callbacks import EvaluationCallback, record_metrics
 
 
 @torch.no_grad()
@@ -19,7 +19,7 @@ def reconstruction_sse(pl_module, x: Tensor) -> tuple[Tensor, int] | None:
     return (x_rec.double() - x.double()).pow(2).sum(), x.numel()
 
 
-class ReconstructionEvaluator(L.Callback):
+class ReconstructionEvaluator(EvaluationCallback):
     """Logs the per-scalar reconstruction MSE of the validation and test sets (``val/mse``,
     ``test/mse``; ProtoVAE Fig. 6) and records them as ``val_mse`` / ``test_mse`` in
     ``metrics.json``. At test end it also scores the whole training split (``train_mse``).
@@ -31,8 +31,11 @@ class ReconstructionEvaluator(L.Callback):
 
     def __init__(self, batch_size: int = 1024) -> None:
         self.batch_size = batch_size
-        self._sse, self._n = 0.0, 0
+        self._reset()
         self.results: dict[str, dict[str, float]] = {}
+
+    def _reset(self) -> None:
+        self._sse, self._n = 0.0, 0
 
     def _collect(self, pl_module, batch: dict[str, Tensor]) -> None:
         scored = reconstruction_sse(pl_module, batch["x"])
@@ -69,24 +72,4 @@ class ReconstructionEvaluator(L.Callback):
         )
         self.results[stage] = {"epoch": trainer.current_epoch, **scores}
         record_metrics(trainer, stage, self.results[stage])
-        self._sse, self._n = 0.0, 0
-
-    def on_validation_epoch_start(self, trainer, pl_module) -> None:
-        self._sse, self._n = 0.0, 0
-
-    def on_test_epoch_start(self, trainer, pl_module) -> None:
-        self._sse, self._n = 0.0, 0
-
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        if not trainer.sanity_checking:
-            self._collect(pl_module, batch)
-
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        self._collect(pl_module, batch)
-
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if not trainer.sanity_checking:
-            self._finish("val", trainer, pl_module)
-
-    def on_test_epoch_end(self, trainer, pl_module) -> None:
-        self._finish("test", trainer, pl_module)
+        self._reset()
