@@ -338,3 +338,14 @@ def test_pendigits_from_shared_data(shared_data):
     assert dm.input_shape == (16,)
     assert dm.n_classes == 10
     assert float(dm.features().max()) <= 1.0
+
+
+def test_fit_on_all_concatenates_once_and_shares_the_tensors():
+    from lightning_protos.data import Pendigits
+
+    dm = Pendigits(fit_on="all", data_dir="../shared/data", download=False)
+    if not (dm.root / "pendigits" / "pendigits.tra").exists():
+        pytest.skip("../shared/data/pendigits is absent")
+    train, evaluation = dm.train_dataloader().dataset.x, dm.val_dataloader().dataset.x
+    assert train.data_ptr() == evaluation.data_ptr()  # one copy of the 10,992 rows, not two
+    assert dm.n_train == len(train) == 10992

@@ -145,6 +145,7 @@ class ArrayDataModule(L.LightningDataModule):
         self.fit_on, self.flatten = fit_on, flatten
         self.num_workers, self.download = num_workers, download
         self._splits: dict[str, tuple[Tensor, Tensor | None]] | None = None
+        self._all: tuple[Tensor, Tensor | None] | None = None
 
     # -- subclasses -------------------------------------------------------------------
     def load(self) -> dict[str, tuple[Tensor, Tensor | None]]:
@@ -164,11 +165,13 @@ class ArrayDataModule(L.LightningDataModule):
     def _split(self, stage: Literal["fit", "eval"]) -> tuple[Tensor, Tensor | None]:
         splits = self.splits
         if self.fit_on == "all" or "test" not in splits:
-            parts = list(splits.values())
-            x = torch.cat([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
-            has_y = all(p[1] is not None for p in parts)
-            y = (torch.cat([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]) if has_y else None
-            return x, y
+            if self._all is None:  # concatenated once: training and evaluation share the tensors
+                parts = list(splits.values())
+                x = torch.cat([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+                has_y = all(p[1] is not None for p in parts)
+                y = (torch.cat([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]) if has_y else None
+                self._all = (x, y)
+            return self._all
         return splits["train"] if stage == "fit" else splits["test"]
 
     def prepare_data(self) -> None:
