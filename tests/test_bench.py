@@ -425,3 +425,12 @@ def test_method_entry_can_keep_to_some_data_sets(tmp_path):
     path = write_table(tmp_path, methods=[cm, gmm])  # 5gaussians is not a data set of this table
     with pytest.raises(BenchError, match="not all among the table's"):
         load_bench(path, root=tmp_path / "runs")
+
+
+def test_only_runs_the_matching_cells_and_rejects_a_glob_that_matches_none(tmp_path, capsys):
+    table, root = str(write_table(tmp_path)), str(tmp_path / "runs")
+    launch = FakeLaunch()
+    assert main(["bench", "--config", table, "--root", root, "--only", "kmeans-*", "--only", "*_seed1"], launch) == 0
+    assert sorted(names(launch)) == ["cm_digits_seed1", "kmeans-random_digits_seed0", "kmeans-random_digits_seed1"]
+    assert main(["bench", "--config", table, "--root", root, "--only", "dec*"], launch) == 2
+    assert "no cell of" in capsys.readouterr().err

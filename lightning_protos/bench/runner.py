@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import contextmanager
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -338,6 +339,12 @@ def _parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument("--root", type=Path, help="parent of the run directories (default bench_runs)")
         parser.add_argument("--report", action="store_true", help="write the tables when the cells are done")
         parser.add_argument("--dry-run", action="store_true", help="check the table and list what would run")
+        parser.add_argument(
+            "--only",
+            action="append",
+            metavar="GLOB",
+            help="run only the cells whose name matches, e.g. 'aecm-random_*' or '*_seed2' (repeatable)",
+        )
     return parser
 
 
@@ -361,7 +368,9 @@ def main(argv: list[str] | None = None, launch: Launch | None = None) -> int:
         if jobs < 1:
             raise BenchError(f"--jobs must be >= 1, got {jobs}")
         bench = load_bench(args.config, root=args.root, results=args.results)
-        cells = bench.cells()
+        cells = [c for c in bench.cells() if not args.only or any(fnmatch(c.name, g) for g in args.only)]
+        if not cells:
+            raise BenchError(f"no cell of {bench.name} matches --only {' '.join(args.only)}")
         runner = Runner(bench, launch or Subprocesses(), jobs, gpus)
         check_cells(cells)
     except BenchError as err:
