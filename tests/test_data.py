@@ -321,6 +321,19 @@ def test_pneumoniamnist_from_shared_data(shared_data):
 
 
 @pytest.mark.data
+def test_pneumoniamnist_present_is_read_without_a_download(shared_data, monkeypatch):
+    # the offline copy is rebuilt (its checksum is not the official one): download=True must
+    # not fetch it again, which fails offline
+    import medmnist.dataset
+
+    def no_network(self):
+        raise RuntimeError("download attempted")
+
+    monkeypatch.setattr(medmnist.dataset.MedMNIST, "download", no_network)
+    assert PneumoniaMNIST(data_dir=str(shared_data), download=True, fit_on="all").n_train == 5856
+
+
+@pytest.mark.data
 def test_usps_from_shared_data(shared_data):
     dm = USPS(data_dir=str(shared_data), download=False)
     assert dm.n_train == 7291 + 2007

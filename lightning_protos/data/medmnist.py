@@ -36,8 +36,11 @@ class MedMNIST(ArrayDataModule):
         if self.flag not in medmnist.INFO:
             raise ValueError(f"unknown MedMNIST data set {self.flag!r}")
         reader = getattr(medmnist, medmnist.INFO[self.flag]["python_class"])
+        # A file already there is read as it is: medmnist's download=True would fetch it again
+        # when its checksum differs from the official one (a rebuilt offline copy, say).
+        download = self.download and not (self.root / f"{self.flag}.npz").is_file()
         try:
-            ds = reader(split=split, root=str(self.root), download=self.download)
+            ds = reader(split=split, root=str(self.root), download=download)
         except Exception as err:
             raise missing_files_error(self.name, self.root, [f"{self.flag}.npz"], err) from None
         x = torch.as_tensor(np.asarray(ds.imgs))
