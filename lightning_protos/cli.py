@@ -52,12 +52,15 @@ class ProtosCLI(LightningCLI):
         parser.add_lightning_class_args(AssignmentWriter, "assignments")
         # best.ckpt by val/acc at each validation; last.ckpt at the end of every training epoch
         # (independent of how often validation runs), so a killed run loses at most one epoch.
+        # last.ckpt is a rolling top-1 named "last": Lightning's own save_last writes only when
+        # a top-k checkpoint was written in the same step, i.e. never with save_top_k=0.
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
         parser.set_defaults(
             {
-                "last_checkpoint.save_last": True,
-                "last_checkpoint.save_top_k": 0,
+                "last_checkpoint.filename": "last",
+                "last_checkpoint.save_top_k": 1,
+                "last_checkpoint.enable_version_counter": False,
                 "last_checkpoint.save_on_train_epoch_end": True,
                 "checkpoint.save_last": False,
                 "checkpoint.monitor": "val/acc",

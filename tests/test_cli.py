@@ -193,3 +193,23 @@ def test_one_line_keeps_the_informative_lines():
         "    - Expected a <class 'NoneType'>\n  Given value type: <class 'str'>\n  Given value: a.B"
     )
     assert cli.one_line(report) == "Parser key \"model\": Problem with given class_path 'a.B': bad thing"
+
+
+def test_last_ckpt_is_written_at_the_end_of_every_epoch(tmp_path):
+    """A run killed during epoch e resumes from the end of epoch e - 1, not from scratch."""
+    import lightning as L
+
+    class SeenAtEpochStart(L.Callback):
+        epochs: list[int] = []
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            path = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+            if path.is_file():
+                self.epochs.append(torch.load(path, weights_only=False)["epoch"])
+
+    seen = SeenAtEpochStart()
+    args = ["fit", *digits(tmp_path, "--trainer.max_epochs", "3", "--final_test", "false")]
+    cli.ProtosCLI(args=args, trainer_defaults={"callbacks": [seen]})
+    assert seen.epochs == [0, 1]
+    names = {p.name for p in (tmp_path / "lightning_logs" / "version_0" / "checkpoints").iterdir()}
+    assert "last.ckpt" in names and names <= {"last.ckpt", "best.ckpt"}  # one rolling file
