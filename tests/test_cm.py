@@ -133,6 +133,18 @@ def test_same_seed_gives_identical_assignments(init, deterministic):
         assert torch.equal(a, b)
 
 
+def test_step_batch_takes_the_same_steps_as_loading_that_batch_size():
+    runs = []
+    for batch_size, step_batch in ((32, None), (96, 32)):
+        L.seed_everything(3, verbose=False)
+        model = CM(n_clusters=3, input_shape=(2,), alpha=2.0, step_batch=step_batch)
+        trainer = fit(model, blobs(n_samples=400, batch_size=batch_size), seed=3, max_epochs=2)
+        runs.append(([p.detach().clone() for p in model.parameters()], trainer.global_step))
+    assert runs[0][1] == runs[1][1] == 2 * 13  # 12 steps of 32 and one of 16, per epoch
+    for a, b in zip(runs[0][0], runs[1][0], strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_checkpoint_restores_probs_and_the_init_flag(tmp_path):
     dm = blobs(n_samples=200)
     model = CM(n_clusters=3, input_shape=(2,), alpha=2.0, init="kmeans++")
