@@ -22,6 +22,7 @@ shape, or the real MNIST when ``$PROTOS_DATA_DIR`` holds it (``--data auto``).
 
     python benchmarks/overhead.py                      # both cases, fp32 and bf16-mixed
     python benchmarks/overhead.py --n 2000 --out /tmp/overhead.csv   # a quick check
+    python benchmarks/overhead.py --cases cm --steps-per-batch 1 8    # CM with model.step_batch
 
 Prints a Markdown table and appends rows (case, precision, lightning_s, plain_s, ratio,
 device) to ``benchmarks/results/overhead.csv``.
@@ -152,11 +153,18 @@ class TrainTimer(L.Callback):
 
 
 def protos_epoch(
-    case: str, npz: Path, run_dir: Path, precision: str, accelerator: str, max_batches: int | None
-) -> float:
-    """Seconds of one ``protos fit`` training epoch on the case's config."""
+    case: str, npz: Path, run_dir: Path, precision: str, accelerator: str, max_batches: int | None,
+    batch_size: int, steps_per_batch: int,
+) -> float:  # fmt: skip
+    """Seconds of one ``protos fit`` training epoch on the case's config; with
+    ``steps_per_batch`` > 1 (CM) each loaded batch holds that many Adam steps of ``batch_size``."""
     timer = TrainTimer()
-    limit = [] if max_batches is None else ["--trainer.limit_train_batches", str(max_batches)]
+    limit = [] if max_batches is None else ["--trainer.limit_train_batches", str(-(-max_batches // steps_per_batch))]
+    if steps_per_batch > 1:
+        limit += [
+            "--data.init_args.batch_size", str(batch_size * steps_per_batch),
+            "--model.init_args.step_batch", str(batch_size),
+        ]  # fmt: skip
     args = [
         "fit", "--config", str(CONFIGS[case]),
         "--data", "lightning_protos.data.ArrayFile", "--data.init_args.path", str(npz),
@@ -187,7 +195,7 @@ def device_label(device: torch.device) -> str:
     return f"cpu-{os.cpu_count()}core"
 
 
-def run_case(case, x_u8, precisions, repeats, max_batches, device, accelerator, tmp: Path):
+def run_case(case, x_u8, precisions, repeats, max_batches, device, accelerator, tmp: Path, steps_per_batch=1):
     config = yaml.safe_load(CONFIGS[case].read_text())
     init, batch_size = config["model"]["init_args"], config["data"]["init_args"]["batch_size"]
     npz = tmp / f"{case}.npz"
@@ -211,13 +219,16 @@ def run_case(case, x_u8, precisions, repeats, max_batches, device, accelerator, 
                     max_batches,
                 )
             )
-            run_dir = tmp / f"{case}_{precision}_{r}"
-            protos_s.append(protos_epoch(case, npz, run_dir, precision, accelerator, max_batches))
+            run_dir = tmp / f"{case}_{precision}_{steps_per_batch}_{r}"
+            protos_s.append(
+                protos_epoch(case, npz, run_dir, precision, accelerator, max_batches, batch_size, steps_per_batch)
+            )
         lightning, plain = min(protos_s), min(plain_s)
         rows.append(
             {
                 "case": case,
                 "precision": precision,
+                "steps_per_batch": steps_per_batch,
                 "lightning_s": round(lightning, 3),
                 "plain_s": round(plain, 3),
                 "ratio": round(lightning / plain, 3),
@@ -227,7 +238,7 @@ def run_case(case, x_u8, precisions, repeats, max_batches, device, accelerator, 
         n_batches = -(-len(x_u8) // batch_size)
         steps = n_batches if max_batches is None else min(n_batches, max_batches)
         print(
-            f"  {case} {precision}, {steps} steps of {batch_size}: protos "
+            f"  {case} {precision}, {steps} steps of {batch_size} ({steps_per_batch} per loaded batch): protos "
             f"{[round(t, 3) for t in protos_s]} s, plain {[round(t, 3) for t in plain_s]} s",
             flush=True,
         )
@@ -243,6 +254,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--max-batches", type=int, default=None,
         help="batches per epoch, 0 for whole epochs (default: whole, but 30 for aecm on a CPU)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--steps-per-batch", type=int, nargs="+", default=[1, 8],
+        help="CM only: Adam steps per loaded batch (model.step_batch); 1 is the configs' setting",
     )  # fmt: skip
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--data", choices=["auto", "mnist", "random"], default="auto")
@@ -273,14 +288,15 @@ def main(argv: list[str] | None = None) -> None:
                 max_batches = args.max_batches or None
             else:
                 max_batches = None if use_gpu else CPU_MAX_BATCHES[case]
-            rows += run_case(case, x_u8, args.precisions, repeats, max_batches, device, accelerator, Path(tmp))
+            for spb in args.steps_per_batch if case == "cm" else [1]:
+                rows += run_case(case, x_u8, args.precisions, repeats, max_batches, device, accelerator, Path(tmp), spb)
 
-    cols = ["case", "precision", "lightning_s", "plain_s", "ratio", "device"]
+    cols = ["case", "precision", "steps_per_batch", "lightning_s", "plain_s", "ratio", "device"]
     print("\n| " + " | ".join(cols) + " |\n|" + " --- |" * len(cols))
     for row in rows:
         print("| " + " | ".join(str(row[c]) for c in cols) + " |")
     for case in args.cases:
-        by_precision = {r["precision"]: r for r in rows if r["case"] == case}
+        by_precision = {r["precision"]: r for r in rows if r["case"] == case and r["steps_per_batch"] == 1}
         if {"32-true", "bf16-mixed"} <= set(by_precision):
             speedup = by_precision["32-true"]["lightning_s"] / by_precision["bf16-mixed"]["lightning_s"]
             print(f"{case}: protos bf16-mixed epoch is {speedup:.2f}x the speed of 32-true")
