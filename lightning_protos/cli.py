@@ -3,21 +3,27 @@
 protos fit --config configs/cm_mnist.yaml [--data.data_dir DIR] [--seed_everything 1]
 protos test --config configs/cm_mnist.yaml --ckpt_path RUN/checkpoints/last.ckpt
 protos predict --config configs/cm_mnist.yaml --ckpt_path ...   # RUN/predictions.csv
+protos inspect --config configs/vaesim_mnist.yaml --ckpt_path ...   # test + RUN/inspect/*.png
 protos bench --config configs/bench/smoke.yaml [--jobs N] [--report]
 """
 
 from __future__ import annotations
 
 import sys
+import warnings
+import zipfile
 from argparse import ArgumentError
+from pathlib import Path
 
 import torch
+from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from .data import DATASETS, ArrayDataModule
 from .errors import ProtosError
-from .eval.callbacks import AssignmentWriter, ClusteringEvaluator
+from .eval.callbacks import AssignmentWriter, ClusteringEvaluator, run_dir
+from .eval.images import InspectionImages
 from .eval.probes import ProbeEvaluator
 from .methods.base import ClusteringMethod
 
@@ -27,10 +33,13 @@ class ProtosCLI(LightningCLI):
     data to the model, and a final test pass on the trained model after ``fit``.
 
     Every run directory (``lightning_logs/version_N`` by default, TensorBoard) holds
-    ``config.yaml``, ``checkpoints/{last,best}.ckpt`` and ``metrics.json``.
+    ``config.yaml``, ``checkpoints/{last,best}.ckpt`` and ``metrics.json``. With ``inspect``
+    (``protos inspect``, run as ``test``) the test also writes the pictures of
+    :class:`InspectionImages` as ``RUN/inspect/*.png``.
     """
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, inspect: bool = False, **kwargs) -> None:
+        self.inspect = inspect
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_kwargs", {"default_env": False})
         super().__init__(
@@ -73,6 +82,19 @@ class ProtosCLI(LightningCLI):
         parser.add_argument("--final_test", type=bool, default=True, help="test the trained model after fit")
         parser.link_arguments("data.input_shape", "model.init_args.input_shape", apply_on="instantiate")
 
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand) if self.subcommand else None
+        if self.subcommand == "fit" and config is not None and config.get("ckpt_path") == "last":
+            continue_last_run(config)
+
+    def before_test(self) -> None:
+        if self.inspect:
+            pictures = [c for c in self.trainer.callbacks if isinstance(c, InspectionImages)]
+            if not pictures:
+                pictures = [InspectionImages()]
+                self.trainer.callbacks.append(pictures[0])
+            pictures[0].save_png = True
+
     def after_fit(self) -> None:
         if self.config[self.subcommand].final_test and not self.trainer.interrupted:
             self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
@@ -82,7 +104,34 @@ class ProtosCLI(LightningCLI):
                 metrics.update(probes.results.get("test", {}))
             if self.trainer.is_global_zero:
                 shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-                print(f"final evaluation: {shown}\nrun directory: {self.trainer.log_dir}")
+                print(f"final evaluation: {shown}\nrun directory: {run_dir(self.trainer)}")
+
+
+def continue_last_run(config) -> None:
+    """``fit --ckpt_path last``: continue the newest run under the logger's folder that has a
+    ``checkpoints/last.ckpt`` (or the run the logger's ``version`` names), in that same run
+    directory, so its TensorBoard curves, checkpoints and ``metrics.json`` carry on. Lightning's
+    own ``last`` looks in the new run's directory, where nothing is yet. For the default logger
+    and a configured TensorBoardLogger / CSVLogger."""
+    trainer, logger = config.trainer, config.trainer.get("logger")
+    if logger in (None, True):
+        init_args = Namespace(save_dir=trainer.get("default_root_dir") or ".", name="lightning_logs", version=None)
+        trainer.logger = Namespace(class_path="lightning.pytorch.loggers.TensorBoardLogger", init_args=init_args)
+    elif isinstance(logger, Namespace) and "init_args" in logger:
+        init_args = logger.init_args
+    else:
+        raise ProtosError("--ckpt_path last needs the default logger or one TensorBoardLogger / CSVLogger")
+    folder = Path(init_args.get("save_dir") or ".", init_args.get("name") or "")
+    if init_args.get("version") not in (None, ""):
+        last = folder / str(init_args.version) / "checkpoints" / "last.ckpt"
+    else:
+        found = sorted(folder.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        last = found[-1] if found else folder / "*" / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        raise ProtosError(f"--ckpt_path last: no {last} to continue")
+    init_args.version = last.parents[1].name
+    config.ckpt_path = str(last)
+    print(f"continuing {last.parents[1]} from {last.name}", file=sys.stderr)
 
 
 def check_cuda_arch(capability: tuple[int, int], arch_list: list[str]) -> str | None:
@@ -139,8 +188,36 @@ def _protos_cause(err: BaseException) -> BaseException | None:
     return None
 
 
+def check_checkpoint(args: list[str]) -> str | None:
+    """``None`` if the ``--ckpt_path`` among ``args`` (if any) is a readable checkpoint file or one
+    of Lightning's names (``last``, ``best``, ...), else a one-line reason: a missing file, or a
+    truncated or foreign one (a checkpoint is a zip archive; its members are checked whole)."""
+    values = [a.split("=", 1)[1] for a in args if a.startswith("--ckpt_path=")]
+    values += [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--ckpt_path"]
+    for value in values:
+        path = Path(value).expanduser()
+        if value in ("last", "best", "hpc", "registry") or "://" in value:
+            continue
+        if not path.is_file():
+            return f"checkpoint {path}: no such file"
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError) as err:
+            return f"checkpoint {path} is unreadable (truncated, or not a checkpoint): {err}"
+        if bad is not None:
+            return f"checkpoint {path} is corrupt: member {bad} fails its checksum"
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
+    problem = check_checkpoint(args)
+    if problem:
+        sys.exit(f"protos: error: {problem}")
+    inspect = bool(args) and args[0] == "inspect"
+    if inspect and not any(a == "--ckpt_path" or a.startswith("--ckpt_path=") for a in args):
+        sys.exit("protos: error: inspect needs --ckpt_path CHECKPOINT, the trained model to draw")
     if args and args[0] in ("bench", "report"):
         from .bench.runner import main as bench_main
 
@@ -150,7 +227,10 @@ def main(argv: list[str] | None = None) -> None:
         if problem:
             sys.exit(f"protos: error: {problem}")
     try:
-        ProtosCLI(args=argv)  # None: LightningCLI reads sys.argv itself (no double-args warning)
+        with warnings.catch_warnings():  # inspect runs `test`, handing the CLI its own args
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            # None: LightningCLI reads sys.argv itself (no double-args warning)
+            ProtosCLI(args=["test", *args[1:]] if inspect else argv, inspect=inspect)
     except ArgumentError as err:  # a bad option, value, class path or config file
         print(f"protos: error: {one_line(str(err))}", file=sys.stderr)
         sys.exit(2)

@@ -88,3 +88,31 @@ def make_trainer(**kwargs) -> L.Trainer:
 @pytest.fixture
 def trainer_factory():
     return make_trainer
+
+
+def cli_fit_then_predict(tmp_path: Path, capsys, config: str, data: Path, *model_args: str) -> tuple[Path, list]:
+    """``protos fit`` (1-2 epochs, batch 8) of ``configs/CONFIG`` on an ``.npz`` file, checking
+    the final evaluation prints the probes, then ``protos predict`` of its ``last.ckpt``:
+    returns the predict run directory and the rows of its ``predictions.csv``."""
+    import csv
+    import json
+
+    from lightning_protos.cli import main
+
+    args = [
+        "--config", str(ROOT / "configs" / config),
+        "--data", "lightning_protos.data.ArrayFile", "--data.path", str(data), "--data.batch_size", "8",
+        *model_args, "--trainer.check_val_every_n_epoch", "1",
+        "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false",
+    ]  # fmt: skip
+    main(["fit", *args])
+    out = capsys.readouterr().out
+    assert "final evaluation: acc=" in out
+    assert "stat_acc=" in out
+    run = tmp_path / "lightning_logs" / "version_0"
+    assert {"stat_acc", "knn_acc", "linear_acc"} <= set(json.loads((run / "metrics.json").read_text())["test"])
+    main(["predict", *args, "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
+    predicted = tmp_path / "lightning_logs" / "version_1"
+    with open(predicted / "predictions.csv") as f:
+        return predicted, list(csv.DictReader(f))

@@ -200,7 +200,8 @@ def test_last_ckpt_is_written_at_the_end_of_every_epoch(tmp_path):
     import lightning as L
 
     class SeenAtEpochStart(L.Callback):
-        epochs: list[int] = []
+        def __init__(self) -> None:
+            self.epochs: list[int] = []
 
         def on_train_epoch_start(self, trainer, pl_module):
             path = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
@@ -212,4 +213,22 @@ def test_last_ckpt_is_written_at_the_end_of_every_epoch(tmp_path):
     cli.ProtosCLI(args=args, trainer_defaults={"callbacks": [seen]})
     assert seen.epochs == [0, 1]
     names = {p.name for p in (tmp_path / "lightning_logs" / "version_0" / "checkpoints").iterdir()}
-    assert "last.ckpt" in names and names <= {"last.ckpt", "best.ckpt"}  # one rolling file
+    assert "last.ckpt" in names
+    assert names <= {"last.ckpt", "best.ckpt"}  # one rolling file
+
+
+def test_fit_ckpt_path_last_continues_the_newest_run_in_its_own_directory(tmp_path, capsys):
+    code, _, err = run_main(["fit", *digits(tmp_path, "--ckpt_path", "last")], capsys)
+    assert code == 1
+    assert "last.ckpt to continue" in protos_error(err)
+
+    first = ["fit", *digits(tmp_path, "--trainer.max_epochs", "2", "--final_test", "false")]
+    assert run_main(first, capsys)[0] == 0
+    again = ["fit", *digits(tmp_path, "--trainer.max_epochs", "4", "--ckpt_path", "last")]
+    code, _, err = run_main(again, capsys)
+    assert code == 0, err
+    run = tmp_path / "lightning_logs" / "version_0"
+    assert f"continuing {run}" in err
+    assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0"]
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 3
+    assert "test" in json.loads((run / "metrics.json").read_text())

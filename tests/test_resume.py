@@ -1,16 +1,21 @@
-"""Exact resume: a run stopped after an epoch and resumed from its checkpoint ends where an
-uninterrupted run with the same seed ends (same batches, same averaging epoch, same centroids)."""
+"""Exact resume: a run stopped after an epoch, or killed in the middle of one, and resumed from
+its checkpoint ends where an uninterrupted run with the same seed ends (same batches, same
+averaging epoch, same random draws, same centroids and buffers, same metrics)."""
 
 from __future__ import annotations
 
 import lightning as L
 import pytest
 import torch
+from conftest import TwoSplits, make_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_protos.data import Digits
+from lightning_protos.data.base import EpochShuffle, ResumableLoader, TensorBatches, collate_batch
+from lightning_protos.eval.metrics import clustering_scores
 from lightning_protos.methods.aecm import AECM
 from lightning_protos.methods.cm import CM
+from lightning_protos.methods.vaesim import VAESim
 
 
 def _fit(tmp_path, model, epochs: int, ckpt_path=None) -> L.Trainer:
@@ -56,3 +61,155 @@ def test_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path, make, epoch
     with torch.no_grad():
         assert torch.allclose(straight.prototypes(), resumed.prototypes(), atol=1e-6)
         assert torch.equal(straight.predict_clusters(x), resumed.predict_clusters(x))
+
+
+# -- mid-epoch: a run killed between two batches --------------------------------------
+class Killed(RuntimeError):
+    """Stands for the job being killed."""
+
+
+class KillAt(L.Callback):
+    """Raises :class:`Killed` before the batch after ``step`` optimiser steps, i.e. once the
+    step's checkpoint is on disk (checkpoint callbacks run last in ``on_train_batch_end``)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if pl_module.global_step == self.step:
+            raise Killed(f"killed at step {self.step}, batch {batch_idx} of epoch {trainer.current_epoch}")
+
+
+def _run(root, make, dm, epochs: int, kill_at: int | None = None, ckpt_path=None, seed: int = 0):
+    """A fit that saves a checkpoint every ``kill_at`` steps (and dies at ``kill_at``)."""
+    L.seed_everything(seed, verbose=False)
+    model = make()
+    callbacks = [] if kill_at is None else [KillAt(kill_at)]
+    if kill_at is not None:
+        callbacks.append(ModelCheckpoint(dirpath=root, every_n_train_steps=kill_at, save_top_k=-1, filename="{step}"))
+    trainer = make_trainer(max_epochs=epochs, callbacks=callbacks, enable_checkpointing=kill_at is not None)
+    if kill_at is not None:
+        with pytest.raises(Killed):
+            trainer.fit(model, dm(), ckpt_path=ckpt_path)
+        return model, trainer
+    trainer.fit(model, dm(), ckpt_path=ckpt_path)
+    return model, trainer
+
+
+def _scores(model, dm) -> dict[str, float]:
+    data = dm()
+    x, y = data.features("eval"), data.labels("eval")
+    model.eval()
+    with torch.no_grad():
+        return clustering_scores(y.numpy(), model.predict_clusters(x).numpy())
+
+
+def _assert_same_state(a, b) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def digits64():
+    return Digits(batch_size=64, flatten=True)  # 1797 samples: 29 batches an epoch
+
+
+def tiny_images():
+    """48 random 1 x 28 x 28 images, 3 batches an epoch (VAESim's smallest input)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (48, 1, 28, 28), dtype=torch.uint8, generator=g)
+    return TwoSplits((x, torch.arange(48) % 2), batch_size=16, eval_batch_size=48)
+
+
+PRETRAINED = {"init": "pretrained", "cm_epochs": 1, "pretrain_cache": False}
+MID_EPOCH = {
+    # (model, data, epochs, killed after this many steps: mid-epoch, in the averaging epoch)
+    "cm": (lambda: CM(10, (64,), alpha=20.0, init="kmeans++"), digits64, 3, 2 * 29 + 11),
+    "aecm": (
+        lambda: AECM(10, (64,), latent_dim=5, hidden=(16,), alpha=20.0, pretrain_epochs=1, **PRETRAINED),
+        digits64,
+        4,
+        3 * 29 + 7,
+    ),
+    # VAESim draws its assignments and the reparameterisation noise from the global generator:
+    # the resumed run must restore it, and the temperature position, mid-epoch
+    "vaesim": (
+        lambda: VAESim(n_clusters=4, latent_dim=4, channels=(4, 8, 8), assign="sample", lr=1e-3),
+        tiny_images,
+        3,
+        4,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(MID_EPOCH))
+def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path, name):
+    make, dm, epochs, kill_at = MID_EPOCH[name]
+    straight, _ = _run(None, make, dm, epochs)
+    _, killed = _run(tmp_path, make, dm, epochs, kill_at=kill_at)
+    assert 0 < killed.fit_loop.epoch_loop.batch_progress.current.completed < killed.num_training_batches
+    ckpt = tmp_path / f"step={kill_at}.ckpt"
+    # a fresh process: another seed, fresh weights; everything comes from the checkpoint
+    resumed, trainer = _run(None, make, dm, epochs, ckpt_path=ckpt, seed=123)
+    assert trainer.global_step == epochs * trainer.num_training_batches
+    with torch.no_grad():
+        torch.testing.assert_close(resumed.prototypes(), straight.prototypes(), rtol=1e-5, atol=1e-6)
+    _assert_same_state(resumed, straight)
+    assert _scores(resumed, dm) == pytest.approx(_scores(straight, dm), abs=1e-9)
+
+
+def test_the_loader_skips_the_batches_served_before_a_mid_epoch_checkpoint():
+    dataset = TensorBatches(torch.arange(10).reshape(10, 1), None, with_labels=False)
+
+    def loader():
+        return ResumableLoader(dataset, batch_size=3, sampler=EpochShuffle(dataset, seed=5), collate_fn=collate_batch)
+
+    first = loader()
+    first.sampler.set_epoch(2)
+    full = [b["index"].tolist() for b in first]
+    it = iter(first)
+    seen = [next(it)["index"].tolist(), next(it)["index"].tolist()]
+    assert seen == full[:2]
+    state = first.state_dict()
+    assert state == {"epoch": 2, "batches": 2, "seed": 5}
+    again = loader()
+    again.sampler.seed = 99  # a resumed job started with another seed shuffles as the checkpointed one
+    again.load_state_dict(state)
+    again.sampler.set_epoch(2)
+    assert [b["index"].tolist() for b in again] == full[2:]
+    assert again.state_dict() == {"epoch": 2, "batches": len(full), "seed": 5}  # counts the skipped batches too
+    # a checkpoint at an epoch's end resumes at the next epoch's first batch
+    later = loader()
+    later.load_state_dict({"epoch": 2, "batches": len(full)})
+    later.sampler.set_epoch(3)
+    assert len([b for b in later]) == len(full)
+
+
+# -- a non-finite loss: the run stops, the last good checkpoint stays --------------------
+class PoisonAt(L.Callback):
+    """Puts a NaN into the batch of step ``step`` (bad data, or an overflow, in a long run)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if pl_module.global_step == self.step:
+            batch["x"][0, 0] = float("nan")
+
+
+def test_a_nan_stops_the_run_naming_term_and_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    L.seed_everything(0, verbose=False)
+    # as the CLI's last_checkpoint: a rolling last.ckpt written at every epoch's end
+    last = ModelCheckpoint(
+        dirpath=tmp_path, filename="last", save_top_k=1, enable_version_counter=False, save_on_train_epoch_end=True
+    )
+    trainer = make_trainer(max_epochs=5, callbacks=[last, PoisonAt(2 * 29 + 5)], enable_checkpointing=True)
+    model = CM(10, (64,), alpha=20.0, init="kmeans++")
+    with pytest.raises(FloatingPointError, match=r"^non-finite loss term E1, E2, E3, E4 at epoch 2, step 63: "):
+        trainer.fit(model, digits64())
+    ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)  # loads: written whole, before the NaN
+    assert (ckpt["epoch"], ckpt["global_step"]) == (1, 2 * 29)  # the end of the last complete epoch
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+    resumed = CM.load_from_checkpoint(tmp_path / "last.ckpt")
+    assert torch.isfinite(resumed.prototypes()).all()

@@ -12,7 +12,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TwoSplits, make_trainer
+from conftest import TwoSplits, cli_fit_then_predict, make_trainer
 from sklearn.datasets import make_blobs
 from sklearn.metrics.pairwise import cosine_similarity
 from torch.distributions import Normal, kl_divergence
@@ -20,7 +20,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from lightning_protos.errors import ProtosError
 from lightning_protos.eval.callbacks import AssignmentWriter, ClusteringEvaluator
-from lightning_protos.eval.images import PrototypeImages
+from lightning_protos.eval.images import InspectionImages
 from lightning_protos.eval.probes import ProbeEvaluator, knn_accuracy, linear_probe_accuracy, statistical_accuracy
 from lightning_protos.methods.vae import VAE, VAEKMeans
 from lightning_protos.methods.vaesim import VAESim
@@ -362,7 +362,7 @@ def test_short_fit_end_to_end_with_augmentation_probes_and_gallery(tmp_path):
         assert {"acc", "nmi", "stat_acc", "knn_acc", "linear_acc", "linear_acc_reference"} <= set(metrics[stage])
         assert all(0 <= metrics[stage][k] <= 1 for k in ("stat_acc", "knn_acc", "linear_acc"))
     assert "test/knn_acc" in trainer.callback_metrics
-    grid = PrototypeImages().gallery(model)
+    grid = InspectionImages(latent_map="pca").pictures(model, dm).grids["prototypes"]
     assert grid.ndim == 3  # the 4 decoded 28x28 prototypes in one RGB grid
     assert grid.shape[0] == 3
 
@@ -408,29 +408,13 @@ def test_vae_kmeans_elbow_finds_the_blobs_of_its_codes():
 
 
 def test_cli_fit_then_predict_writes_the_stratification_csvs(tmp_path, capsys):
-    from lightning_protos.cli import main
-
     g = np.random.default_rng(0)
     data = tmp_path / "xray.npz"
     np.savez(data, X=g.integers(0, 256, (24, 1, 28, 28), dtype=np.uint8), y=np.arange(24) % 2)
-    args = [
-        "--config", str(ROOT / "configs" / "vaesim_pneumonia.yaml"),
-        "--data", "lightning_protos.data.ArrayFile", "--data.path", str(data), "--data.batch_size", "8",
-        "--model.n_clusters", "4", "--model.latent_dim", "4", "--model.channels", "[4, 8, 8]",
-        "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1",
-        "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false",
-    ]  # fmt: skip
-    main(["fit", *args])
-    out = capsys.readouterr().out
-    assert "final evaluation: acc=" in out
-    assert "stat_acc=" in out
-    run = tmp_path / "lightning_logs" / "version_0"
-    assert {"stat_acc", "knn_acc", "linear_acc"} <= set(json.loads((run / "metrics.json").read_text())["test"])
-    main(["predict", *args, "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
-    predicted = tmp_path / "lightning_logs" / "version_1"
-    with open(predicted / "predictions.csv") as f:
-        rows = list(csv.DictReader(f))
+    model = ["--model.n_clusters", "4", "--model.latent_dim", "4", "--model.channels", "[4, 8, 8]"]
+    predicted, rows = cli_fit_then_predict(
+        tmp_path, capsys, "vaesim_pneumonia.yaml", data, *model, "--trainer.max_epochs", "1"
+    )
     assert len(rows) == 24
     assert {"sim_0", "sim_3", "p_3", "label", "cluster"} <= set(rows[0])
     with open(predicted / "prototype_neighbours.csv") as f:

@@ -12,11 +12,13 @@ Training batches carry no labels (``{"x", "index"}``): a method cannot read them
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
@@ -74,7 +76,7 @@ class TensorBatches(Dataset):
 
     def __getitems__(self, indices: list[int]) -> dict[str, Tensor]:
         index = torch.as_tensor(indices, dtype=torch.long)
-        batch = {"x": to_float(self.x[index]), "index": index}
+        batch = {"x": to_float(self.x[index.to(self.x.device)]), "index": index}
         if self.with_labels:
             batch["y"] = self.y[index]
         return batch
@@ -106,6 +108,46 @@ class EpochShuffle(RandomSampler):
         return iter(torch.randperm(self.n, generator=generator).tolist())
 
 
+class ResumableLoader(DataLoader):
+    """A ``DataLoader`` that resumes in the middle of an epoch.
+
+    Lightning stores the ``state_dict`` of a loader that has one in every checkpoint and hands
+    it back through ``load_state_dict`` on resume. The state is the sampler's epoch and the
+    batches served in it so far; the next pass over that same epoch skips them, so that a run
+    resumed from a mid-epoch checkpoint trains on the batches an uninterrupted run trains on
+    (:class:`EpochShuffle` gives the same permutation for the same epoch). Batches are counted
+    where they are served, so worker prefetching does not shift the count, and skipped by
+    drawing them (in-memory batches cost little), which works with :class:`EpochShuffle` and
+    with the ``DistributedSampler`` Lightning puts in its place under DDP (both carry
+    ``epoch``). A checkpoint taken at an epoch's end resumes at the next epoch's first batch.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._epoch, self._served = 0, 0
+        self._resume: tuple[int, int] | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._epoch, "batches": self._served, "seed": int(getattr(self.sampler, "seed", 0))}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume after ``state["batches"]`` of epoch ``state["epoch"]``, shuffling with the
+        checkpointed run's seed (a resumed job may be started with another)."""
+        self._resume = (int(state["epoch"]), int(state["batches"]))
+        if "seed" in state and hasattr(self.sampler, "seed"):
+            self.sampler.seed = int(state["seed"])
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        # a generator: this runs at the first batch, after Lightning's set_epoch
+        self._epoch = int(getattr(self.sampler, "epoch", 0))
+        skip = self._resume[1] if self._resume is not None and self._resume[0] == self._epoch else 0
+        self._resume, self._served = None, 0
+        for batch in super().__iter__():
+            self._served += 1
+            if self._served > skip:
+                yield batch
+
+
 class ArrayDataModule(L.LightningDataModule):
     """Base DataModule over in-memory tensors.
 
@@ -121,6 +163,9 @@ class ArrayDataModule(L.LightningDataModule):
         flatten: serve ``(B, D)`` vectors instead of ``(B, C, H, W)`` images.
         num_workers: DataLoader workers (0 is fastest for in-memory batches).
         download: fetch missing files where the source allows it.
+        device_fraction: on a GPU, the whole data set moves there once (and batches are sliced
+            there) when it takes at most this share of the GPU's free memory and
+            ``num_workers`` is 0; 0 keeps the data on the host.
     """
 
     name: str = "array"
@@ -134,8 +179,11 @@ class ArrayDataModule(L.LightningDataModule):
         flatten: bool = False,
         num_workers: int = 0,
         download: bool = True,
+        device_fraction: float = 0.5,
     ) -> None:
         super().__init__()
+        if not 0 <= device_fraction <= 1:
+            raise DataError(f"device_fraction must be in [0, 1], got {device_fraction}")
         if batch_size < 1:
             raise DataError(f"batch_size must be >= 1, got {batch_size}")
         if fit_on not in ("train", "all"):
@@ -144,8 +192,10 @@ class ArrayDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.fit_on, self.flatten = fit_on, flatten
         self.num_workers, self.download = num_workers, download
+        self.device_fraction = device_fraction
         self._splits: dict[str, tuple[Tensor, Tensor | None]] | None = None
         self._all: tuple[Tensor, Tensor | None] | None = None
+        self._sample_shape: tuple[int, ...] = ()
 
     # -- subclasses -------------------------------------------------------------------
     def load(self) -> dict[str, tuple[Tensor, Tensor | None]]:
@@ -156,7 +206,15 @@ class ArrayDataModule(L.LightningDataModule):
     @property
     def splits(self) -> dict[str, tuple[Tensor, Tensor | None]]:
         if self._splits is None:
-            splits = self.load()
+            try:
+                splits = self.load()
+            except DataError:
+                raise
+            except Exception as err:  # a corrupt or truncated file: one line, no traceback
+                cause = (str(err).splitlines() or [""])[0][:200]
+                where = getattr(self, "path", self.root)  # ArrayFile / ImageFolder name their file or folder
+                raise DataError(f"{self.name}: cannot read {where}: {type(err).__name__}: {cause}") from None
+            self._sample_shape = tuple(next(iter(splits.values()))[0].shape[1:])
             if self.flatten:
                 splits = {k: (x.reshape(len(x), -1), y) for k, (x, y) in splits.items()}
             self._splits = splits
@@ -180,11 +238,49 @@ class ArrayDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self.splits  # noqa: B018
+        device = self.resident_device()
+        if device is not None:
+            self.move_to(device)
+
+    def resident_device(self) -> torch.device | None:
+        """The accelerator to hold the whole data set on, or ``None`` to keep it on the host: the
+        trainer's root device when it is a GPU, ``num_workers`` is 0 (workers cannot share GPU
+        tensors) and the features take at most ``device_fraction`` of its free memory."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or self.num_workers or not self.device_fraction:
+            return None
+        device = trainer.strategy.root_device
+        if device.type != "cuda":
+            return None
+        free, _ = torch.cuda.mem_get_info(device)
+        return device if self._feature_tensors_nbytes() <= self.device_fraction * free else None
+
+    def _feature_tensors(self) -> list[Tensor]:
+        self._split("fit")  # the concatenation of fit_on: all is built first, and moved with the rest
+        return [x for x, _ in self.splits.values()] + ([self._all[0]] if self._all is not None else [])
+
+    def _feature_tensors_nbytes(self) -> int:
+        return sum(x.numel() * x.element_size() for x in self._feature_tensors() if x.device.type == "cpu")
+
+    def move_to(self, device: torch.device) -> None:
+        """Moves the features of every split to ``device`` once (labels stay on the host, where
+        evaluation reads them); batches are then sliced there."""
+        self._split("fit")
+        self._splits = {k: (x.to(device), y) for k, (x, y) in self.splits.items()}
+        if self._all is not None:
+            self._all = (self._all[0].to(device), self._all[1])
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         """Shape of one sample as served, e.g. ``(1, 28, 28)`` or ``(784,)``."""
         return tuple(self._split("fit")[0].shape[1:])
+
+    @property
+    def image_shape(self) -> tuple[int, int, int] | None:
+        """``(C, H, W)`` of one sample as read, before ``flatten``, for image data; else ``None``."""
+        self.splits  # noqa: B018
+        shape = self._sample_shape
+        return shape if len(shape) == 3 and shape[0] in (1, 3) else None
 
     @property
     def input_dim(self) -> int:
@@ -213,14 +309,27 @@ class ArrayDataModule(L.LightningDataModule):
     def _loader(self, stage: Literal["fit", "eval"], shuffle: bool, batch_size: int, labels: bool):
         x, y = self._split(stage)
         dataset = TensorBatches(x, y, with_labels=labels)
-        return DataLoader(
+        seed = torch.initial_seed() % 2**31  # set by seed_everything (the CLI's seed_everything)
+        if shuffle:  # one permutation per epoch; Lightning swaps in its DistributedSampler under DDP
+            sampler = EpochShuffle(dataset, seed)
+        elif self.trainer is not None and self.trainer.world_size > 1:
+            # evaluation under DDP: each rank takes every world_size-th sample, none twice (the
+            # evaluators gather the shards, so every metric covers the whole set exactly once)
+            sampler = UnrepeatedDistributedSampler(
+                dataset, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
+            )
+        else:
+            sampler = None
+        return ResumableLoader(
             dataset,
             batch_size=batch_size,
-            # seeded by seed_everything (the CLI's seed_everything), one permutation per epoch
-            sampler=EpochShuffle(dataset, torch.initial_seed() % 2**31) if shuffle else None,
+            sampler=sampler,
             collate_fn=collate_batch,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            # the loader's own generator: creating an iterator leaves the global RNG (whose state
+            # a checkpoint holds) untouched
+            generator=torch.Generator().manual_seed(seed),
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -16,8 +16,14 @@ from .metrics import clustering_scores
 
 
 def run_dir(trainer: L.Trainer) -> Path:
-    """The run directory: the logger's version folder, else the trainer's root."""
-    return Path(trainer.log_dir or trainer.default_root_dir)
+    """The run directory: the first logger's version folder, else the trainer's root.
+
+    Read from the logger here, not through ``trainer.log_dir``: that is a broadcast under DDP,
+    which would hang the rank-zero-only writers that call this.
+    """
+    logger = trainer.loggers[0] if trainer.loggers else None
+    folder = (getattr(logger, "log_dir", None) or logger.save_dir) if logger is not None else None
+    return Path(folder or trainer.default_root_dir)
 
 
 def record_metrics(trainer: L.Trainer, stage: str, scores: dict[str, float]) -> None:
@@ -35,6 +41,23 @@ def record_metrics(trainer: L.Trainer, stage: str, scores: dict[str, float]) -> 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(results, indent=2))
     os.replace(tmp, path)
+
+
+def gather_shards(trainer: L.Trainer, pl_module, shard: Tensor) -> Tensor:
+    """Every rank's ``(n_r, ...)`` shard, concatenated on the host, ``(sum_r n_r, ...)``.
+
+    Under DDP each rank evaluates a disjoint shard of the evaluation set, no sample twice (see
+    ``ArrayDataModule``), so the shards may differ in length by one: they are padded to the
+    longest, gathered on the module's device (NCCL gathers GPU tensors only) and trimmed.
+    """
+    if trainer.world_size == 1:
+        return shard.cpu()
+    shard = shard.to(pl_module.device)
+    sizes = pl_module.all_gather(torch.tensor(len(shard), device=pl_module.device)).reshape(-1).tolist()
+    padded = shard.new_zeros((max(sizes), *shard.shape[1:]))
+    padded[: len(shard)] = shard
+    gathered = pl_module.all_gather(padded)  # (world_size, max(sizes), ...)
+    return torch.cat([part[:n] for part, n in zip(gathered, sizes, strict=True)]).cpu()
 
 
 class EvaluationCallback(L.Callback):
@@ -100,12 +123,12 @@ class ClusteringEvaluator(EvaluationCallback):
     def _finish(self, stage: str, trainer: L.Trainer, pl_module) -> None:
         if not self._preds:
             return
-        preds = pl_module.all_gather(torch.cat(self._preds)).reshape(-1).cpu()
+        preds = gather_shards(trainer, pl_module, torch.cat(self._preds))
         scores: dict[str, float] = {}
         if self._labels:
-            labels = pl_module.all_gather(torch.cat(self._labels)).reshape(-1).cpu()
+            labels = gather_shards(trainer, pl_module, torch.cat(self._labels))
             scores.update(clustering_scores(labels.numpy(), preds.numpy()))
-        for name, value in self._criteria.items():
+        for name, value in self._criteria.items():  # sums over each rank's shard
             scores[name] = float(pl_module.all_gather(value.to(pl_module.device)).sum())
         scores["n_clusters_used"] = int(preds.unique().numel())
         pl_module.log_dict({f"{stage}/{k}": float(v) for k, v in scores.items()}, sync_dist=False, rank_zero_only=True)
@@ -143,10 +166,17 @@ class AssignmentWriter(BasePredictionWriter):
         self.filename, self.neighbours_filename, self.n_nearest = filename, neighbours_filename, n_nearest
 
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
-        if not predictions or (trainer.world_size > 1 and not trainer.is_global_zero):
+        if not predictions:
             return
         batches = predictions[0] if isinstance(predictions[0], list) else predictions
-        out = {key: torch.cat([b[key].detach().cpu() for b in batches]) for key in batches[0]}
+        # under DDP every rank predicted its own shard: gathered, then written by rank zero
+        out = {
+            key: gather_shards(trainer, pl_module, torch.cat([b[key].detach() for b in batches])) for key in batches[0]
+        }
+        if not trainer.is_global_zero:
+            return
+        order = out["index"].argsort()
+        out = {key: value[order] for key, value in out.items()}
         folder = run_dir(trainer)
         folder.mkdir(parents=True, exist_ok=True)
         self._write_predictions(folder / self.filename, out)

@@ -87,6 +87,18 @@ def linear_probe_accuracy(
             return float((layer(eval_x).argmax(1) == eval_labels).float().mean())
 
 
+@torch.no_grad()
+def embed_and_assign(pl_module, x: Tensor, batch_size: int) -> tuple[Tensor, Tensor]:
+    """``embed`` ``(N, p)`` float32 on the method's device and ``predict_clusters`` ``(N,)`` on
+    the CPU of the inputs ``x`` ``(N, *input_shape)``, in batches of ``batch_size``."""
+    z, k = [], []
+    for i in range(0, len(x), batch_size):
+        xb = x[i : i + batch_size].to(pl_module.device)
+        z.append(pl_module.embed(xb).float())
+        k.append(pl_module.predict_clusters(xb))
+    return torch.cat(z), torch.cat(k).cpu()
+
+
 class ProbeEvaluator(L.Callback):
     """Statistical, kNN and linear-probe accuracy at the end of validation and test.
 
@@ -129,23 +141,14 @@ class ProbeEvaluator(L.Callback):
         self.seed = seed
         self.results: dict[str, dict[str, float]] = {}
 
-    @torch.no_grad()
-    def _outputs(self, pl_module, x: Tensor, batch_size: int) -> tuple[Tensor, Tensor]:
-        z, k = [], []
-        for i in range(0, len(x), batch_size):
-            xb = x[i : i + batch_size].to(pl_module.device)
-            z.append(pl_module.embed(xb).float())
-            k.append(pl_module.predict_clusters(xb))
-        return torch.cat(z), torch.cat(k).cpu()
-
     def scores(self, pl_module, datamodule) -> dict[str, float]:
         """The probes' accuracies for ``pl_module`` on ``datamodule`` (empty without labels)."""
         fit_y, eval_y = datamodule.labels("fit"), datamodule.labels("eval")
         if fit_y is None or eval_y is None:
             return {}
         batch_size = getattr(datamodule, "eval_batch_size", 1024)
-        fit_z, fit_k = self._outputs(pl_module, datamodule.features("fit"), batch_size)
-        eval_z, eval_k = self._outputs(pl_module, datamodule.features("eval"), batch_size)
+        fit_z, fit_k = embed_and_assign(pl_module, datamodule.features("fit"), batch_size)
+        eval_z, eval_k = embed_and_assign(pl_module, datamodule.features("eval"), batch_size)
         fit_y, eval_y, k = fit_y.cpu(), eval_y.cpu(), self.knn_k
         out = {
             "stat_acc": statistical_accuracy(fit_k.numpy(), fit_y.numpy(), eval_k.numpy(), eval_y.numpy()),

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import math
+import random
+from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import ProtosError
 
@@ -16,6 +21,29 @@ def check_positive(**values: float) -> None:
     for name, value in values.items():
         if not value > 0:
             raise ProtosError(f"{name} must be > 0, got {value}")
+
+
+def rng_state() -> dict[str, Any]:
+    """The global random generators' states (torch, CUDA, NumPy, Python) as tensors and plain
+    Python values, so that a checkpoint holding them loads with ``weights_only``."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restores what :func:`rng_state` returned (CUDA only onto as many devices)."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
 
 
 class ClusteringMethod(L.LightningModule):
@@ -44,6 +72,7 @@ class ClusteringMethod(L.LightningModule):
         self.input_dim = math.prod(self.input_shape)
         self._term_sums: dict[str, Tensor] = {}
         self._term_steps = 0
+        self._resumed: dict[str, Any] | None = None  # what on_load_checkpoint read, until the next batch
 
     # -- the contract -----------------------------------------------------------------
     def embed(self, x: Tensor) -> Tensor:
@@ -106,6 +135,69 @@ class ClusteringMethod(L.LightningModule):
         if self._term_steps:
             self.log_dict({k: v / self._term_steps for k, v in self._term_sums.items()}, sync_dist=True)
         self._term_sums, self._term_steps = {}, 0
+
+    # -- exact resume -----------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Beside the parameters and buffers: the random generators (VAESim's draws, the noise of
+        the VAEs and the MMD) and the loss sums of the epoch so far, so that a run resumed from a
+        checkpoint, even one taken mid-epoch, continues as the uninterrupted run."""
+        checkpoint["protos_resume"] = {
+            "rng": rng_state(),
+            "epoch": self.current_epoch,
+            "term_sums": {k: v.detach().cpu() for k, v in self._term_sums.items()},
+            "term_steps": self._term_steps,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuses, in one line, a checkpoint whose weights are not this model's (another method,
+        or another configuration), before Lightning loads them."""
+        stored, own = checkpoint.get("state_dict", {}), self.state_dict()
+        per_sample = set(getattr(self, "_per_sample", ()))  # sized from the checkpoint (methods/pretrain.py)
+        missing = [k for k in own if k not in stored]
+        unexpected = [k for k in stored if k not in own]
+        reshaped = [k for k in own if k in stored and k not in per_sample and stored[k].shape != own[k].shape]
+        if missing or unexpected or reshaped:
+            what = ", ".join(
+                f"{len(keys)} {label} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+                for label, keys in (("missing", missing), ("unexpected", unexpected), ("reshaped", reshaped))
+                if keys
+            )
+            raise ProtosError(
+                f"the checkpoint does not fit this {type(self).__name__} (weights {what}): it holds another "
+                "method or another configuration"
+            )
+        self._resumed = checkpoint.get("protos_resume")
+
+    def on_train_batch_start(self, batch: dict[str, Tensor], batch_idx: int) -> int | None:
+        """The first batch after a resume restores the generators (here, not at load time:
+        Lightning's sanity check and loader set-up run in between) and, within the same epoch,
+        the loss sums of the steps before the checkpoint."""
+        resumed, self._resumed = self._resumed, None
+        if resumed is not None:
+            set_rng_state(resumed["rng"])
+            if resumed["epoch"] == self.current_epoch:
+                self._term_sums = {k: v.to(self.device) for k, v in resumed["term_sums"].items()}
+                self._term_steps = resumed["term_steps"]
+        return None
+
+    def on_train_batch_end(self, outputs, batch: dict[str, Tensor], batch_idx: int) -> None:
+        """Under DDP, the BatchNorm running statistics (buffers each rank updates from its own
+        batch) are averaged over the ranks after every step, so that every rank evaluates and saves
+        the same model. SyncBatchNorm (``--trainer.sync_batchnorm true``) does this inside the
+        forward pass, but only on GPUs; with it the average leaves the equal values as they are."""
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        stats = [
+            t
+            for m in self.modules()
+            if isinstance(m, _BatchNorm) and m.running_mean is not None
+            for t in (m.running_mean, m.running_var)
+        ]
+        if stats:
+            flat = torch.cat([t.flatten() for t in stats])
+            dist.all_reduce(flat)
+            flat /= dist.get_world_size()
+            torch.nn.utils.vector_to_parameters(flat, stats)
 
     def full_precision(self):
         """Context for loss terms: float32 even under ``--trainer.precision bf16-mixed`` (the

@@ -301,6 +301,7 @@ class AutoencoderMethod(ClusteringMethod):
             self.initialised.fill_(True)
 
     def on_train_batch_start(self, batch: dict[str, Tensor], batch_idx: int) -> int | None:
+        super().on_train_batch_start(batch, batch_idx)
         if self.pretrain_cache_hit is not None and self.phase(self.current_epoch) == "pretrain":
             return -1  # the pretrained weights came from the cache: skip the epoch
         return None

@@ -13,7 +13,18 @@ from .kmeans import (
     running_mean_update,
     squared_distances,
 )
-from .latent import around, interpolate
+from .latent import around, interpolate, nearest
+from .mixture import (
+    categorical_kl,
+    component_log_densities,
+    diag_gaussian_kl,
+    expected_gaussian_kl,
+    floored_logvar,
+    mixture_log_responsibilities,
+    mixture_responsibilities,
+    raw_logvar,
+    vade_kl_terms,
+)
 from .mmd import gaussian_kernel, mmd
 from .sinkhorn import sinkhorn
 from .vaesim import (
@@ -30,14 +41,19 @@ __all__ = [
     "aecm_terms",
     "annealed_alpha",
     "around",
+    "categorical_kl",
     "cluster_sums",
     "cm_terms",
+    "component_log_densities",
+    "diag_gaussian_kl",
     "dirichlet_term",
     "dkm_clustering_loss",
     "dkm_weights",
     "draw_assignments",
     "elbow_kmeans",
     "ema_prototype_update",
+    "expected_gaussian_kl",
+    "floored_logvar",
     "gaussian_kernel",
     "gaussian_kl",
     "interpolate",
@@ -46,11 +62,15 @@ __all__ = [
     "kmeans_loss",
     "kmeans_pp_centres",
     "kneedle_elbow",
+    "mixture_log_responsibilities",
+    "mixture_responsibilities",
     "mmd",
+    "nearest",
     "ortho_loss",
     "pinv_encoder",
     "random_affine",
     "random_equalize",
+    "raw_logvar",
     "running_mean_update",
     "similarity",
     "sinkhorn",
@@ -60,4 +80,5 @@ __all__ = [
     "student_t_logits",
     "target_distribution",
     "temperature",
+    "vade_kl_terms",
 ]

@@ -1,9 +1,12 @@
-"""Latent-space walks around prototypes (sampling and interpolation, AE-CM Sec. 5.3.6)."""
+"""Latent-space walks around prototypes (sampling and interpolation, AE-CM Sec. 5.3.6) and the
+nearest real points of each prototype."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from .kmeans import squared_distances
 
 
 def interpolate(a: Tensor, b: Tensor, steps: int) -> Tensor:
@@ -16,3 +19,9 @@ def around(prototype: Tensor, n: int, scale: float = 1.0, generator: torch.Gener
     """``n`` draws from N(prototype, scale^2 I): ``(n, p)``."""
     noise = torch.randn(n, prototype.numel(), generator=generator, dtype=prototype.dtype, device=prototype.device)
     return prototype.reshape(1, -1) + scale * noise
+
+
+def nearest(queries: Tensor, points: Tensor, n: int) -> Tensor:
+    """Indices of the ``n`` points closest (Euclidean) to each query, nearest first: queries
+    ``(K, p)``, points ``(N, p)`` -> ``(K, min(n, N))`` indices into ``points``."""
+    return squared_distances(queries, points).topk(min(n, len(points)), dim=1, largest=False).indices

@@ -1,0 +1,215 @@
+"""Pictures of what a method found (eval/images.py): the ops behind them, the TensorBoard tags and
+PNG files of InspectionImages on tiny models, methods without a decoder, and `protos inspect`."""
+
+import math
+
+import lightning as L
+import matplotlib.image
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, make_trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from scipy.spatial.distance import cdist
+from sklearn.decomposition import PCA
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_cli import QUIET, run_main
+
+from lightning_protos.data import Digits
+from lightning_protos.eval.images import InspectionImages, as_images, image_grid, latent_map
+from lightning_protos.methods.aecm import AECM
+from lightning_protos.methods.cm import CM
+from lightning_protos.ops import nearest
+
+PICTURES = ("prototypes", "reconstructions", "samples", "interpolations", "nearest")
+TINY_AECM = {"n_clusters": 5, "input_shape": (64,), "hidden": (16,), "latent_dim": 3, "pretrain_epochs": 1}
+
+
+def tiny_aecm(**kwargs) -> AECM:
+    L.seed_everything(0, verbose=False)
+    return AECM(**{**TINY_AECM, "pretrain_cache": False, **kwargs})
+
+
+class NoDecoder(AECM):
+    """AE-CM with its decoder dropped from the contract (as DEC after pretraining)."""
+
+    def decode(self, z):
+        return None
+
+
+def digits(**kwargs) -> Digits:
+    return Digits(**{"batch_size": 256, "flatten": True, **kwargs})
+
+
+def pictures(**kwargs) -> InspectionImages:
+    """Small pictures with the fast PCA map."""
+    return InspectionImages(**{"n_points": 300, "latent_map": "pca", "projector_points": 50, **kwargs})
+
+
+# -- the pure helpers -------------------------------------------------------------------
+def test_nearest_matches_scipy_distances():
+    g = torch.Generator().manual_seed(0)
+    points, queries = torch.randn(50, 4, generator=g, dtype=torch.float64), torch.randn(3, 4, generator=g)
+    got = nearest(queries.double(), points, 5)
+    want = np.argsort(cdist(queries.double().numpy(), points.numpy()), axis=1, kind="stable")[:, :5]
+    np.testing.assert_array_equal(got.numpy(), want)
+    assert nearest(queries.double(), points[:2], 5).shape == (3, 2)  # fewer points than asked
+
+
+def test_pca_map_is_sklearns_and_places_prototypes_among_the_points():
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((40, 5))
+    protos = z[[3, 7]].copy()  # prototypes on two data points land on them
+    coords, proto_coords = latent_map(z, protos, "pca")
+    np.testing.assert_allclose(proto_coords, coords[[3, 7]], atol=1e-10)
+    want = PCA(n_components=2, random_state=0).fit_transform(np.concatenate([z, protos]))
+    np.testing.assert_allclose(np.abs(coords), np.abs(want[:40]), atol=1e-10)  # up to the sign of each axis
+
+
+def test_tsne_map_shapes_and_low_dimensional_latents_drawn_as_they_are():
+    z = np.random.default_rng(0).standard_normal((60, 3))
+    coords, proto_coords = latent_map(z, z[:4], "tsne")
+    assert coords.shape == (60, 2)
+    assert proto_coords.shape == (4, 2)
+    assert np.isfinite(coords).all()
+    flat, none = latent_map(z[:, :1], None, "tsne")
+    np.testing.assert_array_equal(flat, np.pad(z[:, :1], ((0, 0), (0, 1))))
+    assert none is None
+    with pytest.raises(ValueError, match="tsne"):
+        latent_map(z, None, "umap")
+
+
+def test_as_images_unflattens_decoder_outputs_and_rejects_vectors():
+    x = torch.linspace(-1, 2, 2 * 64).reshape(2, 64)
+    images = as_images(x, (1, 8, 8))
+    assert images.shape == (2, 1, 8, 8)
+    assert images.min() == 0  # clamped to [0, 1]
+    assert images.max() == 1
+    assert as_images(x, None) is None  # tabular data: no images
+    assert as_images(None, (1, 8, 8)) is None
+    assert image_grid(images, 2).shape == (3, 12, 22)  # 1 row, 2 columns of (8 + 2) + 2
+
+
+# -- the callback ----------------------------------------------------------------------
+def event_tags(folder) -> dict[str, int]:
+    """Image tags in the TensorBoard event files of ``folder`` and how many steps each has."""
+    acc = EventAccumulator(str(folder), size_guidance={"images": 0})
+    acc.Reload()
+    return {tag: len(acc.Images(tag)) for tag in acc.Tags()["images"]}
+
+
+def test_callback_logs_every_picture_each_n_epochs_and_at_test_end(tmp_path):
+    model, dm = tiny_aecm(), digits()
+    logger = TensorBoardLogger(tmp_path, name="", version="run")
+    callback = pictures(every_n_epochs=2)
+    trainer = make_trainer(max_epochs=4, logger=logger, callbacks=[callback])
+    trainer.fit(model, dm)
+    trainer.test(model, dm, verbose=False)
+    logger.experiment.flush()
+    tags = event_tags(tmp_path / "run")
+    for stage, steps in (("fit", 2), ("test", 1)):  # epochs 2 and 4, then the test
+        for name in (*PICTURES, "latent_map"):
+            assert tags.get(f"{stage}/{name}") == steps, (stage, name, tags)
+    projector = (tmp_path / "run" / "projector_config.pbtxt").read_text()
+    assert "fit_latent" in projector
+    assert "test_latent" in projector
+    assert "sprite" in projector  # the images as thumbnails
+    assert not callback.written  # no PNG unless asked
+
+
+def test_pngs_have_the_expected_size(tmp_path):
+    model, dm = tiny_aecm(), digits()
+    callback = pictures(every_n_epochs=0, save_png=True, n_nearest=4, n_samples=3, steps=5, max_rows=4)
+    trainer = make_trainer(max_epochs=1, default_root_dir=tmp_path, callbacks=[callback])
+    trainer.fit(model, dm)
+    trainer.test(model, dm, verbose=False)
+    folder = tmp_path / "inspect"
+    assert sorted(p.name for p in callback.written) == sorted(f"{n}.png" for n in (*PICTURES, "latent_map"))
+    s = math.ceil(56 / 8)  # 8x8 digits, each pixel repeated 7 times
+    tile = 8 + 2
+    want = {  # (rows, columns) of tiles
+        "prototypes": (2, 3),  # K = 5 in rows of ceil(sqrt(5)) = 3
+        "reconstructions": (2, 10),  # inputs above their reconstructions
+        "samples": (4, 1 + 3),  # max_rows rows: the prototype, then its samples
+        "interpolations": (3, 5),
+        "nearest": (4, 1 + 4),  # the decoded prototype, then its nearest images
+    }
+    for name, (rows, cols) in want.items():
+        assert matplotlib.image.imread(folder / f"{name}.png").shape[:2] == (
+            (rows * tile + 2) * s,
+            (cols * tile + 2) * s,
+        )
+    assert matplotlib.image.imread(folder / "latent_map.png").shape[:2] == (550, 1100)  # label and cluster panels
+
+
+def test_pictures_leave_training_unchanged():
+    def trained(callbacks):
+        model = tiny_aecm()
+        make_trainer(max_epochs=3, callbacks=callbacks).fit(model, digits())
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    logger_free = trained([pictures(every_n_epochs=1, save_png=False)])  # no logger: nothing drawn
+    assert torch.equal(trained([]), logger_free)
+    with_pictures = InspectionImages(every_n_epochs=1, n_points=200, latent_map="pca")
+    model = tiny_aecm()
+    trainer = make_trainer(max_epochs=3, callbacks=[with_pictures], logger=TensorBoardLogger("/tmp", name=None))
+    with torch.random.fork_rng():
+        trainer.fit(model, digits())
+    assert torch.equal(torch.cat([p.detach().flatten() for p in model.parameters()]), logger_free)
+
+
+@pytest.mark.parametrize(
+    ("method", "want", "note"),
+    [
+        (lambda: NoDecoder(**TINY_AECM, pretrain_cache=False), {"nearest"}, "decode is None"),
+        (lambda: CM(n_clusters=5, input_shape=(64,)), {"reconstructions"}, "prototypes are 64-d, embed 5-d"),
+    ],
+    ids=["no-decoder", "cm"],
+)
+def test_methods_without_a_decoder_or_latent_prototypes_skip_those_pictures(method, want, note):
+    dm = digits()
+    dm.setup()
+    out = pictures().pictures(method().eval(), dm)
+    assert set(out.grids) == want
+    assert any(note in n for n in out.notes), out.notes
+    assert out.coords.shape == (300, 2)  # the latent map is always drawn
+    if "nearest" in want:  # real images only: K rows of n_nearest
+        assert out.grids["nearest"].shape[1:] == (5 * 10 + 2, 8 * 10 + 2)
+
+
+def test_tabular_data_gets_the_map_but_no_images():
+    from lightning_protos.data import Blobs
+
+    dm = Blobs(n_samples=200, n_features=4, centers=3)
+    dm.setup()
+    model = AECM(n_clusters=3, input_shape=(4,), hidden=(8,), latent_dim=2, pretrain_epochs=1, pretrain_cache=False)
+    out = pictures(n_points=100).pictures(model.eval(), dm)
+    assert out.grids == {}
+    assert out.thumbnails is None
+    assert "the inputs are not images: no image pictures" in out.notes
+    assert out.coords.shape == (100, 2)
+    assert out.prototype_coords.shape == (3, 2)
+
+
+# -- protos inspect --------------------------------------------------------------------
+def test_protos_inspect_round_trip_on_digits(tmp_path, capsys):
+    config = [
+        "--config", str(ROOT / "configs" / "cm_digits.yaml"), "--trainer.default_root_dir", str(tmp_path), *QUIET,
+        "--model", "lightning_protos.methods.aecm.AECM", "--model.init_args.hidden", "[16]",
+        "--model.init_args.latent_dim", "3", "--model.init_args.pretrain_epochs", "1",
+        "--model.init_args.pretrain_cache", "false",
+    ]  # fmt: skip
+    code, _, err = run_main(["fit", *config, "--trainer.max_epochs", "2", "--final_test", "false"], capsys)
+    assert code == 0, err
+    ckpt = str(tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt")
+    code, out, err = run_main(["inspect", *config, "--ckpt_path", ckpt], capsys)
+    assert code == 0, err
+    folder = tmp_path / "lightning_logs" / "version_1" / "inspect"
+    assert f"pictures written to {folder}" in out
+    for name in (*PICTURES, "latent_map"):
+        assert (folder / f"{name}.png").stat().st_size > 0, name
+    assert (tmp_path / "lightning_logs" / "version_1" / "metrics.json").is_file()  # the test ran too
+
+    code, _, err = run_main(["inspect", *config], capsys)
+    assert code == 1
+    assert "inspect needs --ckpt_path" in err

@@ -1,0 +1,368 @@
+"""VaDE and GMVAE: the mixture ops against SciPy / torch.distributions and a Monte-Carlo ELBO,
+positive variances under adversarial steps, recovery of well-separated image blobs, strict
+checkpoint restores, bad input, the probes and the CLI (fit, then predict)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from conftest import TwoSplits, cli_fit_then_predict, make_trainer
+from scipy.stats import entropy, norm
+from sklearn.metrics import adjusted_rand_score
+from torch.distributions import Normal, kl_divergence
+
+from lightning_protos.errors import ProtosError
+from lightning_protos.eval.callbacks import AssignmentWriter, ClusteringEvaluator
+from lightning_protos.eval.probes import ProbeEvaluator
+from lightning_protos.methods.gmvae import GMVAE
+from lightning_protos.methods.vade import VaDE
+from lightning_protos.ops.mixture import (
+    VAR_FLOOR,
+    categorical_kl,
+    diag_gaussian_kl,
+    expected_gaussian_kl,
+    floored_logvar,
+    mixture_log_responsibilities,
+    mixture_responsibilities,
+    raw_logvar,
+    vade_kl_terms,
+)
+
+SMALL = {"n_clusters": 3, "latent_dim": 4, "channels": (4, 8, 8)}  # a tiny network for CPU tests
+F64 = torch.float64
+
+
+def image_blobs(n: int, seed: int, k: int = 3, size: int = 28) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(n, 1, size, size)`` images of k well-separated classes: class j is a bright vertical
+    band in the j-th of k strips, plus Gaussian pixel noise; labels ``(n,)``."""
+    g = torch.Generator().manual_seed(seed)
+    templates = torch.zeros(k, 1, size, size)
+    for j in range(k):
+        templates[j, 0, :, j * size // k : (j + 1) * size // k] = 1.0
+    y = torch.arange(n) % k
+    x = (0.8 * templates[y] + 0.1 + 0.05 * torch.randn(n, 1, size, size, generator=g)).clamp(0, 1)
+    return x, y
+
+
+def blobs_data(n_train: int = 60, batch_size: int = 20) -> TwoSplits:
+    return TwoSplits(image_blobs(n_train, 0), image_blobs(30, 1), batch_size=batch_size, eval_batch_size=30)
+
+
+def make(kind: str, seed: int = 0, **kwargs):
+    L.seed_everything(seed, verbose=False)
+    if kind == "vade":
+        return VaDE(**{**SMALL, "pretrain_epochs": 3, "lr_step_epochs": None, **kwargs})
+    return GMVAE(**{**SMALL, "w_dim": 2, "prior_hidden": 16, **kwargs})
+
+
+def fit(model, dm, epochs: int, ckpt_path=None, seed: int = 0, **kwargs) -> L.Trainer:
+    L.seed_everything(seed, verbose=False)
+    trainer = make_trainer(max_epochs=epochs, **kwargs)
+    trainer.fit(model, dm, ckpt_path=ckpt_path)
+    return trainer
+
+
+# -- ops ------------------------------------------------------------------------------
+def test_responsibilities_equal_the_posterior_over_components_by_scipy():
+    z = np.array([[0.0, 0.0], [1.0, -1.0], [3.0, 2.5], [-2.0, 0.5]])
+    pi = np.array([0.5, 0.3, 0.2])
+    mu = np.array([[0.0, 0.0], [2.0, 2.0], [-2.0, 1.0]])
+    var = np.array([[1.0, 0.5], [0.3, 2.0], [1.5, 1.5]])
+    # p(c | z) = pi_c prod_j N(z_j; mu_cj, var_cj) / sum over c', by scipy's normal density
+    joint = pi * np.stack([norm.pdf(z, mu[c], np.sqrt(var[c])).prod(1) for c in range(3)], axis=1)
+    want = joint / joint.sum(1, keepdims=True)
+    t = {k: torch.tensor(v, dtype=F64) for k, v in {"z": z, "pi": pi, "mu": mu, "var": var}.items()}
+    got = mixture_responsibilities(t["z"], t["pi"].log(), t["mu"], t["var"].log())
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-10)
+    # per-sample components (GMVAE's mu_c(w)): the same numbers when every row has the same set
+    per_sample = mixture_responsibilities(
+        t["z"], t["pi"].log(), t["mu"].expand(4, 3, 2), t["var"].log().expand(4, 3, 2)
+    )
+    np.testing.assert_allclose(per_sample.numpy(), want, rtol=1e-10)
+    # a component 1e4 standard deviations away gets an exact 0, not a NaN
+    far = mixture_log_responsibilities(
+        t["z"][:1], t["pi"].log(), t["mu"] + torch.tensor([[0.0, 0.0], [1e4, 0], [0, 0]]), t["var"].log()
+    )
+    assert torch.isfinite(far).all()
+    assert float(far[0, 1].exp()) == 0.0
+
+
+def test_diag_gaussian_and_categorical_kl_against_references():
+    g = torch.Generator().manual_seed(0)
+    mu_q, logvar_q, mu_p, logvar_p = torch.randn(4, 5, 3, generator=g, dtype=F64)
+    want = kl_divergence(Normal(mu_q, (0.5 * logvar_q).exp()), Normal(mu_p, (0.5 * logvar_p).exp()))
+    torch.testing.assert_close(diag_gaussian_kl(mu_q, logvar_q, mu_p, logvar_p), want)
+    gamma = torch.softmax(torch.randn(5, 4, generator=g, dtype=F64), 1)
+    pi = torch.softmax(torch.randn(4, generator=g, dtype=F64), 0)
+    want = [entropy(row, pi.numpy()) for row in gamma.numpy()]  # scipy's KL(row || pi)
+    np.testing.assert_allclose(categorical_kl(gamma.log(), pi.log()).numpy(), want, rtol=1e-10)
+
+
+def test_vade_kl_equals_the_papers_closed_form_and_a_monte_carlo_estimate_on_a_tiny_model():
+    model = make("vade").double().eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # a mixture prior as a GMM fit would leave it
+        model.pi_logits.copy_(torch.tensor([0.2, -0.3, 0.1]))
+        model.mu_c.copy_(torch.randn(3, 4, generator=g, dtype=F64))
+        model.logvar_raw.copy_(raw_logvar(torch.rand(3, 4, generator=g, dtype=F64) + 0.5))
+        x = torch.rand(2, 1, 28, 28, generator=g, dtype=F64)
+        mu, logvar = model.encode(x)
+        logvar = logvar.clamp(-1, 1)  # an untrained head: keep q(z|x) of the order of the prior
+        z = mu + (0.5 * logvar).exp() * torch.randn(mu.shape, generator=g, dtype=F64)
+        kl_z, kl_c, gamma = vade_kl_terms(mu, logvar, z, model.log_pi, model.mu_c, model.logvar_c)
+    assert (kl_z >= 0).all()
+    assert (kl_c >= 0).all()
+    m, s2 = mu.numpy(), logvar.exp().numpy()
+    pi, mc, vc, gm = (
+        model.log_pi.exp().detach().numpy(),
+        model.mu_c.detach().numpy(),
+        model.logvar_c.exp().detach().numpy(),
+        gamma.numpy(),
+    )
+    # the paper's closed form (VaDE §3.2; constants cancel), written out per sample
+    paper = [
+        0.5 * sum(gm[i, c] * np.sum(np.log(vc[c]) + s2[i] / vc[c] + (m[i] - mc[c]) ** 2 / vc[c]) for c in range(3))
+        - sum(gm[i, c] * np.log(pi[c] / gm[i, c]) for c in range(3))
+        - 0.5 * np.sum(1 + np.log(s2[i]))
+        for i in range(2)
+    ]
+    np.testing.assert_allclose((kl_z + kl_c).numpy(), paper, rtol=1e-10)
+    # Monte Carlo: E_{z ~ q(z|x), c ~ gamma} [log q(z|x) + log gamma_c - log p(z|c) - log pi_c]
+    rng = np.random.default_rng(0)
+    n = 200_000
+    for i in range(2):
+        draws = m[i] + np.sqrt(s2[i]) * rng.standard_normal((n, 4))
+        c = rng.choice(3, size=n, p=gm[i])
+        log_q = norm.logpdf(draws, m[i], np.sqrt(s2[i])).sum(1) + np.log(gm[i, c])
+        log_p = norm.logpdf(draws, mc[c], np.sqrt(vc[c])).sum(1) + np.log(pi[c])
+        estimate, se = (log_q - log_p).mean(), (log_q - log_p).std() / math.sqrt(n)
+        assert abs(estimate - float(kl_z[i] + kl_c[i])) < 4 * se + 1e-3
+
+
+def test_gmvae_kl_terms_are_non_negative_and_zero_where_posterior_equals_prior():
+    g = torch.Generator().manual_seed(0)
+    mu, logvar = torch.randn(6, 3, generator=g), torch.randn(6, 3, generator=g)
+    mu_c, logvar_c = torch.randn(6, 4, 3, generator=g), torch.randn(6, 4, 3, generator=g)
+    gamma_logits = torch.randn(6, 4, generator=g)
+    uniform = torch.full((4,), -math.log(4))
+    gamma = torch.softmax(gamma_logits, 1)
+    assert (expected_gaussian_kl(mu, logvar, gamma, mu_c, logvar_c) > 0).all()  # conditional prior term
+    assert (categorical_kl(torch.log_softmax(gamma_logits, 1), uniform) > 0).all()  # z-prior term
+    # zero where q(z|x) equals every component and p(c | z, w) is the uniform prior
+    same = expected_gaussian_kl(mu, logvar, gamma, mu.unsqueeze(1).expand(6, 4, 3), logvar.unsqueeze(1).expand(6, 4, 3))
+    torch.testing.assert_close(same, torch.zeros(6), atol=1e-6, rtol=0)
+    torch.testing.assert_close(categorical_kl(uniform.expand(6, 4), uniform), torch.zeros(6), atol=1e-6, rtol=0)
+    # the model's terms: one batch's logged KL_cond, KL_w, KL_c are >= 0
+    model = make("gmvae")
+    terms = {}
+    model.check_and_log = lambda t, **kw: terms.update(t) or sum(t.values())
+    model.optimize = lambda loss, opt: None
+    model.optimizers = lambda: None
+    model.training_step({"x": image_blobs(8, 0)[0], "index": torch.arange(8)}, 0)
+    assert set(terms) == {"L_recon", "KL_cond", "KL_w", "KL_c"}
+    assert all(float(v) >= 0 for v in terms.values())
+    assert float(terms["KL_c"]) >= 0.5 * 5e-3 / 4 * (1 - 1e-6)  # beta / q * lambda: the floor
+
+
+def test_variances_stay_positive_when_driven_to_zero():
+    # VaDE: a component that collapses onto a point: q(z|x) = N(mu_c, ~0) pulls sigma_c^2 to 0 for
+    # ever (the KL's derivative in log sigma_c^2 is 1/2 there), and Adam drives it down ...
+    model = make("vade")
+    optimizer = torch.optim.Adam([model.logvar_raw], lr=10.0)
+    mu = model.mu_c.detach()[:1]
+    for _ in range(100):
+        kl = expected_gaussian_kl(
+            mu, torch.full_like(mu, -200.0), torch.tensor([[1.0, 0, 0]]), model.mu_c, model.logvar_c
+        )
+        optimizer.zero_grad()
+        kl.sum().backward()
+        optimizer.step()
+    assert float(model.logvar_raw[0].max()) < -80  # exp(raw) < 1e-34: sigma_c^2 = exp(raw) is ~0
+    torch.testing.assert_close(model.logvar_c.exp()[0], torch.full((4,), VAR_FLOOR), rtol=1e-5, atol=0)
+    with torch.no_grad():  # ... and past the point where exp(raw) underflows to 0
+        model.logvar_raw[0] = -1e4
+    assert torch.exp(torch.tensor(-1e4)) == 0
+    variances = model.logvar_c.exp()
+    assert (variances > 0).all()
+    torch.testing.assert_close(variances[0], torch.full((4,), VAR_FLOOR), rtol=1e-5, atol=0)
+    with torch.no_grad():
+        assert torch.isfinite(model.eval().cluster_probs(image_blobs(4, 0)[0])).all()
+    # GMVAE: a prior network whose log-variance outputs are -1e4
+    model = make("gmvae")
+    with torch.no_grad():
+        last = model.prior_net[-1]
+        last.bias[model.n_clusters * model.hparams.latent_dim :] = -1e4
+        _, logvar_c = model.components(torch.randn(5, 2))
+        assert (logvar_c.exp() > 0).all()
+        assert torch.isfinite(model.eval().cluster_probs(image_blobs(4, 0)[0])).all()
+    # the floor is smooth, and the identity well above it
+    raw = torch.tensor([-1e4, 0.0, 5.0], requires_grad=True)
+    floored_logvar(raw).sum().backward()
+    assert torch.isfinite(raw.grad).all()
+    assert (raw.grad >= 0).all()
+    assert float(raw.grad[2]) == pytest.approx(1.0, abs=1e-6)
+    torch.testing.assert_close(floored_logvar(torch.tensor(0.0)), torch.tensor(math.log(1 + VAR_FLOOR)))
+    torch.testing.assert_close(floored_logvar(raw_logvar(torch.tensor([0.5, 2.0]))).exp(), torch.tensor([0.5, 2.0]))
+
+
+# -- the methods ------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["vade", "gmvae"])
+def test_contract_shapes_and_a_deterministic_embedding(kind):
+    model = make(kind).eval()
+    x = image_blobs(5, 0)[0]
+    with torch.no_grad():
+        assert model.embed(x).shape == (5, 4)
+        assert torch.equal(model.embed(x), model.embed(x))
+        probs = model.cluster_probs(x)
+        assert probs.shape == (5, 3)
+        torch.testing.assert_close(probs.sum(1), torch.ones(5))
+        assert model.prototypes().shape == (3, 4)
+        assert model.decode(torch.randn(2, 4)).shape == (2, 1, 28, 28)
+    assert model.automatic_optimization is False
+
+
+@pytest.mark.parametrize(("kind", "seed"), [("vade", 0), ("vade", 1), ("gmvae", 0)])
+def test_recovers_well_separated_image_blobs(kind, seed):
+    # VaDE: 10 pretraining + 5 VaDE epochs of 3 steps; GMVAE: 30 epochs of 6 steps (it also
+    # learns its prior network). Seeds 0-3 all give ARI 1.0 for both (checked by hand).
+    dm = blobs_data(n_train=60 if kind == "vade" else 120)
+    model = make(kind, seed, pretrain_epochs=10) if kind == "vade" else make(kind, seed)
+    fit(model, dm, 15 if kind == "vade" else 30, seed=seed)
+    x, y = dm.features("eval"), dm.labels("eval")
+    with torch.no_grad():
+        found = model.eval().predict_clusters(x)
+    assert adjusted_rand_score(y.numpy(), found.numpy()) > 0.9
+
+
+def test_vade_pretrains_then_fits_the_gmm_once_on_the_codes():
+    dm = blobs_data()
+    model = make("vade")
+    calls = []
+    init = model.init_mixture
+
+    def spy():
+        calls.append(model.current_epoch)
+        before = [p.detach().clone() for p in (model.pi_logits, model.mu_c, model.logvar_raw)]
+        init()
+        # scikit-learn's GMM on the same codes with the same seed gives the same parameters
+        from sklearn.mixture import GaussianMixture
+
+        z = model.embed_all(model.fit_features()).double().numpy()
+        gmm = GaussianMixture(3, covariance_type="diag", random_state=torch.initial_seed() % 2**31).fit(z)
+        np.testing.assert_allclose(model.log_pi.exp().detach().numpy(), gmm.weights_, rtol=1e-4)
+        np.testing.assert_allclose(model.mu_c.detach().numpy(), gmm.means_, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(model.logvar_c.exp().detach().numpy(), gmm.covariances_, rtol=1e-4)
+        assert not torch.equal(before[1], model.mu_c)
+
+    model.init_mixture = spy
+    seen = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append((pl_module.current_epoch, pl_module.mu_c.detach().clone()))
+
+    fit(model, dm, 5, callbacks=[Record()])
+    assert calls == [3]  # once, after the 3 pretraining epochs
+    pretraining = [m for e, m in seen if e < 3]
+    assert all(torch.equal(m, pretraining[0]) for m in pretraining)  # the mixture waits for the GMM
+    assert not torch.equal(seen[-1][1], seen[9][1])  # and is then trained with the network
+
+
+@pytest.mark.parametrize("kind", ["vade", "gmvae"])
+def test_checkpoint_restores_the_mixture_strictly(kind, tmp_path):
+    dm = blobs_data()
+    model = make(kind)
+    trainer = fit(model, dm, 4)
+    path = tmp_path / f"{kind}.ckpt"
+    trainer.save_checkpoint(path)
+    restored = type(model).load_from_checkpoint(path, strict=True)
+    names = (
+        ["pi_logits", "mu_c", "logvar_raw", "initialised"] if kind == "vade" else ["w_mu.weight", "prior_net.2.bias"]
+    )
+    state, want = restored.state_dict(), model.state_dict()
+    for name in names:
+        assert torch.equal(state[name], want[name]), name
+    x = dm.features("eval")
+    with torch.no_grad():
+        torch.testing.assert_close(restored.eval().cluster_probs(x), model.eval().cluster_probs(x))
+        torch.testing.assert_close(restored.prototypes(), model.prototypes())
+    if kind == "vade":  # resuming past the pretraining does not fit the GMM again
+        assert bool(restored.initialised)
+        resumed = make(kind)
+        resumed.init_mixture = lambda: pytest.fail("the GMM was fitted again")
+        fit(resumed, dm, 5, ckpt_path=path)
+
+
+def test_bad_input_gives_one_line_errors_before_training():
+    cases = [
+        (VaDE, {"n_clusters": 1}, "n_clusters"),
+        (GMVAE, {"n_clusters": 1}, "n_clusters"),
+        (VaDE, {"pretrain_epochs": -1}, "pretrain_epochs must be >= 0"),
+        (VaDE, {"gmm_n_init": 0}, "gmm_n_init must be > 0"),
+        (VaDE, {"beta": -1.0}, "beta must be >= 0"),
+        (VaDE, {"lr": 0.0}, "lr must be > 0"),
+        (GMVAE, {"kl_c_floor": 1.2}, r"kl_c_floor .* must be in \[0, log K = 1.099\)"),
+        (GMVAE, {"kl_c_floor": -0.1}, "kl_c_floor"),
+        (GMVAE, {"w_dim": 0}, "w_dim must be > 0"),
+        (GMVAE, {"input_shape": (784,)}, "flatten false"),
+        (VaDE, {"input_shape": (1, 8, 8)}, r"takes images \(C, 28, 28\) or \(C, 32, 32\)"),
+    ]
+    for cls, kwargs, message in cases:
+        with pytest.raises(ProtosError, match=message) as err:
+            cls(**{**SMALL, **kwargs})
+        assert "\n" not in str(err.value)
+    trainer = make_trainer(max_epochs=3)
+    with pytest.raises(ProtosError, match=r"max_epochs \(3\) must exceed pretrain_epochs \(3\)") as err:
+        trainer.fit(make("vade"), blobs_data())
+    assert "\n" not in str(err.value)
+    assert trainer.global_step == 0
+
+
+@pytest.mark.parametrize("kind", ["vade", "gmvae"])
+def test_probes_and_clustering_evaluation_run_on_a_short_fit(kind, tmp_path):
+    dm = blobs_data()
+    callbacks = [ClusteringEvaluator(), ProbeEvaluator(knn_k=3, linear_epochs=5)]
+    trainer = fit(make(kind), dm, 4, limit_val_batches=1.0, default_root_dir=tmp_path, callbacks=callbacks)
+    trainer.test(trainer.lightning_module, dm, verbose=False)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    for stage in ("val", "test"):
+        assert {"acc", "nmi", "ari", "stat_acc", "knn_acc", "linear_acc"} <= set(metrics[stage])
+        assert all(0 <= metrics[stage][k] <= 1 for k in ("acc", "stat_acc", "knn_acc", "linear_acc"))
+    assert metrics["test"]["knn_acc"] == 1.0  # the blobs are separable in any sensible embedding
+
+
+@pytest.mark.parametrize("kind", ["vade", "gmvae"])
+def test_cli_fit_then_predict_on_the_pneumonia_config(kind, tmp_path, capsys):
+    data = tmp_path / "blobs.npz"
+    x, y = image_blobs(24, 0)
+    np.savez(data, X=(x * 255).to(torch.uint8).numpy(), y=y.numpy())
+    model = ["--model.n_clusters", "3", "--model.latent_dim", "4", "--model.channels", "[4, 8, 8]"]
+    model += ["--model.pretrain_epochs", "1"] if kind == "vade" else []
+    _, rows = cli_fit_then_predict(
+        tmp_path, capsys, f"{kind}_pneumonia.yaml", data, *model, "--trainer.max_epochs", "2"
+    )
+    assert len(rows) == 24
+    assert {"label", "cluster", "p_0", "p_2"} <= set(rows[0])
+    np.testing.assert_allclose([sum(float(r[f"p_{j}"]) for j in range(3)) for r in rows], 1.0, atol=1e-4)
+
+
+def test_predict_writes_the_component_posterior(tmp_path):
+    dm = blobs_data()
+    model = make("vade")
+    fit(model, dm, 4)
+    trainer = make_trainer(default_root_dir=tmp_path, callbacks=[AssignmentWriter(n_nearest=2)])
+    trainer.predict(model, dm)
+    with open(tmp_path / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    order = [int(r["index"]) for r in rows]
+    with torch.no_grad():
+        gamma = model.eval().cluster_probs(dm.features("eval")).numpy()[order]
+    got = np.array([[float(r[f"p_{j}"]) for j in range(3)] for r in rows])
+    np.testing.assert_allclose(got, gamma, rtol=1e-4, atol=1e-5)
+    assert [int(r["cluster"]) for r in rows] == list(gamma.argmax(1))
