@@ -1,0 +1,52 @@
+"""benchmarks/vs_clustpy.py (our DEC family against ClustPy's): both sides start from the same
+network and centres, and a tiny run writes complete rows. Skipped without the ``bench`` extra."""
+
+from __future__ import annotations
+
+import csv
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+
+pytest.importorskip("clustpy", reason="ClustPy is an optional benchmark dependency: pip install -e '.[bench]'")
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import vs_clustpy
+
+
+@pytest.mark.parametrize("method", ["idec", "dkm"])  # LeakyReLU 0.2 and ReLU networks
+def test_clustpy_network_starts_where_ours_does(tmp_path, method):
+    x, y, _ = vs_clustpy.load_data("random", 300)
+    model = vs_clustpy.config(method, "random")["model"]
+    args = {**model["init_args"], "class_path": model["class_path"]}
+    start = vs_clustpy.make_start(args, x, y, seed=0, n_init=1, pretrain_epochs=0, folder=tmp_path)
+    ours = vs_clustpy.build_method(args)
+    ours.ae.load_state_dict(start.ae_state)
+    theirs = vs_clustpy.clustpy_network(vs_clustpy.import_clustpy(), ours, start)
+    features = x[:50].float() / 255
+    with torch.no_grad():
+        z, x_rec = ours.ae(features)
+        torch.testing.assert_close(theirs.encode(features), z)
+        torch.testing.assert_close(theirs.decode(z), x_rec)
+    assert start.centres.shape == (10, 10)
+    assert start.labels.shape == (300,)
+
+
+def test_tiny_run_writes_one_row_per_side(tmp_path):
+    out = tmp_path / "vs.csv"
+    argv = ["--methods", "dcn", "--n", "300", "--epochs", "1", "--repeats", "1", "--data", "random"]
+    rows = vs_clustpy.main([*argv, "--precisions", "32-true", "--kmeans-n-init", "1", "--out", str(out)])
+    with open(out) as f:
+        written = list(csv.DictReader(f))
+    assert list(written[0]) == vs_clustpy.COLUMNS
+    assert [(r["side"], r["precision"]) for r in written] == [("clustpy", "32-true"), ("protos", "32-true")]
+    clustpy, protos = rows
+    assert clustpy["speedup"] == 1.0
+    assert protos["speedup"] == pytest.approx(clustpy["epoch_s"] / protos["epoch_s"], rel=0.01)
+    for row in rows:
+        assert (row["method"], row["init"], row["n"], row["epochs"]) == ("dcn", "random", 300, 1)
+        assert row["epoch_s"] > 0
+        assert -1 <= row["ari"] <= 1
+        assert row["target_ari"] == vs_clustpy.PAPER_ARI["dcn", "random"]
+    assert clustpy["ari_start"] == protos["ari_start"]  # the same start on both sides
