@@ -245,6 +245,38 @@ def run_case(case, x_u8, precisions, repeats, max_batches, device, accelerator, 
     return rows
 
 
+def quiet_setup(threads: int) -> None:
+    """Warnings and Lightning's info lines off; ``threads`` torch CPU threads (0: default)."""
+    warnings.filterwarnings("ignore")
+    if threads:
+        torch.set_num_threads(threads)
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def print_machine(n: int, source: str, device: torch.device) -> None:
+    print(
+        f"{n} {source} images, {device_label(device)}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}",
+        flush=True,
+    )
+
+
+def write_rows(rows: list[dict], cols: list[str], out: Path) -> None:
+    """Prints ``rows`` as a Markdown table and appends them to the CSV ``out``."""
+    print("\n| " + " | ".join(cols) + " |\n|" + " --- |" * len(cols))
+    for row in rows:
+        print("| " + " | ".join(str(row[c]) for c in cols) + " |")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    new = not out.exists()
+    with open(out, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=cols)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+    print(f"rows appended to {out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=70000, help="samples (MNIST has 70,000)")
@@ -265,20 +297,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "overhead.csv")
     args = parser.parse_args(argv)
 
-    warnings.filterwarnings("ignore")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_setup(args.threads)
     use_gpu = args.accelerator == "gpu" or (args.accelerator == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_gpu else "cpu")
     accelerator = "gpu" if use_gpu else "cpu"
     x_u8, source = load_images(args.data, args.n)
-    print(
-        f"{len(x_u8)} {source} images, {device_label(device)}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}",
-        flush=True,
-    )
+    print_machine(len(x_u8), source, device)
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -292,23 +316,12 @@ def main(argv: list[str] | None = None) -> None:
                 rows += run_case(case, x_u8, args.precisions, repeats, max_batches, device, accelerator, Path(tmp), spb)
 
     cols = ["case", "precision", "steps_per_batch", "lightning_s", "plain_s", "ratio", "device"]
-    print("\n| " + " | ".join(cols) + " |\n|" + " --- |" * len(cols))
-    for row in rows:
-        print("| " + " | ".join(str(row[c]) for c in cols) + " |")
+    write_rows(rows, cols, args.out)
     for case in args.cases:
         by_precision = {r["precision"]: r for r in rows if r["case"] == case and r["steps_per_batch"] == 1}
         if {"32-true", "bf16-mixed"} <= set(by_precision):
             speedup = by_precision["32-true"]["lightning_s"] / by_precision["bf16-mixed"]["lightning_s"]
             print(f"{case}: protos bf16-mixed epoch is {speedup:.2f}x the speed of 32-true")
-
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    new = not args.out.exists()
-    with open(args.out, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=cols)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-    print(f"rows appended to {args.out}")
 
 
 if __name__ == "__main__":

@@ -42,16 +42,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import functools
 import importlib
 import io
-import logging
 import os
-import platform
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +56,7 @@ import lightning as L
 import numpy as np
 import torch
 import yaml
-from overhead import device_label, sync
+from overhead import device_label, print_machine, quiet_setup, sync, write_rows
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 from torch import Tensor, nn
@@ -393,17 +389,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         parser.error("--n must be >= 256, --epochs and --repeats >= 1")
 
     cp = import_clustpy()
-    warnings.filterwarnings("ignore")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_setup(args.threads)
     x, y, source = load_data(args.data, args.n)
-    print(
-        f"{len(x)} {source} images, {device_label(torch.device('cpu'))}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}",
-        flush=True,
-    )
+    print_machine(len(x), source, torch.device("cpu"))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods:
@@ -413,17 +401,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 folder=Path(tmp),
             )  # fmt: skip
 
-    print("\n| " + " | ".join(COLUMNS) + " |\n|" + " --- |" * len(COLUMNS))
-    for row in rows:
-        print("| " + " | ".join(str(row[c]) for c in COLUMNS) + " |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    new = not args.out.exists()
-    with open(args.out, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-    print(f"rows appended to {args.out}")
+    write_rows(rows, COLUMNS, args.out)
     return rows
 
 
