@@ -38,9 +38,12 @@ def test_contract_shapes():
     torch.testing.assert_close(probs.sum(1), torch.ones(5))
     assert model.predict_clusters(x).shape == (5,)
     assert model.embed(x).shape == (5, 4)
-    assert model.prototypes().shape == (4, 6)
-    assert model.decode(torch.eye(4)).shape == (4, 1, 2, 3)
-    torch.testing.assert_close(model.decode(torch.eye(4)).reshape(4, 6), model.prototypes())
+    # the latent is the assignment: the prototypes are its K one-hot vertices, decoded to the centroids
+    torch.testing.assert_close(model.prototypes(), torch.eye(4))
+    assert model.centroids().shape == (4, 6)
+    assert model.decode(model.prototypes()).shape == (4, 1, 2, 3)
+    torch.testing.assert_close(model.decode(model.prototypes()).reshape(4, 6), model.centroids())
+    torch.testing.assert_close(model.centroids(), model.cm.decoder.weight.T + model.cm.decoder.bias)
     assert set(model.selection_criteria(x)) == {"l_sp"}
     assert model.automatic_optimization is False
 

@@ -37,6 +37,13 @@ class NoDecoder(AECM):
         return None
 
 
+class InputSpacePrototypes(AECM):
+    """AE-CM breaking the contract: prototypes in the input space (64-d), latents 3-d."""
+
+    def prototypes(self):
+        return torch.zeros(self.n_clusters, self.input_dim)
+
+
 def digits(**kwargs) -> Digits:
     return Digits(**{"batch_size": 256, "flatten": True, **kwargs})
 
@@ -162,9 +169,9 @@ def test_pictures_leave_training_unchanged():
     ("method", "want", "note"),
     [
         (lambda: NoDecoder(**TINY_AECM, pretrain_cache=False), {"nearest"}, "decode is None"),
-        (lambda: CM(n_clusters=5, input_shape=(64,)), {"reconstructions"}, "prototypes are 64-d, embed 5-d"),
+        (lambda: InputSpacePrototypes(**TINY_AECM, pretrain_cache=False), {"reconstructions"}, "64-d, embed 3-d"),
     ],
-    ids=["no-decoder", "cm"],
+    ids=["no-decoder", "input-space-prototypes"],
 )
 def test_methods_without_a_decoder_or_latent_prototypes_skip_those_pictures(method, want, note):
     dm = digits()
@@ -175,6 +182,20 @@ def test_methods_without_a_decoder_or_latent_prototypes_skip_those_pictures(meth
     assert out.coords.shape == (300, 2)  # the latent map is always drawn
     if "nearest" in want:  # real images only: K rows of n_nearest
         assert out.grids["nearest"].shape[1:] == (5 * 10 + 2, 8 * 10 + 2)
+
+
+def test_cm_draws_every_picture_with_its_centroids_as_the_prototypes():
+    """CM's latent is the assignment: its prototypes, the one-hot vertices, decode to the centroids."""
+    dm = digits()
+    dm.setup()
+    model = CM(n_clusters=5, input_shape=(64,))
+    centres = dm.features("fit")[:5]
+    model.cm.init_from_centres(centres)  # five digits as the centroids
+    out = pictures().pictures(model.eval(), dm)
+    assert set(out.grids) == set(PICTURES), out.notes
+    want = image_grid(as_images(centres, dm.image_shape), 3)  # K = 5 in rows of 3
+    torch.testing.assert_close(out.grids["prototypes"], want, atol=1e-5, rtol=0)
+    assert out.prototype_coords.shape == (5, 2)  # the vertices marked on the latent map
 
 
 def test_tabular_data_gets_the_map_but_no_images():

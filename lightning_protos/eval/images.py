@@ -230,7 +230,7 @@ class InspectionImages(L.Callback):
         protos = pl_module.prototypes()
         if protos is None:
             out.notes.append("prototypes is None: no prototype pictures")
-        elif protos.shape[1] != z.shape[1]:  # e.g. the CM: centroids in input space, embed = assignments
+        elif protos.shape[1] != z.shape[1]:  # a method whose prototypes are not in its embedding space
             out.notes.append(f"prototypes are {protos.shape[1]}-d, embed {z.shape[1]}-d: no prototype pictures")
             protos = None
         protos = None if protos is None else protos.to(z)

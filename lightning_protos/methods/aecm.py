@@ -63,6 +63,8 @@ class AECM(AutoencoderMethod):
         pretrain_cache: where pretrained DAE weights are cached (see ``AutoencoderMethod``).
     """
 
+    ddp_unused_parameters = True  # the CM is trained alone in its first epochs, the DAE alone in pretraining
+
     def __init__(
         self,
         n_clusters: int = 10,

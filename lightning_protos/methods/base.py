@@ -10,6 +10,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.distributed as dist
+from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -61,6 +62,10 @@ class ClusteringMethod(L.LightningModule):
     # The smallest K a method accepts: 2 for clustering; 1 where one cluster is meaningful
     # (ProtoVAE's K = 1 run, the reconstruction baselines that have no clusters).
     min_clusters: int = 2
+    # True where some backward passes leave parameters out (AE-CM's CM-alone epochs, the
+    # pretraining epochs before the clustering parameters, DEC's unused decoder, ProtoVAE's
+    # three optimisers): under DDP such a method gets ``find_unused_parameters`` (see :meth:`setup`).
+    ddp_unused_parameters: bool = False
 
     def __init__(self, n_clusters: int, input_shape: tuple[int, ...]) -> None:
         super().__init__()
@@ -213,6 +218,13 @@ class ClusteringMethod(L.LightningModule):
 
     # -- Lightning hooks shared by all methods ----------------------------------------
     def setup(self, stage: str) -> None:
+        """Checks the data against the network, and turns on DDP's search for unused parameters
+        for the methods that need it (``ddp_unused_parameters``), so that a plain
+        ``--trainer.strategy ddp``, or the DDP that ``--trainer.devices N`` picks, runs them: the
+        strategy's keyword arguments are read when ``fit`` wraps the model, after this hook."""
+        strategy = self.trainer.strategy
+        if stage == "fit" and self.ddp_unused_parameters and isinstance(strategy, DDPStrategy):
+            strategy._ddp_kwargs["find_unused_parameters"] = True  # no public setter (Lightning 2.x)
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None or not hasattr(dm, "input_shape"):
             return

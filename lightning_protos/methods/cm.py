@@ -7,6 +7,10 @@
    that epoch's iterations (the "averaging epoch", Sec. 4.1; all parameters, as in the
    authors' code, or ``average: centroids``)
 4. predict argmax Gamma; model selection by L_sp = E2 + E3 on the full data (Table 4)
+
+The latent space of the contract is that of the assignments: ``embed`` is Gamma (K-d),
+``prototypes`` the K one-hot vertices (the latent of centroid k) and ``decode`` the linear map
+x = Gamma mu, so ``decode(prototypes())`` are the centroids mu (``centroids()``).
 """
 
 from __future__ import annotations
@@ -89,6 +93,11 @@ class CM(ClusteringMethod):
         return self.cm(x)
 
     def prototypes(self) -> Tensor:
+        """``(K, K)`` the one-hot vertices of the simplex: centroid k's assignment."""
+        return torch.eye(self.n_clusters, dtype=self.cm.decoder.weight.dtype, device=self.device)
+
+    def centroids(self) -> Tensor:
+        """``(K, D)`` the centroids mu in the (flattened) input space, ``decode(prototypes())``."""
         return self.cm.centroids().detach()
 
     def decode(self, z: Tensor) -> Tensor:

@@ -63,6 +63,8 @@ class DEC(AutoencoderMethod):
         pretrain_cache: where pretrained DAE weights are cached (see ``AutoencoderMethod``).
     """
 
+    ddp_unused_parameters = True  # the centroids wait out the pretraining; DEC's decoder is idle once it clusters
+
     def __init__(
         self,
         n_clusters: int = 10,

@@ -58,6 +58,8 @@ class DKM(AutoencoderMethod):
         pretrain_cache: where pretrained DAE weights are cached (see ``AutoencoderMethod``).
     """
 
+    ddp_unused_parameters = True  # the centroids wait out the pretraining
+
     def __init__(
         self,
         n_clusters: int = 10,

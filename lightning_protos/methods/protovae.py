@@ -235,6 +235,8 @@ class ProtoVAE(ReconstructionMethod):
         head_activation: ``linear`` (ours) or ``relu`` (§3.1 read literally) on the projection head.
     """
 
+    ddp_unused_parameters = True  # each of the three optimisers' steps uses a part of the network
+
     def __init__(
         self,
         n_clusters: int = 10,

@@ -71,6 +71,8 @@ class VaDE(ConvVAEMethod):
         gmm_n_init: restarts of the GaussianMixture (scikit-learn's default: 1).
     """
 
+    ddp_unused_parameters = True  # the mixture parameters wait out the pretraining
+
     def __init__(
         self,
         n_clusters: int = 10,
