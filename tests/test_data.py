@@ -10,6 +10,7 @@ from sklearn.metrics import adjusted_rand_score
 from torchvision.io import write_png
 
 from lightning_protos.data import (
+    CIFAR100,
     MNIST,
     USPS,
     ArrayFile,
@@ -277,6 +278,7 @@ def test_get_datamodule():
         (PneumoniaMNIST, "pneumoniamnist.npz"),
         (USPS, "usps/usps.npz"),
         (Pendigits, "pendigits/pendigits.tra"),
+        (CIFAR100, "cifar-100-python/train"),
     ],
 )
 def test_missing_data_offline_is_one_line_naming_files_and_folder(tmp_path, cls, expected):

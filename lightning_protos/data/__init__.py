@@ -6,13 +6,14 @@ from .base import ArrayDataModule, DataError, resolve_root
 from .medmnist import MedMNIST, PneumoniaMNIST
 from .synthetic import Blobs, Digits, FiveGaussians
 from .tabular import ArrayFile, ImageFolder, Pendigits
-from .vision import CIFAR10, MNIST, USPS, FashionMNIST
+from .vision import CIFAR10, CIFAR100, MNIST, USPS, FashionMNIST
 
 DATASETS: dict[str, type[ArrayDataModule]] = {
     "mnist": MNIST,
     "fashionmnist": FashionMNIST,
     "usps": USPS,
     "cifar10": CIFAR10,
+    "cifar100": CIFAR100,
     "pneumoniamnist": PneumoniaMNIST,
     "pendigits": Pendigits,
     "digits": Digits,
@@ -30,6 +31,7 @@ def get_datamodule(name: str, **kwargs) -> ArrayDataModule:
 
 __all__ = [
     "CIFAR10",
+    "CIFAR100",
     "DATASETS",
     "MNIST",
     "USPS",

@@ -1,4 +1,4 @@
-"""Image data sets read by torchvision's readers (MNIST, Fashion-MNIST, CIFAR-10) and USPS."""
+"""Image data sets read by torchvision's readers (MNIST, Fashion-MNIST, CIFAR-10/100) and USPS."""
 
 from __future__ import annotations
 
@@ -62,6 +62,14 @@ class CIFAR10(_TorchvisionImages):
     name = "cifar10"
     reader = torchvision.datasets.CIFAR10
     files = ("cifar-10-batches-py/data_batch_{1..5}", "cifar-10-batches-py/test_batch")
+
+
+class CIFAR100(_TorchvisionImages):
+    """CIFAR-100, 3x32x32 (50,000 train + 10,000 test), labelled by its 100 fine classes."""
+
+    name = "cifar100"
+    reader = torchvision.datasets.CIFAR100
+    files = ("cifar-100-python/train", "cifar-100-python/test")
 
 
 class USPS(ArrayDataModule):
