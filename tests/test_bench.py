@@ -434,3 +434,21 @@ def test_only_runs_the_matching_cells_and_rejects_a_glob_that_matches_none(tmp_p
     assert sorted(names(launch)) == ["cm_digits_seed1", "kmeans-random_digits_seed0", "kmeans-random_digits_seed1"]
     assert main(["bench", "--config", table, "--root", root, "--only", "dec*"], launch) == 2
     assert "no cell of" in capsys.readouterr().err
+
+
+def test_report_of_probe_and_mse_columns_picks_its_best_run_and_formats_errors(tmp_path):
+    from lightning_protos.bench.report import write_report
+
+    columns = ["method", "dataset", "seed", "stat_acc", "knn_acc", "test_mse"]
+    rows = [
+        {"method": "vaesim", "dataset": "x", "seed": "0", "stat_acc": "0.5", "knn_acc": "0.9", "test_mse": "0.0123"},
+        {"method": "vaesim", "dataset": "x", "seed": "1", "stat_acc": "0.7", "knn_acc": "0.8", "test_mse": "0.0456"},
+    ]
+    paths = write_report(rows, ["method", "dataset"], columns, tmp_path / "v.csv", "v")
+    table = paths["table"].read_text()
+    assert "best run (max STAT_ACC)" in table
+    assert "| 60.0 ± 14.1 | 85.0 ± 7.1 | 0.029 ± 0.0235 | 70.0 / 80.0 / 0.0456 (seed 1) |" in table
+    assert paths["chart"].is_file()
+    only_mse = write_report(rows, ["method"], ["method", "seed", "test_mse"], tmp_path / "m.csv", "m")
+    assert "best run (min TEST_MSE)" in only_mse["table"].read_text()
+    assert "chart" not in only_mse  # no score to draw

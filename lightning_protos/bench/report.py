@@ -12,8 +12,10 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-METRICS = ("acc", "nmi", "ari", "homogeneity")
-BEST_BY = "ari"  # the best run is the one with the highest ARI
+# Score columns a results file may have, shown x100, and reconstruction errors, shown as they are.
+SCORES = ("acc", "nmi", "ari", "homogeneity", "stat_acc", "knn_acc", "linear_acc")
+ERRORS = ("train_mse", "test_mse")
+METRICS = SCORES + ERRORS
 CRITERION = "l_sp"  # label-free model selection: the run with the lowest L_sp (AE-CM paper)
 
 
@@ -22,8 +24,9 @@ class Summary:
     """The runs of one (method, labels, data set) group.
 
     ``mean``/``std`` are over the runs that finished (``std`` is the sample std, ddof=1,
-    ``None`` for a single run); ``best`` is the row with the highest ARI and ``selected``
-    the row with the lowest ``l_sp`` (``None`` where no run has one).
+    ``None`` for a single run); ``best`` is the best row by :func:`best_by` (the highest ARI
+    where the file has ARI) and ``selected`` the row with the lowest ``l_sp`` (``None`` where
+    no run has one).
     """
 
     group: dict[str, str]
@@ -65,6 +68,19 @@ def pick(rows: list[dict[str, str]], column: str, highest: bool) -> dict[str, st
     return rows[best[1]]
 
 
+def best_by(metrics: list[str]) -> tuple[str, bool]:
+    """The column that picks the best run and whether higher is better: ARI where there is one,
+    else the first score (e.g. kNN accuracy), else the first error (lowest).
+
+    >>> best_by(["stat_acc", "knn_acc"]), best_by(["test_mse"])
+    (('stat_acc', True), ('test_mse', False))
+    """
+    if "ari" in metrics:
+        return "ari", True
+    scores = [m for m in metrics if m not in ERRORS]
+    return (scores[0], True) if scores else (metrics[0] if metrics else "ari", False)
+
+
 def summarize(rows: list[dict[str, str]], group_by: list[str], metrics: list[str]) -> list[Summary]:
     """One :class:`Summary` per distinct ``group_by`` values, in order of first appearance."""
     groups: dict[tuple[str, ...], list[dict[str, str]]] = {}
@@ -87,7 +103,7 @@ def summarize(rows: list[dict[str, str]], group_by: list[str], metrics: list[str
                 n_failed=len(members) - len(ok),
                 mean=mean,
                 std=std,
-                best=pick(ok, BEST_BY, highest=True),
+                best=pick(ok, *best_by(metrics)),
                 selected=pick(ok, CRITERION, highest=False),
                 seconds=statistics.fmean(seconds) if seconds else None,
             )
@@ -95,21 +111,25 @@ def summarize(rows: list[dict[str, str]], group_by: list[str], metrics: list[str
     return summaries
 
 
-def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.1f}"
+def _pct(x: float | None, metric: str = "acc") -> str:
+    """A score x100 with one decimal; an error (MSE) as it is, to 3 significant digits."""
+    if x is None:
+        return "–"
+    return f"{x:.3g}" if metric in ERRORS else f"{100 * x:.1f}"
 
 
 def _run(row: dict[str, str] | None, metrics: list[str]) -> str:
     if row is None:
         return "–"
-    return " / ".join(_pct(value(row, m)) for m in metrics) + f" (seed {row.get('seed', '?')})"
+    return " / ".join(_pct(value(row, m), m) for m in metrics) + f" (seed {row.get('seed', '?')})"
 
 
 def markdown_table(summaries: list[Summary], metrics: list[str], with_criterion: bool, title: str) -> str:
     """The papers' table: mean ± std x100 per metric, best run, L_sp-selected run, seconds."""
     names = [m.upper() for m in metrics]
     keys = list(summaries[0].group) if summaries else []
-    head = [*keys, "runs", *names, f"best run (max ARI): {' / '.join(names)}"]
+    column, highest = best_by(metrics)
+    head = [*keys, "runs", *names, f"best run ({'max' if highest else 'min'} {column.upper()}): {' / '.join(names)}"]
     if with_criterion:
         head.append(f"min L_sp run: {' / '.join(names)}")
     head.append("seconds")
@@ -117,7 +137,7 @@ def markdown_table(summaries: list[Summary], metrics: list[str], with_criterion:
     for s in summaries:
         runs = str(s.n) + (f" (+{s.n_failed} failed)" if s.n_failed else "")
         scores = [
-            "–" if m not in s.mean else _pct(s.mean[m]) + ("" if s.std[m] is None else f" ± {_pct(s.std[m])}")
+            "–" if m not in s.mean else _pct(s.mean[m], m) + ("" if s.std[m] is None else f" ± {_pct(s.std[m], m)}")
             for m in metrics
         ]
         cells = [*s.group.values(), runs, *scores, _run(s.best, metrics)]
@@ -186,8 +206,9 @@ def write_report(
     rows: list[dict[str, str]], group_by: list[str], columns: list[str], results: Path, name: str
 ) -> dict[str, Path]:
     """Writes the Markdown table, summary CSV and chart of ``rows``; returns their paths."""
-    title = f"{name}: mean ± std over seeds (x100), from {results.name}"
-    metrics = [m for m in METRICS if m in columns]
+    metrics = [m for m in columns if m in METRICS]
+    scale = "scores x100, MSE as is" if set(metrics) & set(ERRORS) else "x100"
+    title = f"{name}: mean ± std over seeds ({scale}), from {results.name}"
     with_criterion = CRITERION in columns
     summaries = summarize(rows, group_by, metrics)
     paths = report_paths(results)
@@ -197,5 +218,9 @@ def write_report(
         writer = csv.DictWriter(f, fieldnames=list(flat[0]) if flat else group_by)
         writer.writeheader()
         writer.writerows({k: _cell(v) for k, v in r.items()} for r in flat)
-    plot_chart(summaries, metrics, paths["chart"], name)
+    scores = [m for m in metrics if m in SCORES]
+    if scores:
+        plot_chart(summaries, scores, paths["chart"], name)
+    else:
+        del paths["chart"]
     return paths
