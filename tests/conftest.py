@@ -116,3 +116,20 @@ def cli_fit_then_predict(tmp_path: Path, capsys, config: str, data: Path, *model
     predicted = tmp_path / "lightning_logs" / "version_1"
     with open(predicted / "predictions.csv") as f:
         return predicted, list(csv.DictReader(f))
+
+
+def check_contract(model, x: Tensor, latent_dim: int, out_shape: tuple[int, ...]) -> None:
+    """The method contract on a batch ``x`` (DESIGN.md): a deterministic ``(B, p)`` embedding,
+    ``(B, K)`` probabilities summing to 1, ``(K, p)`` prototypes, ``decode`` of p-d latents
+    to inputs of ``out_shape``, manual optimization."""
+    model.eval()
+    k = model.n_clusters
+    with torch.no_grad():
+        assert model.embed(x).shape == (len(x), latent_dim)
+        assert torch.equal(model.embed(x), model.embed(x))
+        probs = model.cluster_probs(x)
+        assert probs.shape == (len(x), k)
+        torch.testing.assert_close(probs.sum(1), torch.ones(len(x)))
+        assert model.prototypes().shape == (k, latent_dim)
+        assert model.decode(torch.randn(2, latent_dim)).shape == (2, *out_shape)
+    assert model.automatic_optimization is False

@@ -12,7 +12,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import TwoSplits, cli_fit_then_predict, make_trainer
+from conftest import TwoSplits, check_contract, cli_fit_then_predict, make_trainer
 from scipy.stats import entropy, norm
 from sklearn.metrics import adjusted_rand_score
 from torch.distributions import Normal, kl_divergence
@@ -214,17 +214,7 @@ def test_variances_stay_positive_when_driven_to_zero():
 # -- the methods ------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["vade", "gmvae"])
 def test_contract_shapes_and_a_deterministic_embedding(kind):
-    model = make(kind).eval()
-    x = image_blobs(5, 0)[0]
-    with torch.no_grad():
-        assert model.embed(x).shape == (5, 4)
-        assert torch.equal(model.embed(x), model.embed(x))
-        probs = model.cluster_probs(x)
-        assert probs.shape == (5, 3)
-        torch.testing.assert_close(probs.sum(1), torch.ones(5))
-        assert model.prototypes().shape == (3, 4)
-        assert model.decode(torch.randn(2, 4)).shape == (2, 1, 28, 28)
-    assert model.automatic_optimization is False
+    check_contract(make(kind), image_blobs(5, 0)[0], latent_dim=4, out_shape=(1, 28, 28))
 
 
 @pytest.mark.parametrize(("kind", "seed"), [("vade", 0), ("vade", 1), ("gmvae", 0)])

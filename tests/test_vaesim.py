@@ -12,7 +12,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import TwoSplits, cli_fit_then_predict, make_trainer
+from conftest import TwoSplits, check_contract, cli_fit_then_predict, make_trainer
 from sklearn.datasets import make_blobs
 from sklearn.metrics.pairwise import cosine_similarity
 from torch.distributions import Normal, kl_divergence
@@ -186,17 +186,8 @@ def test_knn_and_linear_probes_on_separable_embeddings():
 # -- VAESim -----------------------------------------------------------------------------
 @pytest.mark.parametrize("size", [28, 32])
 def test_contract_shapes_and_a_deterministic_embedding(size):
-    model = vaesim(input_shape=(1, size, size)).eval()
-    x = torch.rand(5, 1, size, size)
-    with torch.no_grad():
-        assert model.embed(x).shape == (5, 4)
-        assert torch.equal(model.embed(x), model.embed(x))
-        probs = model.cluster_probs(x)
-        assert probs.shape == (5, 4)
-        torch.testing.assert_close(probs.sum(1), torch.ones(5))
-        assert model.prototypes().shape == (4, 4)
-        assert model.decode(torch.randn(3, 4)).shape == (3, 1, size, size)
-    assert model.automatic_optimization is False
+    model = vaesim(input_shape=(1, size, size))
+    check_contract(model, torch.rand(5, 1, size, size), latent_dim=4, out_shape=(1, size, size))
 
 
 def test_prototypes_are_untouched_by_the_optimizer_and_move_by_the_ema():
