@@ -359,6 +359,18 @@ def test_short_fit_end_to_end_with_augmentation_probes_and_gallery(tmp_path):
 
 
 # -- VAE and VAE+KMeans ------------------------------------------------------------------
+def test_vae_kmeans_pictures_during_fit_cluster_the_current_latents_first(tmp_path):
+    # InspectionImages draws at an epoch's end, before the VAE's own end-of-training k-means
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from lightning_protos.eval.images import InspectionImages
+
+    model = VAEKMeans(n_clusters=4, k_min=2, latent_dim=4, channels=(4, 8, 8))
+    pictures = InspectionImages(every_n_epochs=1, n_points=12, latent_map="pca", projector_points=0)
+    fit(model, tiny_images(), epochs=2, callbacks=[pictures], logger=TensorBoardLogger(tmp_path))
+    assert 2 <= int(model.k) <= 4
+
+
 def test_vae_kmeans_clusters_after_training_and_restores_them(tmp_path):
     dm = tiny_images()
     L.seed_everything(0, verbose=False)

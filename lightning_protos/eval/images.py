@@ -322,6 +322,8 @@ class InspectionImages(L.Callback):
         return [*paths, folder / "latent_map.png"]
 
     def _run(self, stage: str, trainer: L.Trainer, pl_module) -> None:
+        if stage == "fit":
+            pl_module.prepare_evaluation()  # every rank: VAE+KMeans all-reduces its k-means
         writers = [lg.experiment for lg in trainer.loggers if hasattr(lg.experiment, "add_embedding")]
         png = self.save_png and stage == "test"
         dm = getattr(trainer, "datamodule", None)

@@ -105,6 +105,11 @@ class ClusteringMethod(L.LightningModule):
         by the evaluator), e.g. the CM's L_sp. Empty by default."""
         return {}
 
+    def prepare_evaluation(self) -> None:
+        """Brings state that evaluation reads, and that training only refreshes when asked, up
+        to date (VAE+KMeans: the k-means on the current latents). Called by the evaluation
+        callbacks on every rank before they read the contract during ``fit``. Nothing by default."""
+
     # -- helpers for subclasses -------------------------------------------------------
     def flat(self, x: Tensor) -> Tensor:
         """``(B, *input_shape)`` -> ``(B, D)``."""
