@@ -107,8 +107,11 @@ class ClusteringMethod(L.LightningModule):
 
     def prepare_evaluation(self) -> None:
         """Brings state that evaluation reads, and that training only refreshes when asked, up
-        to date (VAE+KMeans: the k-means on the current latents). Called by the evaluation
-        callbacks on every rank before they read the contract during ``fit``. Nothing by default."""
+        to date: under DDP the BatchNorm running statistics (:meth:`average_batchnorm_stats`);
+        VAE+KMeans adds its k-means on the current latents. Called on every rank when a
+        validation starts and by the evaluation callbacks before they read the contract during
+        ``fit``."""
+        self.average_batchnorm_stats()
 
     # -- helpers for subclasses -------------------------------------------------------
     def flat(self, x: Tensor) -> Tensor:
@@ -141,7 +144,9 @@ class ClusteringMethod(L.LightningModule):
         return loss
 
     def on_train_epoch_end(self) -> None:
-        """Log the epoch mean of every loss term summed by :meth:`check_and_log`."""
+        """Log the epoch mean of every loss term summed by :meth:`check_and_log`; under DDP,
+        average the BatchNorm statistics before the epoch's checkpoint is written."""
+        self.average_batchnorm_stats()
         if self._term_steps:
             self.log_dict({k: v / self._term_steps for k, v in self._term_sums.items()}, sync_dist=True)
         self._term_sums, self._term_steps = {}, 0
@@ -151,6 +156,9 @@ class ClusteringMethod(L.LightningModule):
         """Beside the parameters and buffers: the random generators (VAESim's draws, the noise of
         the VAEs and the MMD) and the loss sums of the epoch so far, so that a run resumed from a
         checkpoint, even one taken mid-epoch, continues as the uninterrupted run."""
+        # a mid-epoch checkpoint holds the ranks' mean statistics too (its state dict is taken
+        # before this hook, so the averaged values are written into it)
+        checkpoint["state_dict"].update({k: v.detach().clone() for k, v in self.average_batchnorm_stats().items()})
         checkpoint["protos_resume"] = {
             "rng": rng_state(),
             "epoch": self.current_epoch,
@@ -190,24 +198,36 @@ class ClusteringMethod(L.LightningModule):
                 self._term_steps = resumed["term_steps"]
         return None
 
-    def on_train_batch_end(self, outputs, batch: dict[str, Tensor], batch_idx: int) -> None:
-        """Under DDP, the BatchNorm running statistics (buffers each rank updates from its own
-        batch) are averaged over the ranks after every step, so that every rank evaluates and saves
-        the same model. SyncBatchNorm (``--trainer.sync_batchnorm true``) does this inside the
-        forward pass, but only on GPUs; with it the average leaves the equal values as they are."""
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            return
-        stats = [
-            t
-            for m in self.modules()
+    def _batchnorm_stats(self) -> list[tuple[str, Tensor]]:
+        return [
+            (f"{name}.{stat}", getattr(m, stat))
+            for name, m in self.named_modules()
             if isinstance(m, _BatchNorm) and m.running_mean is not None
-            for t in (m.running_mean, m.running_var)
+            for stat in ("running_mean", "running_var")
         ]
+
+    def average_batchnorm_stats(self) -> dict[str, Tensor]:
+        """Under DDP, sets the BatchNorm running statistics to their mean over the ranks (a
+        collective: every rank calls it) and returns them by state-dict name; ``{}`` otherwise.
+
+        Each rank updates its statistics from its own batches, r <- (1 - m) r + m s. The update
+        is linear and the ranks start equal, so the mean of the ranks' statistics is the running
+        average of the rank-averaged batch statistics whenever it is taken: averaging where the
+        statistics are read (evaluation) or written (epoch end, checkpoints) gives what averaging
+        after every step would, without a collective per step. (SyncBatchNorm,
+        ``--trainer.sync_batchnorm true``, averages inside the forward pass, on GPUs only; the
+        mean then leaves the equal values as they are.)
+        """
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return {}
+        stats = self._batchnorm_stats()
         if stats:
-            flat = torch.cat([t.flatten() for t in stats])
+            flat = torch.cat([t.flatten() for _, t in stats])
             dist.all_reduce(flat)
             flat /= dist.get_world_size()
-            torch.nn.utils.vector_to_parameters(flat, stats)
+            for (_, t), part in zip(stats, flat.split([t.numel() for _, t in stats]), strict=True):
+                t.copy_(part.view_as(t))
+        return dict(stats)
 
     def full_precision(self):
         """Context for loss terms: float32 even under ``--trainer.precision bf16-mixed`` (the
@@ -222,6 +242,9 @@ class ClusteringMethod(L.LightningModule):
         return self.trainer.max_epochs is not None and self.current_epoch == self.trainer.max_epochs - 1
 
     # -- Lightning hooks shared by all methods ----------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self.prepare_evaluation()
+
     def setup(self, stage: str) -> None:
         """Checks the data against the network, and turns on DDP's search for unused parameters
         for the methods that need it (``ddp_unused_parameters``), so that a plain

@@ -245,11 +245,9 @@ class VAE(ConvVAEMethod):
         return self.global_step != self._fitted_at_step
 
     def prepare_evaluation(self) -> None:
+        super().prepare_evaluation()
         if self.trainer.state.fn == TrainerFn.FITTING and self._clusters_stale():
             self.fit_clusters()
-
-    def on_validation_epoch_start(self) -> None:
-        self.prepare_evaluation()
 
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()
