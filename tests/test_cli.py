@@ -232,3 +232,18 @@ def test_fit_ckpt_path_last_continues_the_newest_run_in_its_own_directory(tmp_pa
     assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0"]
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 3
     assert "test" in json.loads((run / "metrics.json").read_text())
+
+
+def test_bad_picture_or_probe_settings_are_one_line_errors(tmp_path, capsys):
+    for option in (
+        "--trainer.callbacks+=lightning_protos.eval.images.InspectionImages",
+        "--trainer.callbacks+=lightning_protos.eval.probes.ProbeEvaluator",
+    ):
+        bad = (
+            "--trainer.callbacks.init_args.every_n_epochs=-1"
+            if "images" in option
+            else "--trainer.callbacks.init_args.knn_k=0"
+        )
+        code, _, err = run_main(["fit", *digits(tmp_path, option, bad)], capsys)
+        assert code != 0
+        assert "must be" in protos_error(err)

@@ -14,6 +14,7 @@ import torch
 from sklearn.neighbors import KNeighborsClassifier
 from torch import Tensor
 
+from ..errors import ProtosError
 from .callbacks import record_metrics
 
 # The authors' code's linear probe (REFERENCE_CODE 1.2): Adam 1e-3, 10 epochs, batch 512, 10 outputs.
@@ -132,7 +133,7 @@ class ProbeEvaluator(L.Callback):
         seed: int = 0,
     ) -> None:
         if knn_k < 1 or linear_epochs < 1 or linear_batch_size < 1 or not linear_lr > 0:
-            raise ValueError("knn_k, linear_epochs, linear_batch_size and linear_lr must be positive")
+            raise ProtosError("knn_k, linear_epochs, linear_batch_size and linear_lr must be positive")
         self.knn_k = knn_k
         self.linear = {"lr": linear_lr, "epochs": linear_epochs, "batch_size": linear_batch_size}
         self.linear["n_outputs"] = linear_outputs
