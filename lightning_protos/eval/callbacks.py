@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor
@@ -187,19 +188,17 @@ class AssignmentWriter(BasePredictionWriter):
 
     @staticmethod
     def _write_predictions(path: Path, out: dict[str, Tensor]) -> None:
-        has_y = "y" in out
         per_cluster = [(key, prefix) for key, prefix in PER_CLUSTER_COLUMNS.items() if key in out]
-        header = ["index", *(["label"] if has_y else []), "cluster"]
+        ids = [key for key in ("index", "y", "cluster") if key in out]
+        header = ["label" if key == "y" else key for key in ids]
         for key, prefix in per_cluster:
             header += [f"{prefix}_{j}" for j in range(out[key].shape[1])]
-        with open(path, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(header)
-            for i in range(len(out["index"])):
-                row = [int(out["index"][i]), *([int(out["y"][i])] if has_y else []), int(out["cluster"][i])]
-                for key, _ in per_cluster:
-                    row += [f"{v:.6g}" for v in out[key][i].tolist()]
-                w.writerow(row)
+        # one formatted write of the whole (N, columns) table, no per-row Python
+        table = np.column_stack(
+            [out[key].double().numpy() for key in ids] + [out[key].double().numpy() for key, _ in per_cluster]
+        )
+        fmt = ["%d"] * len(ids) + ["%.6g"] * (table.shape[1] - len(ids))
+        np.savetxt(path, table, fmt=fmt, delimiter=",", header=",".join(header), comments="")
 
     def _write_neighbours(self, path: Path, out: dict[str, Tensor]) -> None:
         sims = out["similarity"].float()  # (N, K)
