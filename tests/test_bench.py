@@ -271,6 +271,9 @@ BAD_TABLES = [
     ({"methods": [KM, KM]}, "share a run dir"),
     ({"methods": [{**GMM, "init": "random"}, {**GMM, "init": "kmeans"}]}, "or a results row"),
     ({"colour": "red"}, "unknown key(s) colour"),
+    ({"curves": 5}, "curves: give a non-empty list of TensorBoard scalar tags"),
+    ({"curves": ["val/mse", {"val": "ari"}]}, "curves: give a non-empty list"),
+    ({"curves": ["val/mse", "val/mse"]}, "curves: duplicates"),
 ]
 
 
@@ -452,3 +455,77 @@ def test_report_of_probe_and_mse_columns_picks_its_best_run_and_formats_errors(t
     only_mse = write_report(rows, ["method"], ["method", "seed", "test_mse"], tmp_path / "m.csv", "m")
     assert "best run (min TEST_MSE)" in only_mse["table"].read_text()
     assert "chart" not in only_mse  # no score to draw
+
+
+# -- learning curves ----------------------------------------------------------------------
+
+
+def log_run(run_dir: Path, mse: dict[int, float], epochs: int = 4, steps_per_epoch: int = 3) -> None:
+    """Event files as a Lightning run leaves them: every log call through TensorBoardLogger with
+    the ``epoch`` scalar the trainer adds; ``val/mse`` in the epochs of ``mse``, then a test
+    logged after fit (step and epoch one past the last) into a second event file."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    def logger() -> TensorBoardLogger:
+        return TensorBoardLogger(save_dir=run_dir.parent, name="", version=run_dir.name)
+
+    fit = logger()
+    for epoch in range(epochs):
+        step = (epoch + 1) * steps_per_epoch - 1
+        fit.log_metrics({"train/loss": 1.0 / (epoch + 1), "epoch": epoch}, step)
+        if epoch in mse:
+            fit.log_metrics({"val/mse": mse[epoch], "epoch": epoch}, step)
+    fit.finalize("success")
+    test = logger()
+    test.log_metrics({"test/mse": min(mse.values()), "epoch": epochs}, epochs * steps_per_epoch)
+    test.finalize("success")
+
+
+def test_report_writes_curves_per_epoch_and_skips_cells_without_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # `protos report` reads the run dirs under ./bench_runs
+    methods = [
+        {"method": "cm", "config": str(ROOT / "configs" / "cm_{dataset}.yaml")},
+        {"method": "aecm", "config": str(ROOT / "configs" / "cm_{dataset}.yaml"), "init": "random"},
+        {"method": "kmeans", "reference": "kmeans", "init": "random"},
+    ]
+    table = write_table(tmp_path, methods=methods, curves=["val/mse", "test/mse", "val/ari"])
+    bench = load_bench(table)
+    assert bench.curves == ["val/mse", "test/mse", "val/ari"]
+    Runner(bench, FakeLaunch()).run(bench.cells())  # results rows and run dirs
+    mse = {("cm", 0): 0.5, ("cm", 1): 0.7, ("aecm", 0): 0.2, ("aecm", 1): 0.4}
+    for cell in bench.cells():
+        if (cell.method, cell.seed) in mse:  # val/mse after epochs 1 and 3 (0-based), halving
+            base = mse[cell.method, cell.seed]
+            log_run(cell.run_dir, {1: base, 3: base / 2})
+    shutil.rmtree(bench.root / "t" / "aecm-random_digits_seed1")
+    curves = tmp_path / "results" / "t_curves.csv"
+    curves.write_text(  # a row of another table sharing the results file, one stale row of ours
+        "method,init,dataset,seed,tag,epoch,value\ndec,random,digits,0,val/mse,9,0.9\ncm,,digits,0,val/mse,9,9\n"
+    )
+    capsys.readouterr()
+
+    assert main(["report", "--config", str(table)]) == 0
+    out = capsys.readouterr().out
+    assert "[report] curves: skipped aecm-random_digits_seed1: no run dir" in out
+    assert "[report] curves: cm_digits_seed0 logged no val/ari" in out
+    assert "kmeans" not in out  # references train no epochs: nothing to skip
+    assert f"[report] wrote {curves}" in out
+    with open(curves, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["method", "init", "dataset", "seed", "tag", "epoch", "value"]
+    got = [(r["method"], r["init"], r["seed"], r["tag"], int(r["epoch"]), float(r["value"])) for r in rows]
+    assert got == [
+        ("dec", "random", "0", "val/mse", 9, 0.9),
+        ("cm", "", "0", "val/mse", 1, 0.5),
+        ("cm", "", "0", "val/mse", 3, 0.25),
+        ("cm", "", "0", "test/mse", 4, 0.25),
+        ("aecm", "random", "0", "val/mse", 1, 0.2),
+        ("aecm", "random", "0", "val/mse", 3, 0.1),
+        ("aecm", "random", "0", "test/mse", 4, 0.1),
+        ("cm", "", "1", "val/mse", 1, 0.7),
+        ("cm", "", "1", "val/mse", 3, 0.35),
+        ("cm", "", "1", "test/mse", 4, 0.35),
+    ]
+    assert {r["dataset"] for r in rows} == {"digits"}
+    assert (tmp_path / "results" / "t_curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert set(report(bench)) >= {"t/curves", "t/curves_chart", "t/table"}

@@ -2,20 +2,26 @@
 
 Pure functions on rows (``dict[str, str]`` as read from the results CSV), then writers of
 ``<stem>_table.md`` (scores x100, as the papers print them), ``<stem>_summary.csv``
-(fractions) and ``<stem>_chart.png`` (bars with ±1 std error bars) beside the CSV.
+(fractions) and ``<stem>_chart.png`` (bars with ±1 std error bars) beside the CSV; for a table
+with ``curves``, ``<stem>_curves.csv`` and ``<stem>_curves.png``: those TensorBoard scalars of
+each trained cell per epoch, read from its run dir.
 """
 
 from __future__ import annotations
 
+import bisect
 import csv
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from .spec import Cell, row_key
+
 # Score columns a results file may have, shown x100, and reconstruction errors, shown as they are.
 SCORES = ("acc", "nmi", "ari", "homogeneity", "stat_acc", "knn_acc", "linear_acc")
 ERRORS = ("train_mse", "test_mse")
 METRICS = SCORES + ERRORS
+CURVE_KEYS = ("tag", "epoch", "value")  # columns of <stem>_curves.csv after the cell's fields
 CRITERION = "l_sp"  # label-free model selection: the run with the lowest L_sp (AE-CM paper)
 
 
@@ -223,4 +229,113 @@ def write_report(
         plot_chart(summaries, scores, paths["chart"], name)
     else:
         del paths["chart"]
+    return paths
+
+
+def read_curves(run_dir: Path, tags: list[str]) -> dict[str, dict[int, float]]:
+    """Each of ``tags`` found in the run dir's TensorBoard event files, as ``{epoch: value}``.
+
+    The epoch is Lightning's ``epoch`` scalar (0-based; logged with every ``self.log`` call) at
+    the value's step, or for a value logged mid-epoch the first one after it; the last value of
+    an epoch, and of a step logged twice (a resumed run), wins. Raises LookupError (why) where
+    the run dir or the ``epoch`` scalar is missing.
+    """
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    if not run_dir.is_dir():
+        raise LookupError(f"no run dir {run_dir}")
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})  # 0: keep every value
+    events.Reload()
+    found = events.Tags()["scalars"]
+    if "epoch" not in found:
+        raise LookupError(f"no TensorBoard 'epoch' scalar in {run_dir}")
+    scalars = {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in ["epoch", *tags] if tag in found}
+    steps = sorted(scalars.pop("epoch").items())
+
+    def epoch_at(step: int) -> int:
+        return int(steps[min(bisect.bisect_left(steps, (step,)), len(steps) - 1)][1])
+
+    return {tag: {epoch_at(s): v for s, v in sorted(values.items())} for tag, values in scalars.items()}
+
+
+def curve_rows(cells: list[Cell], tags: list[str]) -> list[dict[str, str]]:
+    """One row per trained cell, tag and epoch (the cell's fields, ``tag``, ``epoch``, ``value``);
+    a cell without a run dir or events is skipped with a one-line message."""
+    rows = []
+    for cell in cells:
+        if cell.reference is not None:
+            continue  # scikit-learn references train no epochs
+        try:
+            curves = read_curves(cell.run_dir, tags)
+        except LookupError as err:
+            print(f"[report] curves: skipped {cell.name}: {err}", flush=True)
+            continue
+        if missing := [t for t in tags if t not in curves]:
+            print(f"[report] curves: {cell.name} logged no {', '.join(missing)}", flush=True)
+        for tag, values in curves.items():
+            rows += [{**cell.fields(), "tag": tag, "epoch": str(e), "value": f"{v:.6g}"} for e, v in values.items()]
+    return rows
+
+
+def plot_curves(rows: list[dict[str, str]], path: Path, name: str) -> None:
+    """One panel per (tag, data set), x = epoch: a line per method and labels, the mean over
+    seeds with a min-max band where there are several; log y for MSE tags."""
+    from matplotlib.figure import Figure
+
+    tags = list(dict.fromkeys(r["tag"] for r in rows))
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    fig = Figure(figsize=(6.4 * len(datasets), 4.2 * len(tags)))
+    axes = fig.subplots(len(tags), len(datasets), squeeze=False)
+    for i, tag in enumerate(tags):
+        for j, dataset in enumerate(datasets):
+            ax = axes[i, j]
+            lines: dict[str, dict[int, list[float]]] = {}
+            for r in rows:
+                if (r["tag"], r["dataset"]) == (tag, dataset):
+                    label = "-".join(v for k, v in r.items() if k not in ("dataset", "seed", *CURVE_KEYS) and v)
+                    lines.setdefault(label, {}).setdefault(int(r["epoch"]), []).append(float(r["value"]))
+            title = f"{name}: {tag} on {dataset}"
+            for label, by_epoch in lines.items():
+                epochs = sorted(by_epoch)
+                values = [by_epoch[e] for e in epochs]
+                (line,) = ax.plot(epochs, [statistics.fmean(v) for v in values], marker=".", label=label)
+                if any(len(v) > 1 for v in values):
+                    low, high = [min(v) for v in values], [max(v) for v in values]
+                    ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.2)
+                    title = f"{name}: {tag} on {dataset}\n(mean over seeds, band: min to max)"
+            if "mse" in tag.lower() and lines:
+                ax.set_yscale("log")
+            ax.set_xlabel("epoch (Lightning's, from 0)")
+            ax.set_ylabel(tag)
+            ax.set_title(title)
+            if lines:
+                ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def write_curves(cells: list[Cell], tags: list[str], results: Path, name: str) -> dict[str, Path]:
+    """Writes ``<stem>_curves.csv`` and ``<stem>_curves.png`` of ``cells`` beside ``results``;
+    returns their paths. Rows of other cells already in the CSV (those of another table that
+    shares the results file) are kept."""
+    paths = {"curves": results.with_name(f"{results.stem}_curves.csv")}
+    paths["curves_chart"] = paths["curves"].with_suffix(".png")
+    old: list[dict[str, str]] = []
+    old_columns: list[str] = []
+    if paths["curves"].is_file():
+        with open(paths["curves"], newline="") as f:
+            reader = csv.DictReader(f)
+            old, old_columns = list(reader), list(reader.fieldnames or [])
+    labels = dict.fromkeys([*(k for c in cells for k, _ in c.labels), *old_columns])
+    ids = ["method", *(k for k in labels if k not in ("method", "dataset", "seed", *CURVE_KEYS)), "dataset", "seed"]
+    mine = {row_key(c.fields(), ids) for c in cells}
+    rows = [r for r in old if row_key(r, ids) not in mine] + curve_rows(cells, tags)
+    with open(paths["curves"], "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*ids, *CURVE_KEYS])
+        writer.writeheader()
+        writer.writerows(rows)
+    if rows:
+        plot_curves(rows, paths["curves_chart"], name)
+    else:
+        del paths["curves_chart"]
     return paths

@@ -32,7 +32,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .report import write_report
+from .report import write_curves, write_report
 from .spec import Bench, BenchError, Cell, check_cells, load_bench, row_key
 
 LOG, TIMES, METRICS_FILE = "log.txt", "bench.json", "metrics.json"
@@ -307,7 +307,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 def report(bench: Bench) -> dict[str, Path]:
     """Writes the table, summary and chart of the rows so far of each results file, in the
-    table's cell order."""
+    table's cell order, and the learning curves of its cells where the table lists ``curves``."""
     written: dict[str, Path] = {}
     for path, columns in bench.results_files().items():
         rows = ResultsFile(path, columns).rows()
@@ -319,6 +319,9 @@ def report(bench: Bench) -> dict[str, Path]:
         labels = [c for c in ids if c not in ("method", "dataset", "seed")]
         group_by = ["method", *labels, "dataset"]
         paths = write_report(rows, group_by, columns, path, bench.name)
+        if bench.curves:
+            cells = [c for c in bench.cells() if c.results == path]
+            paths.update(write_curves(cells, bench.curves, path, bench.name))
         written.update({f"{path.stem}/{kind}": p for kind, p in paths.items()})
     if not written:
         raise BenchError(f"no results yet in {', '.join(map(str, bench.results_files()))}; run protos bench first")

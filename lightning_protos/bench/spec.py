@@ -8,6 +8,7 @@ A table file (``configs/bench/<table>.yaml``)::
     seeds: [0, 1]                                 # each passed to seed_everything
     datasets: [digits]                            # names of lightning_protos.data.DATASETS
     overrides: {trainer.max_epochs: 10}           # optional; every Lightning cell (dotted CLI keys)
+    curves: [val/mse]                             # optional; TensorBoard scalars drawn per epoch
     methods:
       - {method: cm, config: "configs/cm_{dataset}.yaml", init: random, overrides: {...}}
       - {method: kmeans, reference: kmeans, init: random}
@@ -25,6 +26,9 @@ restrict itself to some of the table's ``datasets`` (a list).
 Columns: ``method``, ``dataset``, ``seed``, labels, ``epochs`` (epochs trained), ``seconds``
 (wall time of the cell's processes), else a key of ``metrics.json``'s final ``test`` entry
 (``acc``, ``nmi``, ``ari``, ``homogeneity``, ``l_sp``, ``n_clusters_used``, ...).
+``curves`` names TensorBoard scalar tags (``val/mse``, ``val/ari``, ``train/loss``, ...) that
+``protos report`` reads from each trained cell's run dir and writes per epoch, beside each
+results file, to ``<stem>_curves.csv`` and ``<stem>_curves.png`` (see ``bench/report.py``).
 """
 
 from __future__ import annotations
@@ -53,7 +57,8 @@ REFERENCES = {
     "kmeans": ("random", "k-means++"),
     "gmm": ("kmeans", "k-means++", "random", "random_from_data"),
 }
-TABLE_KEYS = ("name", "results", "columns", "seeds", "datasets", "overrides", "methods")
+TABLE_KEYS = ("name", "results", "columns", "seeds", "datasets", "overrides", "curves", "methods")
+OPTIONAL_KEYS = ("overrides", "curves")
 ENTRY_KEYS = {"method", "config", "reference", "overrides", "results", "columns", "datasets"}
 CELL_KEYS = ("method", "dataset", "seed")
 SAFE = re.compile(r"[A-Za-z0-9_.+-]+")
@@ -129,6 +134,7 @@ class Bench:
     datasets: list[str]
     methods: list[dict[str, Any]]
     overrides: dict[str, Any] = field(default_factory=dict)
+    curves: list[str] = field(default_factory=list)
     root: Path = Path("bench_runs")
 
     @property
@@ -225,7 +231,7 @@ def load_bench(path: str | Path, root: str | Path | None = None, results: str | 
     if not isinstance(raw, dict):
         _fail(str(path), "expected a mapping with name, results, columns, seeds, datasets, methods")
     unknown = set(raw) - set(TABLE_KEYS)
-    missing = [k for k in TABLE_KEYS if k != "overrides" and k not in raw]
+    missing = [k for k in TABLE_KEYS if k not in OPTIONAL_KEYS and k not in raw]
     if unknown:
         _fail(
             str(path),
@@ -246,6 +252,11 @@ def load_bench(path: str | Path, root: str | Path | None = None, results: str | 
     overrides = raw.get("overrides") or {}
     if not isinstance(overrides, dict):
         _fail(str(path), "overrides: expected a mapping of dotted keys to values")
+    curves = raw.get("curves", [])
+    if "curves" in raw and not (isinstance(curves, list) and curves and all(isinstance(t, str) and t for t in curves)):
+        _fail(str(path), f"curves: give a non-empty list of TensorBoard scalar tags, e.g. [val/mse], got {curves!r}")
+    if len(set(curves)) < len(curves):
+        _fail(str(path), f"curves: duplicates in {curves}")
     methods = [_check_entry(path, i, e) for i, e in enumerate(raw["methods"] or [])]
     if not methods:
         _fail(str(path), "methods: give at least one method entry")
@@ -261,6 +272,7 @@ def load_bench(path: str | Path, root: str | Path | None = None, results: str | 
         datasets=[str(d) for d in datasets],
         methods=methods,
         overrides=overrides,
+        curves=curves,
         root=Path(root) if root is not None else Bench.root,
     )
 
