@@ -1,22 +1,27 @@
 """VaDE and GMVAE: the mixture ops against SciPy / torch.distributions and a Monte-Carlo ELBO,
-positive variances under adversarial steps, recovery of well-separated image blobs, strict
-checkpoint restores, bad input, the probes and the CLI (fit, then predict)."""
+positive variances under adversarial steps, recovery of well-separated image blobs (on the conv
+network and on VaDE's fully connected one with a Bernoulli likelihood), strict checkpoint
+restores, bad input, the probes and the CLI (fit, then predict)."""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
+import re
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import TwoSplits, check_contract, cli_fit_then_predict, make_trainer
+import torch.nn.functional as F
+from conftest import ROOT, TwoSplits, check_contract, cli_fit_then_predict, make_trainer
 from scipy.stats import entropy, norm
 from sklearn.metrics import adjusted_rand_score
+from torch import nn
 from torch.distributions import Normal, kl_divergence
 
+from lightning_protos.cli import main
 from lightning_protos.errors import ProtosError
 from lightning_protos.eval.callbacks import AssignmentWriter, ClusteringEvaluator
 from lightning_protos.eval.probes import ProbeEvaluator
@@ -35,6 +40,8 @@ from lightning_protos.ops.mixture import (
 )
 
 SMALL = {"n_clusters": 3, "latent_dim": 4, "channels": (4, 8, 8)}  # a tiny network for CPU tests
+# VaDE's fully connected network, narrow, with its Bernoulli likelihood and beta = q / d (28 x 28 inputs)
+MLP = {"network": "mlp", "hidden": (32, 16, 64), "reconstruction": "bce", "beta": 4 / 784}
 F64 = torch.float64
 
 
@@ -217,12 +224,79 @@ def test_contract_shapes_and_a_deterministic_embedding(kind):
     check_contract(make(kind), image_blobs(5, 0)[0], latent_dim=4, out_shape=(1, 28, 28))
 
 
-@pytest.mark.parametrize(("kind", "seed"), [("vade", 0), ("vade", 1), ("gmvae", 0)])
-def test_recovers_well_separated_image_blobs(kind, seed):
+def linear_widths(module: nn.Module) -> list[int]:
+    return [m.out_features for m in module.modules() if isinstance(m, nn.Linear)]
+
+
+@pytest.mark.parametrize("kind", ["vade", "gmvae"])
+@pytest.mark.parametrize("shape", [(1, 28, 28), (16,)])
+def test_the_fully_connected_network_round_trips_images_and_vectors(kind, shape):
+    model = make(kind, input_shape=shape, **MLP)
+    x = torch.rand(5, *shape)
+    check_contract(model, x, latent_dim=4, out_shape=shape)
+    d = math.prod(shape)
+    assert model.to_net(x).shape == (5, d)  # flattened at its own size, no resize to 32x32
+    assert torch.equal(model.from_net(model.to_net(x)), x)
+    # d-32-16-64 ReLU trunk and two linear heads; the decoder mirrors it: q-64-16-32-d, sigmoid
+    assert linear_widths(model.encoder.features) == [32, 16, 64]
+    assert all(isinstance(m, (nn.Linear, nn.ReLU)) for m in model.encoder.features)
+    assert isinstance(model.encoder.features[-1], nn.ReLU)
+    assert (model.encoder.mu.in_features, model.encoder.mu.out_features) == (64, 4)
+    assert (model.encoder.logvar.in_features, model.encoder.logvar.out_features) == (64, 4)
+    assert model.decoder.net[0].in_features == 4
+    assert linear_widths(model.decoder) == [64, 16, 32, d]
+    with torch.no_grad():
+        z = torch.randn(3, 4)
+        images = model.decode(z)
+        assert ((images >= 0) & (images <= 1)).all()
+        torch.testing.assert_close(model.from_net(torch.sigmoid(model.reconstruct(z))), images)  # bce: logits
+    # the paper's widths by default: 784-500-500-2000-10 and 10-2000-500-500-784
+    paper = VaDE(n_clusters=10, latent_dim=10, network="mlp")
+    assert linear_widths(paper.encoder) == [500, 500, 2000, 10, 10]
+    assert linear_widths(paper.decoder) == [2000, 500, 500, 784]
+
+
+def test_bce_is_the_bernoulli_likelihood_per_pixel_computed_from_logits():
+    model = make("vade", input_shape=(4,), **MLP)
+    logits = torch.tensor([[2.0, -1.0, 0.0, 3.0], [-2.0, 0.5, 1.0, -4.0]])
+    x = torch.tensor([[1.0, 0.0, 0.5, 0.2], [0.0, 1.0, 1.0, 0.9]])
+    p = torch.sigmoid(logits)
+    by_hand = -(x * p.log() + (1 - x) * (1 - p).log()).mean()  # the mean over the 8 pixels
+    torch.testing.assert_close(model.reconstruction_loss(x, logits), F.binary_cross_entropy(p, x))
+    torch.testing.assert_close(model.reconstruction_loss(x, logits), by_hand)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float32 under a bf16 network
+        assert model.reconstruction_loss(x, logits.bfloat16()).dtype == torch.float32
+    # a saturated wrong pixel: from logits the loss is its 100 nats and the gradient is there;
+    # through the sigmoid's output (p = 1.0 exactly in float32) the gradient would vanish
+    saturated = torch.tensor([[100.0]], requires_grad=True)
+    loss = model.reconstruction_loss(torch.zeros(1, 1), saturated)
+    loss.backward()
+    assert float(loss) == pytest.approx(100.0)
+    assert float(saturated.grad) == pytest.approx(1.0)
+    # the pretraining step minimises the same BCE of d(z_mu)
+    terms = {}
+    model.check_and_log = lambda t, **kw: terms.update(t) or sum(t.values())
+    model.optimize = lambda loss, opt: None
+    model.optimizers = lambda: (None, None)
+    model.trainer = type("Trainer", (), {"current_epoch": 0})()
+    batch = torch.rand(6, 4)
+    model.training_step({"x": batch, "index": torch.arange(6)}, 0)
+    with torch.no_grad():
+        want = F.binary_cross_entropy(model.decoder(model.encode(batch)[0]), batch)
+    torch.testing.assert_close(terms["L_recon"].detach(), want)
+
+
+@pytest.mark.parametrize(
+    ("kind", "seed", "network"),
+    [("vade", 0, {}), ("vade", 1, {}), ("gmvae", 0, {}), ("vade", 0, MLP), ("vade", 1, MLP)],
+    ids=["vade-0", "vade-1", "gmvae-0", "vade-mlp-bce-0", "vade-mlp-bce-1"],
+)
+def test_recovers_well_separated_image_blobs(kind, seed, network):
     # VaDE: 10 pretraining + 5 VaDE epochs of 3 steps; GMVAE: 30 epochs of 6 steps (it also
-    # learns its prior network). Seeds 0-3 all give ARI 1.0 for both (checked by hand).
+    # learns its prior network). Seeds 0-3 all give ARI 1.0 for both, and for VaDE on the fully
+    # connected network with BCE (checked by hand).
     dm = blobs_data(n_train=60 if kind == "vade" else 120)
-    model = make(kind, seed, pretrain_epochs=10) if kind == "vade" else make(kind, seed)
+    model = make(kind, seed, pretrain_epochs=10, **network) if kind == "vade" else make(kind, seed)
     fit(model, dm, 15 if kind == "vade" else 30, seed=seed)
     x, y = dm.features("eval"), dm.labels("eval")
     with torch.no_grad():
@@ -302,6 +376,11 @@ def test_bad_input_gives_one_line_errors_before_training():
         (GMVAE, {"w_dim": 0}, "w_dim must be > 0"),
         (GMVAE, {"input_shape": (784,)}, "flatten false"),
         (VaDE, {"input_shape": (1, 8, 8)}, r"takes images \(C, 28, 28\) or \(C, 32, 32\)"),
+        (VaDE, {"input_shape": (784,), "network": "conv"}, "conv network takes images .*flatten false"),
+        (VaDE, {"network": "foo"}, "network must be one of conv, mlp; got 'foo'"),
+        (GMVAE, {"network": "foo"}, "network must be one of conv, mlp"),
+        (VaDE, {"reconstruction": "foo"}, "reconstruction must be one of mse, bce; got 'foo'"),
+        (VaDE, {"network": "mlp", "hidden": (8, 0)}, r"hidden\[1\] must be > 0, got 0"),
     ]
     for cls, kwargs, message in cases:
         with pytest.raises(ProtosError, match=message) as err:
@@ -312,6 +391,31 @@ def test_bad_input_gives_one_line_errors_before_training():
         trainer.fit(make("vade"), blobs_data())
     assert "\n" not in str(err.value)
     assert trainer.global_step == 0
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--data.flatten", "true", "--model.network", "conv"], r"conv network takes .* input shape \(784,\)"),
+        (["--model.network", "foo"], r"\"network\": Expected .*'conv', 'mlp'.*Got value: foo"),
+        (["--model.reconstruction", "foo"], r"\"reconstruction\": Expected .*'mse', 'bce'.*Got value: foo"),
+    ],
+)
+def test_the_paper_config_rejects_a_bad_network_or_likelihood_in_one_line(extra, message, tmp_path, capsys):
+    data = tmp_path / "blobs.npz"
+    x, y = image_blobs(24, 0)
+    np.savez(data, X=(x * 255).to(torch.uint8).numpy(), y=y.numpy())
+    config = str(ROOT / "configs" / "vade_mnist_paper.yaml")
+    args = ["fit", "--config", config, "--data", "lightning_protos.data.ArrayFile", "--data.path", str(data)]
+    args += ["--trainer.default_root_dir", str(tmp_path), *extra]
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    err = "\n".join(filter(None, [capsys.readouterr().err.strip(), str(exit_.value.code)]))
+    lines = [line for line in err.splitlines() if line.startswith("protos: error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    assert re.search(message, lines[0])
+    assert not (tmp_path / "lightning_logs").exists()  # nothing was trained
 
 
 @pytest.mark.parametrize("kind", ["vade", "gmvae"])

@@ -190,6 +190,27 @@ def test_contract_shapes_and_a_deterministic_embedding(size):
     check_contract(model, torch.rand(5, 1, size, size), latent_dim=4, out_shape=(1, size, size))
 
 
+@pytest.mark.parametrize("network", ["mlp", "conv"])
+def test_short_fit_with_the_bernoulli_likelihood_on_either_network(network):
+    # VAESim and the VAE on VaDE's fully connected network or on the conv one, with BCE. The
+    # pixels are uniform in [0, 1]: any prediction's BCE is >= their mean entropy, 1/2 nat
+    # (the MSE of the same fit would be < 1/3)
+    dm = tiny_images()
+    extra = {"network": network, "hidden": (16, 8), "reconstruction": "bce"}
+    model = vaesim(**extra)
+    if network == "mlp":
+        assert model.decoder.net[0].in_features == 4 + 4  # z and the condition c (K = 4)
+    fit(model, dm, epochs=2)
+    assert bool(model.initialised)
+    assert 0.45 < float(model.trainer.callback_metrics["train/L_recon"]) < 1.0
+    check_contract(model, dm.features("eval"), latent_dim=4, out_shape=(1, 28, 28))
+    L.seed_everything(0, verbose=False)
+    vae = VAE(n_clusters=3, latent_dim=4, channels=(4, 8, 8), **extra)
+    fit(vae, dm, epochs=2)
+    assert 0.45 < float(vae.trainer.callback_metrics["train/L_recon"]) < 1.0
+    check_contract(vae, dm.features("eval"), latent_dim=4, out_shape=(1, 28, 28))
+
+
 def test_prototypes_are_untouched_by_the_optimizer_and_move_by_the_ema():
     dm = tiny_images()
     model = vaesim(assign="argmax")
@@ -327,6 +348,7 @@ def test_bad_input_gives_one_line_errors_before_training():
         ({"input_shape": (1, 27, 27)}, r"takes images \(C, 28, 28\) or \(C, 32, 32\)"),
         ({"input_shape": (784,)}, "flatten false"),
         ({"similarity": "euclid"}, "similarity must be one of cos, dot"),
+        ({"input_shape": (16,), "network": "mlp", "augment": True}, r"augment moves images .* \(16,\)"),
     ]
     for kwargs, message in cases:
         with pytest.raises(ProtosError, match=message) as err:

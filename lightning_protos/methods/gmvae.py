@@ -25,7 +25,8 @@ floored smoothly at 1e-6 (ops.floored_logvar), so they are positive for every ou
 prior network. Ours where the paper's MNIST settings are not in our notes (METHODS 3: the
 VAESim authors ran the original code with "default parameters", absent): the conv network and
 MSE reconstruction, q = 32, dim w = 16, a ReLU hidden layer of 256 units in the prior network,
-lambda = 0.5 nats, Adam 1e-3.
+lambda = 0.5 nats, Adam 1e-3 (``network: mlp`` and ``reconstruction: bce`` swap in VaDE's fully
+connected network and a Bernoulli likelihood, see methods/vae.py).
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ProtosError
@@ -49,7 +49,7 @@ from ..ops import (
     mixture_responsibilities,
 )
 from .base import check_positive
-from .vae import ConvVAEMethod
+from .vae import VADE_HIDDEN, ConvVAEMethod, Network, Reconstruction
 
 
 class GMVAE(ConvVAEMethod):
@@ -57,7 +57,8 @@ class GMVAE(ConvVAEMethod):
 
     Args:
         n_clusters: K, the mixture components (MNIST 10, PneumoniaMNIST 2: the classes).
-        input_shape: ``(C, 28, 28)`` or ``(C, 32, 32)`` (linked from the data by the CLI).
+        input_shape: ``(C, 28, 28)`` or ``(C, 32, 32)`` (any with ``network: mlp``; linked from
+            the data by the CLI).
         latent_dim: q, the dimension of z (ours: 32, METHODS 3).
         w_dim: the dimension of w (ours: 16).
         prior_hidden: the hidden units of the prior network w -> (mu_c(w), sigma_c^2(w)) (ours: 256).
@@ -68,6 +69,8 @@ class GMVAE(ConvVAEMethod):
         lr: Adam learning rate (ours: 1e-3).
         lr_step_epochs: see :class:`ConvVAEMethod` (``None``: constant).
         lr_step_gamma: see :class:`ConvVAEMethod`.
+        network, hidden, reconstruction: see :class:`ConvVAEMethod` (ours: conv, MSE); q(w|x)
+            shares the encoder's trunk either way.
     """
 
     def __init__(
@@ -84,24 +87,28 @@ class GMVAE(ConvVAEMethod):
         lr: float = 1e-3,
         lr_step_epochs: int | None = None,
         lr_step_gamma: float = 0.2,
+        network: Network = "conv",
+        hidden: Sequence[int] = VADE_HIDDEN,
+        reconstruction: Reconstruction = "mse",
     ) -> None:
         super().__init__(
-            n_clusters, input_shape, latent_dim, 0, beta, 1.0, encoder, channels, lr, lr_step_epochs, lr_step_gamma
-        )
+            n_clusters, input_shape, latent_dim, 0, beta, 1.0, encoder, channels, lr, lr_step_epochs, lr_step_gamma,
+            network, hidden, reconstruction,
+        )  # fmt: skip
         check_positive(w_dim=w_dim, prior_hidden=prior_hidden)
         if not 0 <= kl_c_floor < math.log(n_clusters):
             raise ProtosError(
                 f"kl_c_floor (lambda) must be in [0, log K = {math.log(n_clusters):.3f}) nats, got {kl_c_floor}"
             )
         self.save_hyperparameters()
-        trunk = self.encoder.mu.in_features  # q(w|x) shares the encoder's conv trunk with q(z|x)
+        trunk = self.encoder.mu.in_features  # q(w|x) shares the encoder's trunk with q(z|x)
         self.w_mu = nn.Linear(trunk, w_dim)
         self.w_logvar = nn.Linear(trunk, w_dim)
         self.prior_net = mlp([w_dim, prior_hidden, 2 * n_clusters * latent_dim], slope=0.0)
 
     # -- the model ----------------------------------------------------------------------
     def encode_zw(self, x_net: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(B, C, 32, 32)`` -> (z_mu, z_logvar) ``(B, q)`` and (w_mu, w_logvar) ``(B, dim w)``."""
+        """The network's input (:meth:`to_net`) -> (z_mu, z_logvar) ``(B, q)`` and (w_mu, w_logvar) ``(B, dim w)``."""
         h = self.encoder.features(x_net)
         return self.encoder.mu(h), self.encoder.logvar(h), self.w_mu(h), self.w_logvar(h)
 
@@ -142,7 +149,7 @@ class GMVAE(ConvVAEMethod):
         x = self.to_net(batch["x"])
         z_mu, z_logvar, w_mu, w_logvar = self.encode_zw(x)
         z, w = self.reparameterise(z_mu, z_logvar), self.reparameterise(w_mu, w_logvar)
-        x_rec = self.decoder(z)
+        out = self.reconstruct(z)
         mu_c, logvar_c = self.components(w)
         with self.full_precision():
             z_mu, z_logvar, z = z_mu.float(), z_logvar.float(), z.float()
@@ -150,7 +157,7 @@ class GMVAE(ConvVAEMethod):
             gamma = log_gamma.exp()
             weight = h.beta / h.latent_dim
             terms = {
-                "L_recon": F.mse_loss(x_rec.float(), x.float()),
+                "L_recon": self.reconstruction_loss(x, out),
                 "KL_cond": weight * expected_gaussian_kl(z_mu, z_logvar, gamma, mu_c, logvar_c).mean(),
                 "KL_w": weight * gaussian_kl(w_mu.float(), w_logvar.float()).sum(-1).mean(),
                 "KL_c": weight * categorical_kl(log_gamma, self.log_prior_c).mean().clamp_min(h.kl_c_floor),

@@ -1,5 +1,6 @@
 """VaDE: Variational Deep Embedding (Jiang, Zheng, Tan, Tang, Zhou, IJCAI 2017; METHODS 2),
-on the VAE family's conv network (methods/vae.py; VAESim Table 1 baseline).
+on the VAE family's conv network (methods/vae.py; VAESim Table 1 baseline) or on the paper's
+fully connected one (``network: mlp``, ``reconstruction: bce``: configs/vade_mnist_paper.yaml).
 
 Generative model: c ~ Cat(pi), z | c ~ N(mu_c, diag sigma_c^2), x | z from the decoder. pi
 (softmax of logits), mu_c and log sigma_c^2 are parameters, trained by the optimiser with the
@@ -7,7 +8,7 @@ network. Inference: q(z|x) = N(z_mu, diag exp(z_logvar)) from the encoder; q(c|x
 p(c|z) in closed form (§3.2).
 
 1. epochs [0, pretrain_epochs): the network as a plain autoencoder, x~ = d(z_mu),
-   minimise L_recon (the VAE family's reconstruction, an MSE)                   (§3.3)
+   minimise L_recon (the VAE family's reconstruction: MSE, or BCE with ``bce``)   (§3.3)
 2. at epoch pretrain_epochs, once: fit scikit-learn's GaussianMixture (diagonal covariances)
    on z_mu of the whole training split; pi, mu_c, sigma_c^2 <- its weights, means, variances;
    the encoder's log-variance head (which the autoencoder never trained) is set to output
@@ -21,13 +22,16 @@ Prediction: gamma at z = z_mu; its argmax is the cluster. Prototypes: mu_c. Samp
 c: d(mu_c + sigma_c * eps).
 
 The ELBO is scaled as the family's (``ConvVAEMethod.elbo_terms``): L_recon is a mean over
-pixels, and the KL terms, in nats per latent dimension, are weighted by beta; with beta = 5e-3
-the VAESim network's ELBO. The component variances are floored smoothly at 1e-6
+the d pixels, and the KL terms, in nats per latent dimension, are weighted by beta; with beta =
+5e-3 the VAESim network's ELBO. The paper's -ELBO sums the Bernoulli terms over the d pixels and
+the KL terms over z, so with ``bce`` and beta = q / d our loss is exactly the paper's divided by
+d (MNIST, q = 10: beta = 10/784). The component variances are floored smoothly at 1e-6
 (ops.floored_logvar: sigma_c^2 = exp(raw) + 1e-6), so no gradient step can make one
 non-positive or underflow to zero. Deviations from the VaDE paper (ours, METHODS 3: "default
 parameters" of an absent code, so the std-def settings with latent 32 and the VAESim network):
-the conv network and its MSE reconstruction instead of d-500-500-2000-10 with a Bernoulli
-decoder; the autoencoder is pretrained inside the run, by epoch, on its own Adam (so the
+by default the conv network and its MSE reconstruction instead of d-500-500-2000-10 with a
+Bernoulli decoder (``network: mlp``, ``reconstruction: bce`` and beta = q / d restore those);
+the autoencoder is pretrained inside the run, by epoch, on its own Adam (so the
 pretraining does not move the moments of the VaDE phase; the learning-rate schedule counts
 the VaDE epochs only); the log-variance head set at the GMM fit (left at its random
 initialisation, it draws z with variance ~1 around codes whose components are far tighter, and
@@ -42,24 +46,25 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from ..errors import ProtosError
 from ..ops import floored_logvar, mixture_responsibilities, raw_logvar, vade_kl_terms
 from .base import ClusteringMethod, check_positive
-from .vae import ConvVAEMethod
+from .vae import VADE_HIDDEN, ConvVAEMethod, Network, Reconstruction
 
 
 class VaDE(ConvVAEMethod):
-    """VaDE on the VAESim network.
+    """VaDE on the VAESim network (or, with ``network: mlp``, on the paper's).
 
     Args:
         n_clusters: K, the mixture components (MNIST 10, PneumoniaMNIST 2: the classes).
-        input_shape: ``(C, 28, 28)`` or ``(C, 32, 32)`` (linked from the data by the CLI).
+        input_shape: ``(C, 28, 28)`` or ``(C, 32, 32)`` (any with ``network: mlp``; linked from
+            the data by the CLI).
         latent_dim: q (ours: 32, METHODS 3; the paper: 10).
-        beta: weight of the KL terms per latent dimension (ours: the family's 5e-3).
+        beta: weight of the KL terms per latent dimension (ours: the family's 5e-3; the paper's
+            ELBO: q / d with ``bce``).
         encoder: ``bn_relu`` or ``linear`` (see :class:`ConvVAEMethod`).
         channels: encoder widths (ours: 64-128-256); the decoder mirrors them.
         lr: Adam learning rate of both phases (the VaDE code: 2e-3).
@@ -69,6 +74,9 @@ class VaDE(ConvVAEMethod):
         pretrain_epochs: autoencoder pretraining epochs before the GMM is fitted (0: the GMM
             is fitted on the codes of the untrained network).
         gmm_n_init: restarts of the GaussianMixture (scikit-learn's default: 1).
+        network: ``conv`` (ours) or ``mlp`` (the paper's d-500-500-2000-q, see :class:`ConvVAEMethod`).
+        hidden: the ``mlp`` encoder's hidden widths (the paper: 500-500-2000).
+        reconstruction: ``mse`` (ours) or ``bce`` (the paper's Bernoulli decoder).
     """
 
     ddp_unused_parameters = True  # the mixture parameters wait out the pretraining
@@ -86,10 +94,14 @@ class VaDE(ConvVAEMethod):
         lr_step_gamma: float = 0.9,
         pretrain_epochs: int = 10,
         gmm_n_init: int = 1,
+        network: Network = "conv",
+        hidden: Sequence[int] = VADE_HIDDEN,
+        reconstruction: Reconstruction = "mse",
     ) -> None:
         super().__init__(
-            n_clusters, input_shape, latent_dim, 0, beta, 1.0, encoder, channels, lr, lr_step_epochs, lr_step_gamma
-        )
+            n_clusters, input_shape, latent_dim, 0, beta, 1.0, encoder, channels, lr, lr_step_epochs, lr_step_gamma,
+            network, hidden, reconstruction,
+        )  # fmt: skip
         check_positive(gmm_n_init=gmm_n_init)
         if pretrain_epochs < 0:
             raise ProtosError(f"pretrain_epochs must be >= 0, got {pretrain_epochs}")
@@ -198,18 +210,16 @@ class VaDE(ConvVAEMethod):
         x = self.to_net(batch["x"])
         mu, logvar = self.encoder(x)
         if self.pretraining():  # step 1
-            x_rec = self.decoder(mu)
-            with self.full_precision():
-                loss = self.check_and_log({"L_recon": F.mse_loss(x_rec.float(), x.float())}, prefix="pretrain")
+            loss = self.check_and_log({"L_recon": self.reconstruction_loss(x, self.reconstruct(mu))}, prefix="pretrain")
             self.optimize(loss, pretrain_optimizer)
             return
         z = self.reparameterise(mu, logvar)  # step 3
-        x_rec = self.decoder(z)
+        out = self.reconstruct(z)
         with self.full_precision():
             kl_z, kl_c, _ = vade_kl_terms(mu.float(), logvar.float(), z.float(), self.log_pi, self.mu_c, self.logvar_c)
             weight = self.hparams.beta / self.hparams.latent_dim
             terms = {
-                "L_recon": F.mse_loss(x_rec.float(), x.float()),
+                "L_recon": self.reconstruction_loss(x, out),
                 "KL_z": weight * kl_z.mean(),
                 "KL_c": weight * kl_c.mean(),
             }

@@ -1,9 +1,10 @@
-"""Convolutional VAEs: the base VAESim is built on, the plain VAE and the VAE+KMeans baseline.
+"""The VAE family's base (VAESim, VaDE, GMVAE are built on it), the plain VAE and the VAE+KMeans baseline.
 
 VAE (Kingma & Welling 2014) with VAESim's network (METHODS 1.1, 2):
   1. (z_mu, z_logvar) = e(x), z = z_mu + exp(z_logvar / 2) * eps           (reparameterisation)
   2. x~ = d(z); minimise L = L_recon + beta * KL(q(z|x) || N(0, s^2 I))    (ELBO, VAESim Eq. 2)
         L_recon = mean over pixels and batch of (x - x~)^2   (on the 32x32 images the net sees)
+                  (``reconstruction: bce``: of the Bernoulli -[x log x~ + (1 - x) log(1 - x~)])
         KL      = mean over batch and latent dims of the Gaussian KL (ops.gaussian_kl)
 VAE+KMeans (VAESim's baseline, J §3.6):
   3. after training: k-means on the z_mu of the training images, with K fixed (``VAE``) or
@@ -11,8 +12,18 @@ VAE+KMeans (VAESim's baseline, J §3.6):
      yellowbrick's KElbowVisualizer in the authors' code; ops.elbow)
 Prediction: the nearest k-means centre of z_mu (a hard, one-hot assignment).
 
-28x28 images are resized to 32x32 on the batch (bilinear) before the encoder, and decoded
-images are resized back to the input size (METHODS 1.1: the authors resize with PIL).
+Networks (``network``): ``conv`` is VAESim's (nets/conv.py; METHODS 1.1): 28x28 images are
+resized to 32x32 on the batch (bilinear) before the encoder, and decoded images are resized back
+to the input size (the authors resize with PIL). ``mlp`` is VaDE's fully connected pair
+(nets/mlp.py; Jiang et al. 2017): d-500-500-2000 with ReLU and two linear heads, and the mirrored
+q-2000-500-500-d decoder with a sigmoid, on the flattened input at its own size (any shape).
+
+Scale of the loss: L_recon is a mean over the d pixels the network sees (d = C * 32 * 32 for
+``conv``, the input's size for ``mlp``) and the KL a mean over the q latent dimensions, so
+L = (1/d) [sum of the per-pixel terms + beta * d/q * KL summed over z]: beta = q/d gives the ELBO
+of the per-pixel likelihood divided by d (with ``bce``, the Bernoulli ELBO of VAE and VaDE;
+MNIST with q = 10 and ``mlp``: beta = 10/784). ``bce`` is computed from the decoder's logits
+(``reconstruct``), in float32; the pictures and ``decode`` use the sigmoid output.
 """
 
 from __future__ import annotations
@@ -29,28 +40,39 @@ from torch import Tensor
 
 from ..errors import ProtosError
 from ..nets.conv import NET_SIZE, ConvDecoder, ConvEncoder, resize
+from ..nets.mlp import MLPDecoder, MLPEncoder
 from ..ops import elbow_kmeans, gaussian_kl, kmeans_centres
 from .base import ClusteringMethod, check_positive
 
 IMAGE_SIZES = ((28, 28), (32, 32))
+Network = Literal["conv", "mlp"]
+Reconstruction = Literal["mse", "bce"]
+VADE_HIDDEN = (500, 500, 2000)  # VaDE's fully connected encoder widths (the decoder mirrors them)
 
 
 class ConvVAEMethod(ClusteringMethod):
-    """The network, the ELBO and the optimiser shared by :class:`VAE` and VAESim.
+    """The network, the ELBO and the optimiser shared by :class:`VAE`, VAESim, VaDE and GMVAE
+    (named for its default, VAESim's conv network; ``network: mlp`` swaps in VaDE's).
 
     Args:
         n_clusters: K.
-        input_shape: ``(C, 28, 28)`` or ``(C, 32, 32)`` (linked from the data by the CLI).
+        input_shape: ``(C, 28, 28)`` or ``(C, 32, 32)`` for ``conv``, any for ``mlp`` (linked
+            from the data by the CLI).
         latent_dim: q.
         condition_dim: extra decoder inputs beside z (VAESim: K, the soft assignment).
         beta: weight of the KL term.
         prior_std: s of the prior N(0, s^2 I).
-        encoder: ``bn_relu`` (J App. A) or ``linear`` (no BatchNorm nor ReLU: the authors' code).
-        channels: encoder widths; the decoder mirrors them.
+        encoder: ``bn_relu`` (J App. A) or ``linear`` (no BatchNorm nor ReLU: the authors' code);
+            ``conv`` only.
+        channels: encoder widths; the decoder mirrors them (``conv`` only).
         lr: Adam learning rate.
         lr_step_epochs: multiply the learning rate by ``lr_step_gamma`` every this many epochs
             (the authors' StepLR); ``None`` keeps it constant.
         lr_step_gamma: the factor of that decay.
+        network: ``conv`` (VAESim's, on 32x32 images) or ``mlp`` (VaDE's, on flattened inputs).
+        hidden: the ``mlp`` encoder's hidden widths (VaDE: 500-500-2000); the decoder mirrors them.
+        reconstruction: ``mse`` or ``bce`` (Bernoulli likelihood, for data in [0, 1]); both a
+            mean over pixels (see the module's note on beta).
     """
 
     def __init__(
@@ -66,12 +88,19 @@ class ConvVAEMethod(ClusteringMethod):
         lr: float,
         lr_step_epochs: int | None,
         lr_step_gamma: float,
+        network: Network = "conv",
+        hidden: Sequence[int] = VADE_HIDDEN,
+        reconstruction: Reconstruction = "mse",
     ) -> None:
         super().__init__(n_clusters, input_shape)
-        if len(self.input_shape) != 3 or tuple(self.input_shape[1:]) not in IMAGE_SIZES:
+        choices = {"network": (network, ("conv", "mlp")), "reconstruction": (reconstruction, ("mse", "bce"))}
+        for name, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ProtosError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+        if network == "conv" and (len(self.input_shape) != 3 or tuple(self.input_shape[1:]) not in IMAGE_SIZES):
             raise ProtosError(
                 f"the conv network takes images (C, 28, 28) or (C, 32, 32), got input shape {self.input_shape}"
-                " (set data.init_args.flatten false, or resize the images)"
+                " (set data.init_args.flatten false, resize the images, or use network: mlp)"
             )
         check_positive(lr=lr, latent_dim=latent_dim, prior_std=prior_std)
         if beta < 0:
@@ -80,6 +109,13 @@ class ConvVAEMethod(ClusteringMethod):
             raise ProtosError(f"encoder must be 'bn_relu' or 'linear', got {encoder!r}")
         if lr_step_epochs is not None:
             check_positive(lr_step_epochs=lr_step_epochs, lr_step_gamma=lr_step_gamma)
+        self.network, self.reconstruction = network, reconstruction
+        if network == "mlp":
+            hidden = tuple(hidden)
+            check_positive(**{f"hidden[{i}]": width for i, width in enumerate(hidden)})
+            self.encoder = MLPEncoder(self.input_dim, latent_dim, hidden)
+            self.decoder = MLPDecoder(latent_dim + condition_dim, self.input_dim, hidden[::-1])
+            return
         channels = tuple(channels)
         c = self.input_shape[0]
         self.encoder = ConvEncoder(c, latent_dim, channels, activation=encoder == "bn_relu")
@@ -87,12 +123,26 @@ class ConvVAEMethod(ClusteringMethod):
 
     # -- network ----------------------------------------------------------------------
     def to_net(self, x: Tensor) -> Tensor:
-        """``(B, *input_shape)`` -> ``(B, C, 32, 32)``, the size the network works at."""
-        return resize(x, NET_SIZE)
+        """``(B, *input_shape)`` -> what the network works on: ``(B, C, 32, 32)`` (conv) or ``(B, d)`` (mlp)."""
+        return self.flat(x) if self.network == "mlp" else resize(x, NET_SIZE)
 
     def from_net(self, x: Tensor) -> Tensor:
-        """``(B, C, 32, 32)`` -> ``(B, *input_shape)``."""
+        """The inverse of :meth:`to_net`: -> ``(B, *input_shape)``."""
+        if self.network == "mlp":
+            return x.reshape(len(x), *self.input_shape)
         return resize(x, self.input_shape[1:])
+
+    def reconstruct(self, h: Tensor) -> Tensor:
+        """The decoder's output for :meth:`reconstruction_loss`: images in [0, 1] (mse) or their
+        logits (bce, so the loss is computed stably from logits)."""
+        return self.decoder.logits(h) if self.reconstruction == "bce" else self.decoder(h)
+
+    def reconstruction_loss(self, x_net: Tensor, out: Tensor) -> Tensor:
+        """L_recon in float32, a mean over pixels and batch: (x - x~)^2 (mse) or the Bernoulli
+        -[x log x~ + (1 - x) log(1 - x~)] with x~ = sigmoid(``out``) (bce); ``out`` from :meth:`reconstruct`."""
+        with self.full_precision():
+            loss = F.binary_cross_entropy_with_logits if self.reconstruction == "bce" else F.mse_loss
+            return loss(out.float(), x_net.float())
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(B, *input_shape)`` -> (z_mu, z_logvar), each ``(B, q)``."""
@@ -102,12 +152,13 @@ class ConvVAEMethod(ClusteringMethod):
     def reparameterise(mu: Tensor, logvar: Tensor) -> Tensor:
         return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
 
-    def elbo_terms(self, x_net: Tensor, x_rec: Tensor, mu: Tensor, logvar: Tensor) -> dict[str, Tensor]:
-        """L_recon (MSE) and beta * KL of the ELBO, in float32 (VAESim Eq. 2; ``KL`` is weighted)."""
+    def elbo_terms(self, x_net: Tensor, out: Tensor, mu: Tensor, logvar: Tensor) -> dict[str, Tensor]:
+        """L_recon (:meth:`reconstruction_loss` of the decoder's ``out``) and beta * KL of the ELBO,
+        in float32 (VAESim Eq. 2; ``KL`` is weighted)."""
         h = self.hparams
         with self.full_precision():
             return {
-                "L_recon": F.mse_loss(x_rec.float(), x_net.float()),
+                "L_recon": self.reconstruction_loss(x_net, out),
                 "KL": h.beta * gaussian_kl(mu.float(), logvar.float(), h.prior_std).mean(),
             }
 
@@ -145,7 +196,7 @@ class VAE(ConvVAEMethod):
 
     Args:
         n_clusters: K; with ``k_min`` the largest K the elbow search tries.
-        input_shape: ``(C, 28, 28)`` or ``(C, 32, 32)``.
+        input_shape: ``(C, 28, 28)`` or ``(C, 32, 32)`` (any with ``network: mlp``).
         latent_dim: q (VAESim's baseline: 32).
         beta: weight of the KL term (ours, = VAESim's: 5e-3).
         prior_std: s of the prior N(0, s^2 I).
@@ -157,6 +208,7 @@ class VAE(ConvVAEMethod):
         k_min: ``None`` for k-means with K = ``n_clusters``; else K is chosen by the elbow of
             the inertia over K = k_min..n_clusters.
         kmeans_n_init: k-means restarts per K (1: scikit-learn's and yellowbrick's default).
+        network, hidden, reconstruction: see :class:`ConvVAEMethod` (ours: conv, MSE).
 
     The k-means centres are a ``(n_clusters, q)`` buffer of which the first ``k`` rows are used
     (``k``, a buffer too, is 0 until k-means has run), so a checkpoint restores the fitted
@@ -179,10 +231,13 @@ class VAE(ConvVAEMethod):
         lr_step_gamma: float = 0.2,
         k_min: int | None = None,
         kmeans_n_init: int = 1,
+        network: Network = "conv",
+        hidden: Sequence[int] = VADE_HIDDEN,
+        reconstruction: Reconstruction = "mse",
     ) -> None:
         super().__init__(
             n_clusters, input_shape, latent_dim, 0, beta, prior_std, encoder, channels, lr, lr_step_epochs,
-            lr_step_gamma,
+            lr_step_gamma, network, hidden, reconstruction,
         )  # fmt: skip
         check_positive(kmeans_n_init=kmeans_n_init)
         if k_min is not None and not 2 <= k_min < n_clusters - 1:
@@ -215,8 +270,8 @@ class VAE(ConvVAEMethod):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         x = self.to_net(batch["x"])
         mu, logvar = self.encoder(x)
-        x_rec = self.decoder(self.reparameterise(mu, logvar))  # step 1-2
-        loss = self.check_and_log(self.elbo_terms(x, x_rec, mu, logvar))
+        out = self.reconstruct(self.reparameterise(mu, logvar))  # step 1-2
+        loss = self.check_and_log(self.elbo_terms(x, out, mu, logvar))
         self.optimize(loss, self.optimizers())
 
     @torch.no_grad()
@@ -280,8 +335,11 @@ class VAEKMeans(VAE):
         lr_step_gamma: float = 0.2,
         k_min: int | None = 2,
         kmeans_n_init: int = 1,
+        network: Network = "conv",
+        hidden: Sequence[int] = VADE_HIDDEN,
+        reconstruction: Reconstruction = "mse",
     ) -> None:
         super().__init__(
             n_clusters, input_shape, latent_dim, beta, prior_std, encoder, channels, lr, lr_step_epochs,
-            lr_step_gamma, k_min, kmeans_n_init,
+            lr_step_gamma, k_min, kmeans_n_init, network, hidden, reconstruction,
         )  # fmt: skip

@@ -50,7 +50,7 @@ from ..ops import (
 )
 from ..ops.vaesim import Schedule, Similarity
 from .base import check_positive
-from .vae import ConvVAEMethod
+from .vae import VADE_HIDDEN, ConvVAEMethod, Network, Reconstruction
 
 
 class VAESim(ConvVAEMethod):
@@ -58,7 +58,8 @@ class VAESim(ConvVAEMethod):
 
     Args:
         n_clusters: K, the number of prototypes (ours, = the authors' code: 40).
-        input_shape: ``(C, 28, 28)`` or ``(C, 32, 32)`` (linked from the data by the CLI).
+        input_shape: ``(C, 28, 28)`` or ``(C, 32, 32)`` (any with ``network: mlp``; linked from
+            the data by the CLI).
         latent_dim: q (J: 32).
         beta: weight of the KL term (ours, = code: 5e-3).
         prior_std: s of the prior N(0, s^2 I) (paper: 1; code: 0.8).
@@ -80,6 +81,7 @@ class VAESim(ConvVAEMethod):
         lr_step_gamma: the factor of that decay.
         augment: VAEsim (aug): random equalisation (p = 0.5) and a random affine move (+-15
             degrees, +-10% shift, scale 0.9-1.1) of each training image (ours: magnitudes).
+        network, hidden, reconstruction: see :class:`~.vae.ConvVAEMethod` (J: conv, MSE).
     """
 
     def __init__(
@@ -103,10 +105,13 @@ class VAESim(ConvVAEMethod):
         lr_step_epochs: int | None = None,
         lr_step_gamma: float = 0.2,
         augment: bool = False,
+        network: Network = "conv",
+        hidden: Sequence[int] = VADE_HIDDEN,
+        reconstruction: Reconstruction = "mse",
     ) -> None:
         super().__init__(
             n_clusters, input_shape, latent_dim, n_clusters, beta, prior_std, encoder, channels, lr,
-            lr_step_epochs, lr_step_gamma,
+            lr_step_epochs, lr_step_gamma, network, hidden, reconstruction,
         )  # fmt: skip
         check_positive(tau_start=tau_start, tau_end=tau_end, tau_hot=tau_hot)
         if not 0 <= eta < 1:
@@ -120,6 +125,8 @@ class VAESim(ConvVAEMethod):
         for name, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ProtosError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+        if augment and len(self.input_shape) != 3:
+            raise ProtosError(f"augment moves images (C, H, W), got input shape {self.input_shape}")
         self.save_hyperparameters()
         self.register_buffer("Q", torch.zeros(n_clusters, latent_dim))  # prototypes, rows
         self.register_buffer("initialised", torch.tensor(False))
@@ -212,8 +219,8 @@ class VAESim(ConvVAEMethod):
             self.init_prototypes(z.detach())
         self.tau.fill_(self._temperature(int(self.tau_step), self.trainer.estimated_stepping_batches))  # step 4
         c = self.condition(z, self.tau)  # Eq. 1
-        x_rec = self.decoder(torch.cat([z, c.to(z.dtype)], dim=1))
-        loss = self.check_and_log(self.elbo_terms(x, x_rec, mu, logvar))  # Eq. 2
+        out = self.reconstruct(torch.cat([z, c.to(z.dtype)], dim=1))
+        loss = self.check_and_log(self.elbo_terms(x, out, mu, logvar))  # Eq. 2
         self.optimize(loss, self.optimizers())
         self.update_prototypes(z.detach(), c.detach())  # step 3
         self.tau_step += 1

@@ -3,6 +3,15 @@
 from .averaging import ParameterAverage
 from .cm import ClusteringModule
 from .conv import ConvDecoder, ConvEncoder
-from .mlp import MLPAutoencoder, mlp
+from .mlp import MLPAutoencoder, MLPDecoder, MLPEncoder, mlp
 
-__all__ = ["ClusteringModule", "ConvDecoder", "ConvEncoder", "MLPAutoencoder", "ParameterAverage", "mlp"]
+__all__ = [
+    "ClusteringModule",
+    "ConvDecoder",
+    "ConvEncoder",
+    "MLPAutoencoder",
+    "MLPDecoder",
+    "MLPEncoder",
+    "ParameterAverage",
+    "mlp",
+]

@@ -84,5 +84,9 @@ class ConvDecoder(nn.Module):
         layers += [nn.Conv2d(channels[-1], out_channels, kernel_size=3, padding=1), nn.Sigmoid()]
         self.net = nn.Sequential(*layers)
 
+    def logits(self, h: Tensor) -> Tensor:
+        """The output before the sigmoid (for a Bernoulli likelihood computed from logits)."""
+        return self.net[:-1](self.fc(h).reshape(len(h), *self.shape))
+
     def forward(self, h: Tensor) -> Tensor:
         return self.net(self.fc(h).reshape(len(h), *self.shape))

@@ -1,10 +1,12 @@
-"""Fully connected encoders and decoders (the DAE of DEC / IDEC / DCN / AE-CM)."""
+"""Fully connected encoders and decoders: the DAE of DEC / IDEC / DCN / AE-CM, and VaDE's
+Gaussian encoder and Bernoulli decoder (Jiang et al. 2017: d-500-500-2000-q, ReLU)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from itertools import pairwise
 
+import torch
 from torch import Tensor, nn
 
 
@@ -17,6 +19,15 @@ def mlp(sizes: Sequence[int], slope: float = 0.2, last_activation: bool = False)
         if i < len(sizes) - 2 or last_activation:
             layers.append(nn.LeakyReLU(slope) if slope > 0 else nn.ReLU())
     return nn.Sequential(*layers)
+
+
+def glorot_init(module: nn.Module) -> None:
+    """Xavier-uniform weights and zero biases for every Linear layer of ``module`` (Keras's
+    default initialisation)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
 
 
 class MLPAutoencoder(nn.Module):
@@ -34,12 +45,55 @@ class MLPAutoencoder(nn.Module):
         sizes = [in_dim, *hidden, latent_dim]
         self.encoder = mlp(sizes, slope)
         self.decoder = mlp(sizes[::-1], slope)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+        glorot_init(self)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(B, d)`` -> (code ``(B, p)``, reconstruction ``(B, d)``)."""
         z = self.encoder(x)
         return z, self.decoder(z)
+
+
+class MLPEncoder(nn.Module):
+    """``(B, d)`` -> (z_mu, z_logvar), each ``(B, latent_dim)``: a ReLU trunk d-h1-..-hn
+    (``features``) and two linear heads (``mu``, ``logvar``), as :class:`~.conv.ConvEncoder`.
+
+    Args:
+        in_dim: input dimension d.
+        latent_dim: q.
+        hidden: trunk widths (VaDE: 500-500-2000).
+    """
+
+    def __init__(self, in_dim: int, latent_dim: int, hidden: Sequence[int] = (500, 500, 2000)) -> None:
+        super().__init__()
+        self.features = mlp([in_dim, *hidden], slope=0.0, last_activation=True)
+        width = hidden[-1] if hidden else in_dim
+        self.mu = nn.Linear(width, latent_dim)
+        self.logvar = nn.Linear(width, latent_dim)
+        glorot_init(self)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        h = self.features(x)
+        return self.mu(h), self.logvar(h)
+
+
+class MLPDecoder(nn.Module):
+    """``(B, in_features)`` -> ``(B, d)`` in [0, 1]: ReLU layers of the widths ``hidden``
+    (VaDE: 2000-500-500, the encoder's mirrored), a linear output layer and a sigmoid.
+
+    Args:
+        in_features: q (plus the condition's width for VAESim).
+        out_dim: d.
+        hidden: widths of the hidden layers, in order from the latent.
+    """
+
+    def __init__(self, in_features: int, out_dim: int, hidden: Sequence[int] = (2000, 500, 500)) -> None:
+        super().__init__()
+        self.net = mlp([in_features, *hidden, out_dim], slope=0.0)
+        glorot_init(self)
+
+    def logits(self, h: Tensor) -> Tensor:
+        """The output before the sigmoid (for a Bernoulli likelihood computed from logits)."""
+        return self.net(h)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return torch.sigmoid(self.logits(h))
