@@ -14,6 +14,7 @@ from conftest import make_trainer
 
 import lightning_protos.methods.pretrain as pretrain_module
 from lightning_protos.data import Blobs
+from lightning_protos.errors import ProtosError
 from lightning_protos.eval.metrics import clustering_scores
 from lightning_protos.methods.dcn import DCN
 from lightning_protos.methods.dec import DEC, IDEC
@@ -179,6 +180,28 @@ def test_dcn_counts_grow_by_the_samples_seen(tmp_path):
     fit(model, dm, epochs=8)  # 5 pretraining + 3 clustering epochs
     assert int(model.counts.sum()) == 4 * 100 + 3 * 600
     assert model.assignments.shape == (600,)
+
+
+def test_dcn_epoch_update_sets_centroids_to_the_means_of_their_samples(tmp_path):
+    """``centroid_update: epoch`` (the AE-CM authors' DCN): after a clustering epoch, s is the nearest
+    centroid of every code and each non-empty centroid the mean of its codes; the counts stay."""
+    dm = blobs()
+    model = small("dcn", tmp_path, centroid_update="epoch", initial_count=100)
+    fit(model, dm, epochs=7)  # 5 pretraining + 2 clustering epochs
+    with torch.no_grad():
+        z = model.ae.encoder(dm.features("fit")).numpy()
+    s = model.assignments.numpy()
+    m = model.centroids.numpy()
+    for k in np.unique(s):
+        np.testing.assert_allclose(m[k], z[s == k].mean(0), rtol=1e-4, atol=1e-5)
+    # the last reassignment used the centroids before they moved to these means
+    assert int(model.counts.sum()) == 4 * 100
+    assert ari(model, dm) > 0.9
+
+
+def test_dcn_rejects_an_unknown_update():
+    with pytest.raises(ProtosError, match="centroid_update must be"):
+        DCN(n_clusters=4, input_shape=(10,), centroid_update="sometimes")
 
 
 def test_dkm_alpha_follows_the_annealing_schedule(tmp_path):

@@ -21,8 +21,13 @@ Choices (METHODS 2 and 3.5, REFERENCE_CODE 5):
 - The counts start at 100, as in the DCN authors' code (a k-means centroid weighs as 100 samples).
 - The centroids, counts and assignments are buffers; their batch updates are all-reduced across
   ranks, so that every rank holds the same M, c and s.
-- Adam (lr 1e-3) as in the AE-CM paper's runs; the AE-CM code's once-an-epoch full-data
-  reassignment (REFERENCE_CODE 5) is not what the DCN paper does and is not implemented.
+- Adam (lr 1e-3) as in the AE-CM paper's runs.
+- ``centroid_update: epoch`` replaces steps (b) and (c) by what the AE-CM authors' code does (their
+  Table 5 numbers come from it; REFERENCE_CODE 5): after each clustering epoch, every sample is
+  reassigned to its nearest centroid with the trained network, and each centroid becomes the
+  mean of its samples' codes (a cluster left empty keeps its centroid); the counts are unused.
+  With the DCN paper's persistent counts (``batch``) the centroids move less and less (1 / c_k);
+  here they follow the codes every epoch.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from torch import Tensor
 
 from ..errors import ProtosError
 from ..ops import cluster_sums, running_mean_update, squared_distances
-from .pretrain import AutoencoderMethod, reconstruction_loss
+from .pretrain import AutoencoderMethod, encode_all, reconstruction_loss
 
 
 class DCN(AutoencoderMethod):
@@ -49,6 +54,9 @@ class DCN(AutoencoderMethod):
         hidden: encoder widths (decoder mirrored): d-500-500-2000-p.
         lam: weight lambda of the k-means term (AE-CM paper Table 14: 0.1).
         initial_count: c_k after the k-means initialisation (DCN code: 100).
+        centroid_update: ``batch`` (the DCN paper: steps (b), (c) after every batch) or ``epoch`` (the
+            AE-CM authors' code: all samples reassigned and centroids set to their means after
+            each epoch).
         lr: Adam learning rate (0.001).
         adam_eps: Adam epsilon.
         init: ``pretrained`` (DCN^p, the paper's) or ``random`` (DCN^r).
@@ -66,6 +74,7 @@ class DCN(AutoencoderMethod):
         hidden: Sequence[int] = (500, 500, 2000),
         lam: float = 0.1,
         initial_count: int = 100,
+        centroid_update: Literal["batch", "epoch"] = "batch",
         lr: float = 1e-3,
         adam_eps: float = 1e-8,
         init: Literal["random", "pretrained"] = "pretrained",
@@ -78,6 +87,8 @@ class DCN(AutoencoderMethod):
             raise ProtosError(f"lam must be >= 0, got {lam}")
         if initial_count < 1:
             raise ProtosError(f"initial_count must be >= 1, got {initial_count}")
+        if centroid_update not in ("batch", "epoch"):
+            raise ProtosError(f"centroid_update must be 'batch' or 'epoch', got {centroid_update!r}")
         super().__init__(
             n_clusters, input_shape, latent_dim, hidden, slope, lr, adam_eps, init, pretrain_epochs,
             kmeans_n_init, pretrain_cache,
@@ -123,7 +134,8 @@ class DCN(AutoencoderMethod):
                 "L_km": self.hparams.lam / 2 * (z.float() - m_s).pow(2).sum(),
             }
         self.optimize(self.check_and_log(terms), self.optimizers()[1])
-        self.update_clusters(x, index)
+        if self.hparams.centroid_update == "batch":
+            self.update_clusters(x, index)
 
     @torch.no_grad()
     def update_clusters(self, x: Tensor, index: Tensor) -> None:
@@ -139,3 +151,20 @@ class DCN(AutoencoderMethod):
         self.centroids.copy_(centroids)
         self.counts.copy_(counts)
         self.assignments[index] = s
+
+    @torch.no_grad()
+    def reassign_all(self) -> None:
+        """``centroid_update: epoch``: s_i <- the nearest centroid of every training sample's code, then
+        m_k <- the mean of the codes assigned to k (an empty cluster keeps m_k). Every rank holds
+        the whole training set, so every rank computes the same M and s."""
+        z = encode_all(self.ae.encoder, self.fit_data()).float()
+        s = torch.cat([self.nearest(c) for c in z.split(4096)])
+        sums, sizes = cluster_sums(z, s, self.n_clusters)
+        filled = sizes > 0
+        self.centroids[filled] = sums[filled] / sizes[filled, None]
+        self.assignments.copy_(s)
+
+    def on_train_epoch_end(self) -> None:
+        if self.hparams.centroid_update == "epoch" and self.phase(self.current_epoch) == "cluster":
+            self.reassign_all()
+        super().on_train_epoch_end()
