@@ -122,7 +122,7 @@ class DCN(AutoencoderMethod):
         self.centroids.copy_(self.kmeans(z))
         self.counts.fill_(self.hparams.initial_count)
         self.size_per_sample_buffers(len(z))
-        self.assignments.copy_(torch.cat([self.nearest(c) for c in z.split(4096)]))
+        self.assignments.copy_(self.nearest(z))  # (N, K) distances: small for any K we cluster into
 
     def clustering_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         x, index = self.flat(batch["x"]), batch["index"]
@@ -158,7 +158,7 @@ class DCN(AutoencoderMethod):
         m_k <- the mean of the codes assigned to k (an empty cluster keeps m_k). Every rank holds
         the whole training set, so every rank computes the same M and s."""
         z = encode_all(self.ae.encoder, self.fit_data()).float()
-        s = torch.cat([self.nearest(c) for c in z.split(4096)])
+        s = self.nearest(z)
         sums, sizes = cluster_sums(z, s, self.n_clusters)
         filled = sizes > 0
         self.centroids[filled] = sums[filled] / sizes[filled, None]
