@@ -18,7 +18,7 @@ from lightning_protos.errors import ProtosError
 from lightning_protos.eval.callbacks import ClusteringEvaluator
 from lightning_protos.eval.reconstruction import ReconstructionEvaluator
 from lightning_protos.methods.protovae import AE, VAEKL, InfoVAE, ProtoVAE
-from lightning_protos.ops.mmd import mmd
+from lightning_protos.ops.mmd import grouped_mmd, mmd
 from lightning_protos.ops.sinkhorn import sinkhorn
 
 NET = {"latent_dim": 8, "channels": (4, 8), "bottleneck_dim": 16}  # a tiny network for CPU tests
@@ -131,6 +131,53 @@ def test_mmd_near_zero_for_one_distribution_and_growing_with_a_shift():
         mmd(x[:1], y)
 
 
+@pytest.mark.parametrize("bandwidth", [None, 0.7])
+def test_grouped_mmd_is_the_sum_of_per_group_mmds(bandwidth):
+    g = torch.Generator().manual_seed(0)
+    # sizes 5, 1, 0 (empty), 3, 2, in shuffled order
+    groups = torch.tensor([0] * 5 + [1] + [3] * 3 + [4] * 2)[torch.randperm(11, generator=g)]
+    x, y = torch.randn(11, 3, generator=g, dtype=torch.float64), torch.randn(11, 3, generator=g, dtype=torch.float64)
+    want = sum(float(mmd(x[groups == k], y[groups == k], bandwidth)) for k in (0, 3, 4))
+    got = grouped_mmd(x, y, groups, 5, bandwidth)
+    assert got.dtype == torch.float64
+    assert got.shape == ()
+    assert float(got) == pytest.approx(want, rel=1e-12, abs=1e-14)
+    # one group of all: plain mmd
+    torch.testing.assert_close(grouped_mmd(x, y, torch.zeros(11, dtype=torch.long), 1, bandwidth), mmd(x, y, bandwidth))
+
+
+def test_grouped_mmd_is_0_without_a_group_of_2_and_passes_gradients():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    lone = grouped_mmd(x, y, torch.tensor([3, 0, 2, 1]), 6)
+    assert float(lone) == 0.0
+    assert lone.requires_grad
+    lone.backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    # gradients flow to x, and match those of the per-group sum
+    groups = torch.tensor([0, 1, 0, 0])
+    (grad,) = torch.autograd.grad(grouped_mmd(x, y, groups, 2), x)
+    (want,) = torch.autograd.grad(mmd(x[groups == 0], y[groups == 0]), x)
+    assert grad.abs().sum() > 0
+    assert torch.isfinite(grad).all()
+    torch.testing.assert_close(grad, want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        ((torch.zeros(4, 3), torch.zeros(4, 2), torch.zeros(4, dtype=torch.long), 2), "x and y"),
+        ((torch.zeros(4, 3), torch.zeros(4, 3), torch.zeros(3, dtype=torch.long), 2), "groups"),
+        ((torch.zeros(4, 3), torch.zeros(4, 3), torch.zeros(4), 2), "groups"),
+        ((torch.zeros(4, 3), torch.zeros(4, 3), torch.zeros(4, dtype=torch.long), 0), "n_groups"),
+    ],
+)
+def test_grouped_mmd_bad_arguments(args, match):
+    with pytest.raises(ValueError, match=match):
+        grouped_mmd(*args)
+
+
 # -- ProtoVAE: contract and steps ----------------------------------------------------------
 @pytest.mark.parametrize(("shape", "channels"), [((1, 28, 28), (4, 8)), ((3, 32, 32), (4, 8, 8))])
 def test_contract_shapes(shape, channels):
@@ -189,6 +236,20 @@ def test_l_reg_gives_v_no_gradient():
     loss = model.regularisation_loss(model.embed(x[:2]), torch.tensor([0, 1]))
     assert float(loss) == 0.0
     assert loss.requires_grad
+
+
+def test_l_reg_is_the_per_cluster_mmd_sum_for_the_same_draws():
+    """Eq. 5 through ``grouped_mmd`` equals the former loop of one ``mmd`` per cluster with >= 2
+    samples, when both see the same N(0, I) draws."""
+    x = torch.rand(16, 1, 28, 28)
+    model = protovae(n_clusters=3, mmd_bandwidth=5.0)
+    z, assign = model.embed(x).detach(), torch.tensor([0, 2] * 7 + [1, 0])  # cluster 1 has 1 sample
+    torch.manual_seed(1)
+    got = model.regularisation_loss(z, assign)
+    torch.manual_seed(1)
+    y = model.V.detach()[:, assign].T + torch.randn_like(z)
+    want = sum(mmd(z[assign == k], y[assign == k], 5.0) for k in (0, 2))
+    torch.testing.assert_close(got, want)
 
 
 def test_checkpoint_restores_strictly_and_resumes_after_the_warm_up(tmp_path):

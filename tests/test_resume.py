@@ -205,7 +205,10 @@ class PoisonAt(L.Callback):
             batch["x"][0, 0] = float("nan")
 
 
-def test_a_nan_stops_the_run_naming_term_and_step_and_keeps_the_last_good_checkpoint(tmp_path):
+# every step (a CPU's default), every 7 steps (read mid-epoch, after the NaN's step) and every
+# 1000 (an accelerator's deferred read: only the epoch's end catches it, before its checkpoint)
+@pytest.mark.parametrize("check_every", [None, 7, 1000])
+def test_a_nan_stops_the_run_naming_term_and_step_and_keeps_the_last_good_checkpoint(tmp_path, check_every):
     L.seed_everything(0, verbose=False)
     # as the CLI's last_checkpoint: a rolling last.ckpt written at every epoch's end
     last = ModelCheckpoint(
@@ -213,6 +216,7 @@ def test_a_nan_stops_the_run_naming_term_and_step_and_keeps_the_last_good_checkp
     )
     trainer = make_trainer(max_epochs=5, callbacks=[last, PoisonAt(2 * 29 + 5)], enable_checkpointing=True)
     model = CM(10, (64,), alpha=20.0, init="kmeans++")
+    model.finite_check_every = check_every
     with pytest.raises(FloatingPointError, match=r"^non-finite loss term E1, E2, E3, E4 at epoch 2, step 63: "):
         trainer.fit(model, digits64())
     ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)  # loads: written whole, before the NaN

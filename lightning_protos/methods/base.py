@@ -66,6 +66,10 @@ class ClusteringMethod(L.LightningModule):
     # pretraining epochs before the clustering parameters, DEC's unused decoder, ProtoVAE's
     # three optimisers): under DDP such a method gets ``find_unused_parameters`` (see :meth:`setup`).
     ddp_unused_parameters: bool = False
+    # Steps between the reads of the non-finite-loss flag (:meth:`check_and_log`); ``None``: every
+    # step on a CPU, where reading a tensor is free, every 50 on an accelerator, where each read
+    # is a host round trip that stops the host from queuing the next steps ahead of the device.
+    finite_check_every: int | None = None
 
     def __init__(self, n_clusters: int, input_shape: tuple[int, ...]) -> None:
         super().__init__()
@@ -77,6 +81,8 @@ class ClusteringMethod(L.LightningModule):
         self.input_dim = math.prod(self.input_shape)
         self._term_sums: dict[str, Tensor] = {}
         self._term_steps = 0
+        self._loss_keys: dict[str, None] = {}  # the summed keys that are loss terms, in order
+        self._first_bad: Tensor | None = None  # the first step whose loss was not finite, or -1
         self._resumed: dict[str, Any] | None = None  # what on_load_checkpoint read, until the next batch
 
     # -- the contract -----------------------------------------------------------------
@@ -128,34 +134,56 @@ class ClusteringMethod(L.LightningModule):
         self, terms: dict[str, Tensor], prefix: str = "train", metrics: dict[str, Tensor] | None = None
     ) -> Tensor:
         """Sum the loss terms, stop on a NaN/Inf naming the term, log each term and the total;
-        ``metrics`` (e.g. a training MSE beside a BCE loss) are logged the same way, outside the sum."""
+        ``metrics`` (e.g. a training MSE beside a BCE loss) are logged the same way, outside the sum.
+
+        The terms are summed on the device and logged once per epoch (``self.log`` on every step
+        costs more than a CM step). A non-finite loss sets a flag on the device, the first such
+        step, read every ``finite_check_every`` steps, before each validation and each checkpoint:
+        the run stops there, naming the terms whose sums went non-finite and that first step, and
+        no checkpoint holds the damaged weights."""
         loss = sum(terms.values())
-        if not torch.isfinite(loss):
-            bad = [k for k, v in terms.items() if not torch.isfinite(v)] or ["loss"]
-            raise FloatingPointError(
-                f"non-finite loss term {', '.join(bad)} at epoch {self.current_epoch}, step "
-                f"{self.global_step}: lower the learning rate or check the data"
-            )
-        # Summed here and logged once per epoch: self.log on every step costs more than a CM step.
         for k, v in {**terms, "loss": loss, **(metrics or {})}.items():
             key = f"{prefix}/{k}"
             self._term_sums[key] = self._term_sums.get(key, 0.0) + v.detach()
+            if k in terms:
+                self._loss_keys.setdefault(key)
         self._term_steps += 1
+        if self._first_bad is None:
+            self._first_bad = torch.full((), -1, dtype=torch.long, device=loss.device)
+        unseen = (self._first_bad < 0) & ~torch.isfinite(loss.detach())
+        self._first_bad = torch.where(unseen, self.global_step, self._first_bad)
+        every = self.finite_check_every or (1 if loss.device.type == "cpu" else 50)
+        if self._term_steps % every == 0:
+            self.check_finite()
         return loss
+
+    def check_finite(self) -> None:
+        """Raises the one-line error of :meth:`check_and_log` if a loss since the start of the
+        epoch was not finite (one host read)."""
+        if self._first_bad is None or int(self._first_bad) < 0:
+            return
+        bad = [k.split("/", 1)[1] for k in self._loss_keys if not torch.isfinite(self._term_sums[k])] or ["loss"]
+        raise FloatingPointError(
+            f"non-finite loss term {', '.join(bad)} at epoch {self.current_epoch}, step "
+            f"{int(self._first_bad)}: lower the learning rate or check the data"
+        )
 
     def on_train_epoch_end(self) -> None:
         """Log the epoch mean of every loss term summed by :meth:`check_and_log`; under DDP,
         average the BatchNorm statistics before the epoch's checkpoint is written."""
+        self.check_finite()
         self.average_batchnorm_stats()
         if self._term_steps:
             self.log_dict({k: v / self._term_steps for k, v in self._term_sums.items()}, sync_dist=True)
-        self._term_sums, self._term_steps = {}, 0
+        self._term_sums, self._term_steps, self._loss_keys = {}, 0, {}
 
     # -- exact resume -----------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Beside the parameters and buffers: the random generators (VAESim's draws, the noise of
         the VAEs and the MMD) and the loss sums of the epoch so far, so that a run resumed from a
-        checkpoint, even one taken mid-epoch, continues as the uninterrupted run."""
+        checkpoint, even one taken mid-epoch, continues as the uninterrupted run. A loss that was
+        not finite since the last check stops the run here, before the checkpoint is written."""
+        self.check_finite()
         # a mid-epoch checkpoint holds the ranks' mean statistics too (its state dict is taken
         # before this hook, so the averaged values are written into it)
         checkpoint["state_dict"].update({k: v.detach().clone() for k, v in self.average_batchnorm_stats().items()})
@@ -164,6 +192,7 @@ class ClusteringMethod(L.LightningModule):
             "epoch": self.current_epoch,
             "term_sums": {k: v.detach().cpu() for k, v in self._term_sums.items()},
             "term_steps": self._term_steps,
+            "loss_keys": list(self._loss_keys),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -196,6 +225,7 @@ class ClusteringMethod(L.LightningModule):
             if resumed["epoch"] == self.current_epoch:
                 self._term_sums = {k: v.to(self.device) for k, v in resumed["term_sums"].items()}
                 self._term_steps = resumed["term_steps"]
+                self._loss_keys = dict.fromkeys(resumed.get("loss_keys", ()))
         return None
 
     def _batchnorm_stats(self) -> list[tuple[str, Tensor]]:
@@ -243,6 +273,7 @@ class ClusteringMethod(L.LightningModule):
 
     # -- Lightning hooks shared by all methods ----------------------------------------
     def on_validation_epoch_start(self) -> None:
+        self.check_finite()  # evaluation of weights a non-finite loss damaged would fail less clearly
         self.prepare_evaluation()
 
     def setup(self, stage: str) -> None:

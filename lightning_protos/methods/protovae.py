@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from ..errors import ProtosError
 from ..nets.protovae import ProtoDecoder, ProtoEncoder
-from ..ops.mmd import mmd
+from ..ops.mmd import grouped_mmd, mmd
 from ..ops.sinkhorn import sinkhorn
 from ..ops.vaesim import gaussian_kl
 from .base import ClusteringMethod, check_positive
@@ -300,13 +300,11 @@ class ProtoVAE(ReconstructionMethod):
         """Eq. 5: sum over clusters with n_k >= 2 of MMD({z_i : k_i = k}, n_k draws of N(v_k, I)),
         v_k detached. 0 (still a function of z) when no cluster has 2 samples."""
         with self.full_precision():
-            z, v = z.float(), self.V.detach().float()
-            loss = 0.0 * z.sum()
-            counts = torch.bincount(assign, minlength=self.n_clusters)
-            for k in (counts >= 2).nonzero().flatten().tolist():
-                members = z[assign == k]
-                loss = loss + mmd(members, v[:, k] + torch.randn_like(members), self.hparams.mmd_bandwidth)
-            return loss
+            z, v = z.float(), self.V.detach().float()  # v: (latent_dim, K)
+            # All the draws in one call, y_i ~ N(v_{k_i}, I): the same estimator as one MMD per
+            # cluster, but a different random stream from the former per-cluster loop.
+            y = v[:, assign].T + torch.randn_like(z)
+            return grouped_mmd(z, y, assign, self.n_clusters, self.hparams.mmd_bandwidth)
 
     # -- training (Alg. 1) ------------------------------------------------------------
     def configure_optimizers(self):

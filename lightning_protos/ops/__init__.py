@@ -25,7 +25,7 @@ from .mixture import (
     raw_logvar,
     vade_kl_terms,
 )
-from .mmd import gaussian_kernel, mmd
+from .mmd import gaussian_kernel, grouped_mmd, mmd
 from .sinkhorn import sinkhorn
 from .vaesim import (
     draw_assignments,
@@ -56,6 +56,7 @@ __all__ = [
     "floored_logvar",
     "gaussian_kernel",
     "gaussian_kl",
+    "grouped_mmd",
     "interpolate",
     "kl_clustering_loss",
     "kmeans_centres",
