@@ -174,6 +174,22 @@ def test_dec_trains_without_its_decoder_and_idec_with_it(name, tmp_path):
     torch.testing.assert_close(model.target_p.sum(1), torch.ones(600))
 
 
+@pytest.mark.parametrize("name", ["dec", "idec"])
+def test_cluster_adam_eps_sets_the_clustering_phase_alone(name, tmp_path):
+    """``cluster_adam_eps`` (the AE-CM code's epsilon on DEC's KL) reaches the clustering optimizer
+    and leaves the pretraining one at ``adam_eps``; by default both use ``adam_eps``."""
+    dm = blobs()
+    model = small(name, tmp_path, adam_eps=1e-7, cluster_adam_eps=0.05)
+    fit(model, dm, epochs=6)  # 5 pretraining + 1 clustering epoch
+    pretrain_opt, cluster_opt = (opt.optimizer for opt in model.optimizers())
+    assert pretrain_opt.defaults["eps"] == 1e-7
+    assert cluster_opt.defaults["eps"] == 0.05
+    default = small(name, tmp_path, adam_eps=1e-7)
+    assert [opt.defaults["eps"] for opt in default.configure_optimizers()] == [1e-7, 1e-7]
+    with pytest.raises(ProtosError, match="cluster_adam_eps must be > 0"):
+        small(name, tmp_path, cluster_adam_eps=0.0)
+
+
 def test_dcn_counts_grow_by_the_samples_seen(tmp_path):
     dm = blobs()
     model = small("dcn", tmp_path, initial_count=100)

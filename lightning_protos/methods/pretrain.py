@@ -198,8 +198,9 @@ class AutoencoderMethod(ClusteringMethod):
         return self.ae.decoder(z).reshape(len(z), *self.input_shape)
 
     # -- helpers ----------------------------------------------------------------------
-    def adam(self, params) -> torch.optim.Adam:
-        return torch.optim.Adam(params, lr=self._adam["lr"], eps=self._adam["eps"])
+    def adam(self, params, eps: float | None = None) -> torch.optim.Adam:
+        """Adam at the method's learning rate, with its epsilon unless ``eps`` is given."""
+        return torch.optim.Adam(params, lr=self._adam["lr"], eps=self._adam["eps"] if eps is None else eps)
 
     def kmeans(self, z: Tensor) -> Tensor:
         """``(K, p)`` k-means centres of codes ``z`` (k-means++, ``kmeans_n_init`` restarts), seeded
