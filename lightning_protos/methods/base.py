@@ -148,11 +148,16 @@ class ClusteringMethod(L.LightningModule):
             if k in terms:
                 self._loss_keys.setdefault(key)
         self._term_steps += 1
+        finite = torch.isfinite(loss.detach())
+        every = self.finite_check_every or (1 if loss.device.type == "cpu" else 50)
+        if every == 1:  # read at once: no flag to keep on the device
+            if not finite:
+                self._first_bad = torch.tensor(self.global_step)
+                self.check_finite()
+            return loss
         if self._first_bad is None:
             self._first_bad = torch.full((), -1, dtype=torch.long, device=loss.device)
-        unseen = (self._first_bad < 0) & ~torch.isfinite(loss.detach())
-        self._first_bad = torch.where(unseen, self.global_step, self._first_bad)
-        every = self.finite_check_every or (1 if loss.device.type == "cpu" else 50)
+        self._first_bad = torch.where((self._first_bad < 0) & ~finite, self.global_step, self._first_bad)
         if self._term_steps % every == 0:
             self.check_finite()
         return loss

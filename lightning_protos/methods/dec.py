@@ -134,8 +134,7 @@ class DEC(AutoencoderMethod):
         return [*self.ae.encoder.parameters(), self.mu]
 
     def clustering_optimizers(self):
-        eps = self.hparams.cluster_adam_eps
-        return [self.adam(self.clustering_parameters(), eps)]
+        return [self.adam(self.clustering_parameters(), self.hparams.cluster_adam_eps)]
 
     @torch.no_grad()
     def init_from_codes(self, z: Tensor) -> None:
