@@ -284,6 +284,11 @@ def test_pretraining_cache_is_hit_on_the_second_run(tmp_path, monkeypatch):
     assert other_seed.pretrain_cache_hit is None
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 2
 
+    other_precision = small("dcn", tmp_path)  # bf16 autocast pretrains other weights
+    fit(other_precision, dm, epochs=6, precision="bf16-mixed")
+    assert other_precision.pretrain_cache_hit is None
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 3
+
 
 @pytest.mark.parametrize("name", ["dec", "idec"])
 def test_tol_stops_training_and_records_why(name, tmp_path):

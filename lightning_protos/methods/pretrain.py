@@ -60,9 +60,10 @@ class PretrainCache:
     """Pretrained autoencoder weights on disk, one file per key.
 
     The key holds everything the pretrained weights depend on: the architecture, the data
-    (name, size and content hash), the seed, the number of epochs, the batch size and the
-    optimiser. A file is written once (atomically, by rank zero) and read by every later run
-    with the same key, whatever the method that follows the pretraining.
+    (name, size and content hash), the seed, the number of epochs, the batch size, the
+    optimiser and the trainer's precision. A file is written once (atomically, by rank zero)
+    and read by every later run with the same key, whatever the method that follows the
+    pretraining.
 
     Args:
         folder: where the files live (created on the first write).
@@ -260,6 +261,7 @@ class AutoencoderMethod(ClusteringMethod):
             "epochs": self._pretrain_epochs,
             "batch_size": getattr(dm, "batch_size", None),
             "optimizer": {"name": "adam", **self._adam},
+            "precision": str(self.trainer.precision),  # bf16 autocast trains other weights than fp32
         }
         return self._cache_key_of_fit
 
