@@ -158,9 +158,16 @@ class VaDE(ConvVAEMethod):
     def init_mixture(self) -> None:
         """Step 2: GaussianMixture (diagonal) on z_mu of the whole training split; rank 0's fit
         on every rank."""
+        self.fit_mixture(self.embed_all(self.fit_features()))
+
+    @torch.no_grad()
+    def fit_mixture(self, z: Tensor) -> None:
+        """The prior p(c), p(z|c) from a GaussianMixture (diagonal) fitted on the codes ``z``
+        ``(N, q)``, and q(z|x)'s variance head set to the components' spread; broadcast from
+        rank 0 under DDP."""
         from sklearn.mixture import GaussianMixture
 
-        z = self.embed_all(self.fit_features()).cpu().double().numpy()
+        z = z.cpu().double().numpy()
         gmm = GaussianMixture(
             self.n_clusters,
             covariance_type="diag",
