@@ -68,15 +68,21 @@ def test_centroids_stay_orthonormal(tmp_path):
     assert (mu @ mu.T - torch.eye(4)).abs().max() < 0.1  # ... and stayed orthonormal
 
 
-def test_pretrained_recovers_blobs(tmp_path):
+@pytest.mark.parametrize("cm_init", ["pinv", "posterior"])
+def test_pretrained_recovers_blobs(tmp_path, cm_init):
     L.seed_everything(0)
     dm = _blobs()
-    model = _small("pretrained")
+    model = _small("pretrained", cm_init=cm_init)
     _trainer(tmp_path, 20, enable_checkpointing=False).fit(model, dm)
     with torch.no_grad():
         pred = model.predict_clusters(dm.features("eval"))
     assert clustering_scores(dm.labels(), pred)["ari"] > 0.9
     assert [model.phase(e) for e in (0, 5, 10)] == ["pretrain", "cm", "joint"]
+
+
+def test_unknown_cm_init_is_refused_before_training():
+    with pytest.raises(ValueError, match="cm_init must be 'pinv' or 'posterior', got 'pca'"):
+        _small("pretrained", cm_init="pca")
 
 
 def test_checkpoint_restores_identical_cluster_probs(tmp_path):

@@ -122,6 +122,22 @@ def test_pinv_encoder_maps_each_centre_to_its_cluster():
         torch.testing.assert_close(cm.centroids(), centres)
 
 
+def test_posterior_encoder_gives_the_isotropic_gmm_responsibilities():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    x = torch.randn(50, 3, generator=g, dtype=torch.float64)
+    cm = ClusteringModule(3, 4).double()
+    cm.init_from_centres(centres, encoder="posterior")
+    sq = ((x.numpy()[:, None, :] - centres.numpy()[None]) ** 2).sum(-1)  # (50, 4)
+    logits = -0.5 * sq
+    expected = np.exp(logits - logits.max(1, keepdims=True))
+    expected /= expected.sum(1, keepdims=True)
+    with torch.no_grad():
+        np.testing.assert_allclose(cm(x).numpy(), expected, rtol=1e-10)
+        torch.testing.assert_close(cm.centroids(), centres)
+    assert (cm(x).argmax(1).numpy() == sq.argmin(1)).all()  # the k-means partition
+
+
 def test_kmeans_pp_centres_shape_and_determinism():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(200, 4, generator=g)

@@ -7,6 +7,7 @@ pretrained init (AE-CM^p), Sec. 4.2.2:
   1. ``pretrain_epochs``: the DAE alone on reconstruction, cached (methods/pretrain.py)
   2. k-means (k-means++, ``kmeans_n_init`` restarts) on the codes; W_dec = centres,
      W_enc = pinv(W_dec), zero biases                              (Sec. 4.1)
+     (``cm_init: posterior``, ours: W_enc, b_enc = the isotropic GMM posterior at the centres)
   3. ``cm_epochs``: the CM alone on the frozen codes, non-orthonormal CM loss E1..E4 (Eq. 7)
 then, for both:
   4. joint training of encoder, decoder and CM on                   (Eq. 10)
@@ -57,6 +58,9 @@ class AECM(AutoencoderMethod):
         pretrain_epochs: DAE pretraining epochs (pretrained init; ours 100 = code).
         cm_epochs: CM-alone epochs on frozen codes (pretrained init; ours 100 = code).
         kmeans_n_init: k-means restarts for the pretrained init (code: 20).
+        cm_init: how the CM's encoder reads the k-means centres (pretrained init): ``pinv``
+            (Sec. 4.1) or ``posterior`` (ours, keeps the k-means partition; see
+            :meth:`ClusteringModule.init_from_centres`).
         average_last_epoch: run the averaging epoch as the trainer's last epoch.
         lsp: ``cm`` (E2 + E3 of Eq. 7 on the codes) or ``orthonormal`` (E2 + L_orth).
         slope: LeakyReLU slope of the DAE (0.2).
@@ -80,6 +84,7 @@ class AECM(AutoencoderMethod):
         pretrain_epochs: int = 100,
         cm_epochs: int = 100,
         kmeans_n_init: int = 20,
+        cm_init: Literal["pinv", "posterior"] = "pinv",
         average_last_epoch: bool = True,
         lsp: Literal["cm", "orthonormal"] = "cm",
         slope: float = 0.2,
@@ -88,6 +93,8 @@ class AECM(AutoencoderMethod):
         check_positive(alpha=alpha)
         if beta < 0 or lam < 0:
             raise ValueError(f"beta and lam must be >= 0, got {beta}, {lam}")
+        if cm_init not in ("pinv", "posterior"):
+            raise ValueError(f"cm_init must be 'pinv' or 'posterior', got {cm_init!r}")
         super().__init__(
             n_clusters, input_shape, latent_dim, hidden, slope, lr, adam_eps, init, pretrain_epochs,
             kmeans_n_init, pretrain_cache, init_from_codes=init == "pretrained",
@@ -132,7 +139,7 @@ class AECM(AutoencoderMethod):
     @torch.no_grad()
     def init_from_codes(self, z: Tensor) -> None:
         """Step 2: k-means on the pretrained codes initialises the CM (Sec. 4.1)."""
-        self.cm.init_from_centres(self.kmeans(z))
+        self.cm.init_from_centres(self.kmeans(z), encoder=self.hparams.cm_init)
 
     def clustering_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         x = self.flat(batch["x"])

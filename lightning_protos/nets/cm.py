@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor, nn
 
@@ -32,9 +34,24 @@ class ClusteringModule(nn.Module):
         return self.decoder.weight.T + self.decoder.bias
 
     @torch.no_grad()
-    def init_from_centres(self, centres: Tensor) -> None:
-        """k-means++ init (Sec. 4.1): W_dec rows = centres, W_enc = pinv, zero biases."""
+    def init_from_centres(self, centres: Tensor, encoder: Literal["pinv", "posterior"] = "pinv") -> None:
+        """Centroids mu_k = centres[k] (W_dec rows, zero b_dec) and an encoder that reads them.
+
+        ``pinv`` (Sec. 4.1, the paper and the authors' code): W_enc = pinv(W_dec), zero bias, so
+        that mu_k maps to e_k. Between the centres it reads barycentric coordinates, not
+        distances: with K = d and ill-conditioned centres its argmax can disagree with the
+        k-means partition almost everywhere (AE-CM^p MNIST, BENCHMARKS.md).
+        ``posterior`` (ours): Gamma = softmax(x.mu_k - ||mu_k||^2 / 2) = softmax(-||x - mu_k||^2 / 2),
+        the responsibilities of an isotropic unit-variance GMM at the centres, whose argmax is
+        the nearest centre, i.e. the k-means partition.
+        """
         self.decoder.weight.copy_(centres.T)
-        self.encoder.weight.copy_(pinv_encoder(centres).T)
         self.decoder.bias.zero_()
-        self.encoder.bias.zero_()
+        if encoder == "pinv":
+            self.encoder.weight.copy_(pinv_encoder(centres).T)
+            self.encoder.bias.zero_()
+        elif encoder == "posterior":
+            self.encoder.weight.copy_(centres)
+            self.encoder.bias.copy_(-0.5 * centres.pow(2).sum(1))
+        else:
+            raise ValueError(f"encoder must be 'pinv' or 'posterior', got {encoder!r}")
