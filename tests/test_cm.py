@@ -52,9 +52,10 @@ def test_contract_shapes():
     ("init", "alpha", "lr", "precision"),
     [("kmeans++", 1.0, 0.01, "32-true"), ("random", 10.0, 0.05, "32-true"), ("random", 10.0, 0.05, "bf16-mixed")],
 )
-def test_recovers_well_separated_blobs(init, alpha, lr, precision):
+@pytest.mark.parametrize("bias_init", ["zeros", "glorot_normal"])
+def test_recovers_well_separated_blobs(init, alpha, lr, precision, bias_init):
     dm = blobs()
-    model = CM(n_clusters=3, input_shape=(2,), alpha=alpha, lr=lr, init=init)
+    model = CM(n_clusters=3, input_shape=(2,), alpha=alpha, lr=lr, init=init, bias_init=bias_init)
     fit(model, dm, max_epochs=20, precision=precision)
     assert adjusted_rand_score(dm.labels().numpy(), assignments(model, dm)) > 0.95
 

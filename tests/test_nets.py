@@ -54,6 +54,34 @@ def test_clustering_module_shapes_and_centroids():
         torch.testing.assert_close(cm.centroids(), cm.decoder(torch.eye(3)))
 
 
+def test_keras_glorot_normal_matches_its_variance_and_truncation():
+    from lightning_protos.nets.cm import keras_glorot_normal_
+
+    torch.manual_seed(0)
+    bias = keras_glorot_normal_(torch.empty(200_000))
+    # Keras: a 1-d tensor of n values has fan_in = fan_out = n, so variance 2 / 2n = 1 / n
+    np.testing.assert_allclose(bias.var().item(), 1 / 200_000, rtol=0.02)
+    # truncated at two standard deviations of the (pre-truncation) normal
+    bound = 2 * (1 / 200_000) ** 0.5 / 0.87962566103423978
+    assert bias.abs().max().item() <= bound
+    assert bias.abs().max().item() > 0.95 * bound
+    kernel = keras_glorot_normal_(torch.empty(300, 500))  # (out, in) as nn.Linear stores it
+    np.testing.assert_allclose(kernel.var().item(), 2 / (300 + 500), rtol=0.02)
+
+
+@pytest.mark.parametrize("bias_init", ["zeros", "glorot_normal"])
+def test_clustering_module_bias_init(bias_init):
+    torch.manual_seed(0)
+    cm = ClusteringModule(784, 10, bias_init=bias_init)
+    if bias_init == "zeros":
+        assert not cm.encoder.bias.any() and not cm.decoder.bias.any()
+    else:  # std 1 / sqrt(n): 0.32 for the K = 10 logits, 0.036 for the 784 decoder outputs
+        assert 0.15 < cm.encoder.bias.std().item() < 0.5
+        np.testing.assert_allclose(cm.decoder.bias.std().item(), 784**-0.5, rtol=0.1)
+    with pytest.raises(ValueError, match="bias_init"):
+        ClusteringModule(4, 2, bias_init="ones")
+
+
 def test_mlp_autoencoder_shapes():
     ae = MLPAutoencoder(12, hidden=(8, 6), latent_dim=2)
     z, x_rec = ae(torch.randn(5, 12))

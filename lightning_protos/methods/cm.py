@@ -36,6 +36,9 @@ class CM(ClusteringMethod):
         adam_eps: Adam epsilon; the paper is silent, the authors' code uses 1e-3.
         optimizer: ``adam`` (MNIST etc.) or ``sgd`` (5 Gaussians, Fig. 1).
         init: ``random`` (CM^r) or ``kmeans++`` (CM^p).
+        bias_init: the biases of the random init: ``zeros`` (the paper is silent; ours) or
+            ``glorot_normal`` (the authors' Keras code, REFERENCE_CODE 2.1). The k-means++ init
+            sets both biases to zero either way.
         init_lloyd_steps: Lloyd iterations after the k-means++ seeding (code: 1).
         average_last_epoch: run the averaging epoch as the trainer's last epoch.
         average: average ``all`` parameters (argmax uses the averaged encoder) or only the
@@ -58,6 +61,7 @@ class CM(ClusteringMethod):
         adam_eps: float = 1e-8,
         optimizer: Literal["adam", "sgd"] = "adam",
         init: Literal["random", "kmeans++"] = "random",
+        bias_init: Literal["zeros", "glorot_normal"] = "zeros",
         init_lloyd_steps: int = 0,
         average_last_epoch: bool = True,
         average: Literal["all", "centroids"] = "all",
@@ -70,7 +74,7 @@ class CM(ClusteringMethod):
         if not set(terms) <= {"E1", "E2", "E3", "E4"}:
             raise ValueError(f"terms must be among E1..E4, got {terms}")
         self.save_hyperparameters()
-        self.cm = ClusteringModule(self.input_dim, n_clusters)
+        self.cm = ClusteringModule(self.input_dim, n_clusters, bias_init)
         params = self._averaged_params()
         self.average = ParameterAverage(params)
         self.register_buffer("initialised", torch.tensor(init == "random"))
