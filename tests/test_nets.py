@@ -74,7 +74,8 @@ def test_clustering_module_bias_init(bias_init):
     torch.manual_seed(0)
     cm = ClusteringModule(784, 10, bias_init=bias_init)
     if bias_init == "zeros":
-        assert not cm.encoder.bias.any() and not cm.decoder.bias.any()
+        assert not cm.encoder.bias.any()
+        assert not cm.decoder.bias.any()
     else:  # std 1 / sqrt(n): 0.32 for the K = 10 logits, 0.036 for the 784 decoder outputs
         assert 0.15 < cm.encoder.bias.std().item() < 0.5
         np.testing.assert_allclose(cm.decoder.bias.std().item(), 784**-0.5, rtol=0.1)

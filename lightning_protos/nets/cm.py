@@ -33,9 +33,7 @@ class ClusteringModule(nn.Module):
     REFERENCE_CODE 2.1, which gives the encoder logits a bias of std 1/sqrt(K)).
     """
 
-    def __init__(
-        self, in_dim: int, n_clusters: int, bias_init: Literal["zeros", "glorot_normal"] = "zeros"
-    ) -> None:
+    def __init__(self, in_dim: int, n_clusters: int, bias_init: Literal["zeros", "glorot_normal"] = "zeros") -> None:
         super().__init__()
         if bias_init not in ("zeros", "glorot_normal"):
             raise ValueError(f"bias_init must be 'zeros' or 'glorot_normal', got {bias_init!r}")
