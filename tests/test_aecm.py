@@ -80,6 +80,25 @@ def test_pretrained_recovers_blobs(tmp_path, cm_init):
     assert [model.phase(e) for e in (0, 5, 10)] == ["pretrain", "cm", "joint"]
 
 
+@pytest.mark.parametrize("bias_init", ["zeros", "glorot_normal"])
+def test_bias_init_reaches_every_layer(bias_init):
+    torch.manual_seed(0)
+    model = _small(bias_init=bias_init)
+    biases = [m.bias for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(biases) == 3 + 3 + 2  # encoder, decoder, CM
+    assert all(bool(b.any()) == (bias_init == "glorot_normal") for b in biases)
+
+
+def test_bias_init_is_part_of_the_pretraining_cache_key(tmp_path):
+    dm = _blobs()
+    for bias_init, hits in (("zeros", 0), ("glorot_normal", 0), ("glorot_normal", 1)):
+        L.seed_everything(0)
+        model = _small("pretrained", bias_init=bias_init, pretrain_cache=str(tmp_path / "cache"))
+        _trainer(tmp_path, 6, enable_checkpointing=False).fit(model, dm)
+        assert (model.pretrain_cache_hit is not None) == hits
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 2
+
+
 def test_unknown_cm_init_is_refused_before_training():
     with pytest.raises(ValueError, match="cm_init must be 'pinv' or 'posterior', got 'pca'"):
         _small("pretrained", cm_init="pca")

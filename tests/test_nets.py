@@ -55,7 +55,7 @@ def test_clustering_module_shapes_and_centroids():
 
 
 def test_keras_glorot_normal_matches_its_variance_and_truncation():
-    from lightning_protos.nets.cm import keras_glorot_normal_
+    from lightning_protos.nets.mlp import keras_glorot_normal_
 
     torch.manual_seed(0)
     bias = keras_glorot_normal_(torch.empty(200_000))

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from ..nets import ClusteringModule, ParameterAverage
+from ..nets.mlp import BiasInit
 from ..ops import aecm_terms, cm_terms
 from .base import check_positive
 from .pretrain import AutoencoderMethod
@@ -61,6 +62,8 @@ class AECM(AutoencoderMethod):
         cm_init: how the CM's encoder reads the k-means centres (pretrained init): ``pinv``
             (Sec. 4.1) or ``posterior`` (ours, keeps the k-means partition; see
             :meth:`ClusteringModule.init_from_centres`).
+        bias_init: the biases of the DAE and the CM, ``zeros`` (the paper is silent; ours) or
+            ``glorot_normal`` (the authors' Keras code, REFERENCE_CODE 3.1).
         average_last_epoch: run the averaging epoch as the trainer's last epoch.
         lsp: ``cm`` (E2 + E3 of Eq. 7 on the codes) or ``orthonormal`` (E2 + L_orth).
         slope: LeakyReLU slope of the DAE (0.2).
@@ -85,6 +88,7 @@ class AECM(AutoencoderMethod):
         cm_epochs: int = 100,
         kmeans_n_init: int = 20,
         cm_init: Literal["pinv", "posterior"] = "pinv",
+        bias_init: BiasInit = "zeros",
         average_last_epoch: bool = True,
         lsp: Literal["cm", "orthonormal"] = "cm",
         slope: float = 0.2,
@@ -97,10 +101,10 @@ class AECM(AutoencoderMethod):
             raise ValueError(f"cm_init must be 'pinv' or 'posterior', got {cm_init!r}")
         super().__init__(
             n_clusters, input_shape, latent_dim, hidden, slope, lr, adam_eps, init, pretrain_epochs,
-            kmeans_n_init, pretrain_cache, init_from_codes=init == "pretrained",
+            kmeans_n_init, pretrain_cache, init_from_codes=init == "pretrained", bias_init=bias_init,
         )  # fmt: skip
         self.save_hyperparameters()
-        self.cm = ClusteringModule(latent_dim, n_clusters)
+        self.cm = ClusteringModule(latent_dim, n_clusters, bias_init)
         self.average = ParameterAverage(list(self.parameters()))
 
     # -- phases -----------------------------------------------------------------------

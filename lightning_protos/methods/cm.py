@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..nets import ClusteringModule, ParameterAverage
+from ..nets.mlp import BiasInit
 from ..ops import cm_terms, kmeans_pp_centres
 from .base import ClusteringMethod, check_positive
 
@@ -61,7 +62,7 @@ class CM(ClusteringMethod):
         adam_eps: float = 1e-8,
         optimizer: Literal["adam", "sgd"] = "adam",
         init: Literal["random", "kmeans++"] = "random",
-        bias_init: Literal["zeros", "glorot_normal"] = "zeros",
+        bias_init: BiasInit = "zeros",
         init_lloyd_steps: int = 0,
         average_last_epoch: bool = True,
         average: Literal["all", "centroids"] = "all",

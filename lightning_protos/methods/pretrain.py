@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from ..errors import ProtosError
 from ..nets import MLPAutoencoder
+from ..nets.mlp import BiasInit
 from ..ops import kmeans_centres
 from .base import ClusteringMethod, check_positive
 
@@ -127,6 +128,7 @@ class AutoencoderMethod(ClusteringMethod):
             ``<root>/pretrain_cache`` (root: the logger's ``save_dir``, else the trainer's
             ``default_root_dir``; for ``protos bench`` the table's run folder), ``False`` for none.
         init_from_codes: whether :meth:`init_from_codes` runs before clustering.
+        bias_init: the DAE's biases, ``zeros`` or ``glorot_normal`` (see :func:`~..nets.mlp.glorot_init`).
     """
 
     def __init__(
@@ -143,6 +145,7 @@ class AutoencoderMethod(ClusteringMethod):
         kmeans_n_init: int,
         pretrain_cache: bool | str,
         init_from_codes: bool = True,
+        bias_init: BiasInit = "zeros",
     ) -> None:
         super().__init__(n_clusters, input_shape)
         check_positive(lr=lr, latent_dim=latent_dim, kmeans_n_init=kmeans_n_init)
@@ -150,9 +153,11 @@ class AutoencoderMethod(ClusteringMethod):
             raise ProtosError(f"init must be 'random' or 'pretrained', got {init!r}")
         if pretrain_epochs < 0:
             raise ProtosError(f"pretrain_epochs must be >= 0, got {pretrain_epochs}")
-        self.ae = MLPAutoencoder(self.input_dim, hidden, latent_dim, slope)
+        self.ae = MLPAutoencoder(self.input_dim, hidden, latent_dim, slope, bias_init)
         self.register_buffer("initialised", torch.tensor(not init_from_codes))
-        self._architecture = {"d": self.input_dim, "hidden": list(hidden), "p": latent_dim, "slope": slope}
+        self._architecture = {
+            "d": self.input_dim, "hidden": list(hidden), "p": latent_dim, "slope": slope, "bias_init": bias_init,
+        }  # fmt: skip
         self._adam = {"lr": lr, "eps": adam_eps}
         self._pretrain_epochs = pretrain_epochs if init == "pretrained" else 0
         self._kmeans_n_init = kmeans_n_init

@@ -8,20 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import pinv_encoder
-
-
-@torch.no_grad()
-def keras_glorot_normal_(tensor: Tensor) -> Tensor:
-    """Keras's ``glorot_normal`` in place: a normal truncated at two standard deviations whose
-    variance after truncation is 2 / (fan_in + fan_out). Keras takes fan_in = fan_out = n for a
-    1-d tensor of n values (a bias), so a bias gets variance 1 / n."""
-    if tensor.dim() == 1:
-        fan_in = fan_out = tensor.numel()
-    else:
-        fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(tensor)
-    # 0.8796...: the std of a unit normal truncated to [-2, 2], which Keras divides out
-    std = (2.0 / (fan_in + fan_out)) ** 0.5 / 0.87962566103423978
-    return nn.init.trunc_normal_(tensor, std=std, a=-2 * std, b=2 * std)
+from .mlp import BiasInit, glorot_init
 
 
 class ClusteringModule(nn.Module):
@@ -33,18 +20,11 @@ class ClusteringModule(nn.Module):
     REFERENCE_CODE 2.1, which gives the encoder logits a bias of std 1/sqrt(K)).
     """
 
-    def __init__(self, in_dim: int, n_clusters: int, bias_init: Literal["zeros", "glorot_normal"] = "zeros") -> None:
+    def __init__(self, in_dim: int, n_clusters: int, bias_init: BiasInit = "zeros") -> None:
         super().__init__()
-        if bias_init not in ("zeros", "glorot_normal"):
-            raise ValueError(f"bias_init must be 'zeros' or 'glorot_normal', got {bias_init!r}")
         self.encoder = nn.Linear(in_dim, n_clusters)
         self.decoder = nn.Linear(n_clusters, in_dim)
-        for layer in (self.encoder, self.decoder):
-            nn.init.xavier_uniform_(layer.weight)
-            if bias_init == "zeros":
-                nn.init.zeros_(layer.bias)
-            else:
-                keras_glorot_normal_(layer.bias)
+        glorot_init(self, bias_init)
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, d)`` -> ``(B, K)`` responsibilities."""

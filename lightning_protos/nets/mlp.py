@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from itertools import pairwise
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -21,13 +22,36 @@ def mlp(sizes: Sequence[int], slope: float = 0.2, last_activation: bool = False)
     return nn.Sequential(*layers)
 
 
-def glorot_init(module: nn.Module) -> None:
-    """Xavier-uniform weights and zero biases for every Linear layer of ``module`` (Keras's
-    default initialisation)."""
+@torch.no_grad()
+def keras_glorot_normal_(tensor: Tensor) -> Tensor:
+    """Keras's ``glorot_normal`` in place: a normal truncated at two standard deviations whose
+    variance after truncation is 2 / (fan_in + fan_out). Keras takes fan_in = fan_out = n for a
+    1-d tensor of n values (a bias), so a bias gets variance 1 / n."""
+    if tensor.dim() == 1:
+        fan_in = fan_out = tensor.numel()
+    else:
+        fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(tensor)
+    # 0.8796...: the std of a unit normal truncated to [-2, 2], which Keras divides out
+    std = (2.0 / (fan_in + fan_out)) ** 0.5 / 0.87962566103423978
+    return nn.init.trunc_normal_(tensor, std=std, a=-2 * std, b=2 * std)
+
+
+BiasInit = Literal["zeros", "glorot_normal"]
+
+
+def glorot_init(module: nn.Module, bias: BiasInit = "zeros") -> None:
+    """Xavier-uniform weights for every Linear layer of ``module`` and zero biases (Keras's
+    default initialisation) or Glorot-normal ones (what the AE-CM authors' Keras code sets,
+    REFERENCE_CODE 2.1 and 3.1)."""
+    if bias not in ("zeros", "glorot_normal"):
+        raise ValueError(f"bias_init must be 'zeros' or 'glorot_normal', got {bias!r}")
     for m in module.modules():
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
-            nn.init.zeros_(m.bias)
+            if bias == "zeros":
+                nn.init.zeros_(m.bias)
+            else:
+                keras_glorot_normal_(m.bias)
 
 
 class MLPAutoencoder(nn.Module):
@@ -38,14 +62,22 @@ class MLPAutoencoder(nn.Module):
         hidden: hidden widths, e.g. ``(500, 500, 2000)`` (DEC's DAE).
         latent_dim: code dimension p.
         slope: LeakyReLU slope (0 for ReLU).
+        bias_init: ``zeros`` or ``glorot_normal`` (see :func:`glorot_init`).
     """
 
-    def __init__(self, in_dim: int, hidden: Sequence[int] = (500, 500, 2000), latent_dim: int = 10, slope: float = 0.2):
+    def __init__(
+        self,
+        in_dim: int,
+        hidden: Sequence[int] = (500, 500, 2000),
+        latent_dim: int = 10,
+        slope: float = 0.2,
+        bias_init: BiasInit = "zeros",
+    ):
         super().__init__()
         sizes = [in_dim, *hidden, latent_dim]
         self.encoder = mlp(sizes, slope)
         self.decoder = mlp(sizes[::-1], slope)
-        glorot_init(self)
+        glorot_init(self, bias_init)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(B, d)`` -> (code ``(B, p)``, reconstruction ``(B, d)``)."""
