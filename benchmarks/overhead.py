@@ -26,6 +26,17 @@ shape, or the real MNIST when ``$PROTOS_DATA_DIR`` holds it (``--data auto``).
 
 Prints a Markdown table and appends rows (case, precision, lightning_s, plain_s, ratio,
 device) to ``benchmarks/results/overhead.csv``.
+
+``--breakdown`` says where CM's difference goes, inside one real ``protos fit`` of it:
+each piece Lightning wraps around a step (``manual_backward`` against ``loss.backward()``,
+``LightningOptimizer.step`` against the optimizer's own step, ``check_and_log`` against a
+plain sum and finite check, one round of a callback hook over the trainer's callbacks) is
+timed on the run's own model, optimizer and a batch of its data, and the callback-hook rounds
+per optimizer step and per loaded batch are counted over real training batches. Rows (case,
+piece, count_per_step, protos_us, plain_us, extra_us_per_step, device) go to
+``benchmarks/results/overhead_breakdown.csv``:
+
+    python benchmarks/overhead.py --breakdown
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import functools
 import logging
 import os
 import platform
@@ -141,7 +153,7 @@ PLAIN = {"cm": plain_cm, "aecm": plain_aecm}
 
 
 class TrainTimer(L.Callback):
-    """Wall time from ``on_train_start`` to ``on_train_end``."""
+    """Wall time from ``on_train_start`` to ``on_train_end``, and the optimizer steps taken."""
 
     def on_train_start(self, trainer, pl_module) -> None:
         sync()
@@ -150,6 +162,7 @@ class TrainTimer(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         sync()
         self.seconds = time.perf_counter() - self.start
+        self.steps = trainer.global_step
 
 
 def protos_epoch(
@@ -175,14 +188,147 @@ def protos_epoch(
         "--trainer.default_root_dir", str(run_dir), "--final_test", "false", *limit,
     ]  # fmt: skip
     ProtosCLI(args=args, trainer_defaults={"callbacks": [timer]})
+    n_batches = -(-len(np.load(npz)["X"]) // batch_size)
+    steps = n_batches if max_batches is None else min(n_batches, max_batches)
+    if (max_batches is None or steps_per_batch == 1) and timer.steps != steps:  # the same Adam steps
+        raise RuntimeError(f"protos took {timer.steps} optimizer steps, the plain loop {steps}")
     return timer.seconds
+
+
+# -- where the time goes ------------------------------------------------------------------------
+
+
+HOOKS_PER_STEP = ("on_before_backward", "on_after_backward", "on_before_optimizer_step", "on_before_zero_grad")
+HOOKS_PER_BATCH = ("on_train_batch_start", "on_train_batch_end")
+
+
+def paired_us(protos: Callable[[], object], plain: Callable[[], object], n: int) -> tuple[float, float]:
+    """Median microseconds of ``protos()`` and of ``plain()`` over ``n`` calls each, the two
+    alternating so that both see the same machine load."""
+    times: tuple[list[float], list[float]] = ([], [])
+    for i in range(2 * n + 2):
+        fn, out = (protos, times[0]) if i % 2 == 0 else (plain, times[1])
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        if i >= 2:  # one warm-up call each
+            out.append((time.perf_counter() - start) * 1e6)
+    return float(np.median(times[0])), float(np.median(times[1]))
+
+
+class Breakdown(L.Callback):
+    """Times Lightning's pieces around a step on the running model (at ``on_train_start``), then
+    counts the callback-hook rounds of the training batches that follow."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.calls = dict.fromkeys((*HOOKS_PER_STEP, *HOOKS_PER_BATCH), 0)
+        self.counting, self.first_step = False, 0
+        self.rows: dict[str, dict] = {}
+        for hook in self.calls:
+            setattr(self, hook, self._counter(hook))
+
+    def _counter(self, hook: str):
+        def count(*args, **kwargs) -> None:
+            self.calls[hook] += self.counting  # not during the timings (they step the optimizer too)
+
+        return count
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        from lightning.pytorch.trainer import call
+
+        dm = trainer.datamodule
+        x = dm.features("fit")[: dm.batch_size].to(pl_module.device)
+        opt = pl_module.optimizers()
+        loss_fn = self.loss_fn(pl_module)
+        params = [p for group in opt.optimizer.param_groups for p in group["params"]]
+        n = self.n
+
+        def plain_backward():
+            for p in params:
+                p.grad = None
+            loss_fn(x).backward()
+
+        def protos_backward():
+            for p in params:
+                p.grad = None
+            pl_module.manual_backward(loss_fn(x))
+
+        plain_backward()
+        terms = {k: v.detach() for k, v in self.terms_fn(pl_module)(x).items()}
+
+        def plain_sum():
+            loss = sum(terms.values())
+            if not torch.isfinite(loss):
+                raise FloatingPointError
+
+        saved = (dict(pl_module._term_sums), pl_module._term_steps, dict(pl_module._loss_keys))
+
+        def hook_round():
+            call._call_callback_hooks(trainer, "on_before_zero_grad", opt)
+
+        pieces = {
+            "backward (manual_backward vs loss.backward, forward included)": (
+                1, *paired_us(protos_backward, plain_backward, n)),
+            "optimizer step (LightningOptimizer.step vs Adam.step)": (1, *paired_us(opt.step, opt.optimizer.step, n)),
+            "loss sum and finite check (check_and_log vs sum + isfinite)": (
+                1, *paired_us(lambda: pl_module.check_and_log(dict(terms)), plain_sum, n)),
+            "one callback-hook round": (None, *paired_us(hook_round, lambda: None, n)),
+        }  # fmt: skip
+        pl_module._term_sums, pl_module._term_steps, pl_module._loss_keys = saved  # the timing's sums out
+        for piece, (count, protos_us, plain_us) in pieces.items():
+            self.rows[piece] = {"piece": piece, "count_per_step": count, "protos_us": protos_us, "plain_us": plain_us}
+        self.counting, self.first_step = True, trainer.global_step
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        steps = max(trainer.global_step - self.first_step, 1)
+        row = self.rows.pop("one callback-hook round")
+        row["count_per_step"] = sum(self.calls.values()) / steps
+        row["piece"] = f"one callback-hook round ({len(trainer.callbacks)} callbacks)"
+        self.rows[row["piece"]] = row
+
+    @staticmethod
+    def terms_fn(pl_module) -> Callable[[Tensor], dict[str, Tensor]]:
+        """CM's loss terms (Eq. 7) on a batch."""
+        return lambda x: cm_terms(x, pl_module.cm(x), pl_module.cm.centroids(), pl_module.hparams.alpha)
+
+    def loss_fn(self, pl_module) -> Callable[[Tensor], Tensor]:
+        terms = self.terms_fn(pl_module)
+        return lambda x: sum(terms(x).values())
+
+
+def breakdown(npz: Path, run_dir: Path, accelerator: str, repeats: int, max_batches: int) -> list[dict]:
+    """Rows of :class:`Breakdown` for one ``protos fit`` epoch of CM (fp32) on ``max_batches``."""
+    case = "cm"
+    probe = Breakdown(n=repeats)
+    args = [
+        "fit", "--config", str(CONFIGS[case]),
+        "--data", "lightning_protos.data.ArrayFile", "--data.init_args.path", str(npz),
+        "--model.init_args.average_last_epoch", "false", "--trainer.max_epochs", "1",
+        "--trainer.limit_train_batches", str(max_batches), "--trainer.accelerator", accelerator,
+        "--trainer.devices", "1", "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false", "--trainer.default_root_dir", str(run_dir),
+        "--final_test", "false",
+    ]  # fmt: skip
+    ProtosCLI(args=args, trainer_defaults={"callbacks": [probe]})
+    rows = []
+    for row in probe.rows.values():
+        extra = (row["protos_us"] - row["plain_us"]) * row["count_per_step"]
+        rows.append({"case": case, **row, "extra_us_per_step": extra})
+    return rows
 
 
 # -- running -------------------------------------------------------------------------------------
 
 
+@functools.cache
+def has_cuda() -> bool:
+    return torch.cuda.is_available()  # tens of microseconds a call: asked once
+
+
 def sync() -> None:
-    if torch.cuda.is_available():
+    if has_cuda():
         torch.cuda.synchronize()
 
 
@@ -294,7 +440,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--data", choices=["auto", "mnist", "random"], default="auto")
     parser.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu"])
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "overhead.csv")
+    parser.add_argument("--out", type=Path, default=None, help="results CSV (default: benchmarks/results/...)")
+    parser.add_argument("--breakdown", action="store_true", help="where CM's time goes (see the module's docstring)")
     args = parser.parse_args(argv)
 
     quiet_setup(args.threads)
@@ -303,6 +450,20 @@ def main(argv: list[str] | None = None) -> None:
     accelerator = "gpu" if use_gpu else "cpu"
     x_u8, source = load_images(args.data, args.n)
     print_machine(len(x_u8), source, device)
+
+    results = ROOT / "benchmarks" / "results"
+    if args.breakdown:
+        with tempfile.TemporaryDirectory() as tmp:
+            npz = Path(tmp) / "cm.npz"
+            np.savez(npz, X=x_u8.numpy(), y=np.zeros(len(x_u8), dtype=np.int64))
+            rows = breakdown(npz, Path(tmp) / "cm", accelerator, args.repeats or 500, args.max_batches or 30)
+        for row in rows:
+            row["device"] = device_label(device)
+            for k in ("protos_us", "plain_us", "extra_us_per_step", "count_per_step"):
+                row[k] = round(row[k], 1)
+        cols = ["case", "piece", "count_per_step", "protos_us", "plain_us", "extra_us_per_step", "device"]
+        write_rows(rows, cols, args.out or results / "overhead_breakdown.csv")
+        return
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -316,7 +477,7 @@ def main(argv: list[str] | None = None) -> None:
                 rows += run_case(case, x_u8, args.precisions, repeats, max_batches, device, accelerator, Path(tmp), spb)
 
     cols = ["case", "precision", "steps_per_batch", "lightning_s", "plain_s", "ratio", "device"]
-    write_rows(rows, cols, args.out)
+    write_rows(rows, cols, args.out or results / "overhead.csv")
     for case in args.cases:
         by_precision = {r["precision"]: r for r in rows if r["case"] == case and r["steps_per_batch"] == 1}
         if {"32-true", "bf16-mixed"} <= set(by_precision):
