@@ -32,7 +32,8 @@ each piece Lightning wraps around a step (``manual_backward`` against ``loss.bac
 ``LightningOptimizer.step`` against the optimizer's own step, ``check_and_log`` against a
 plain sum and finite check, one round of a callback hook over the trainer's callbacks) is
 timed on the run's own model, optimizer and a batch of its data, and the callback-hook rounds
-per optimizer step and per loaded batch are counted over real training batches. Rows (case,
+around each loaded batch (beside the two of ``manual_backward`` and the one of the optimizer
+step, inside their timings) are counted over real training batches, so the pieces add up. Rows (case,
 piece, count_per_step, protos_us, plain_us, extra_us_per_step, device) go to
 ``benchmarks/results/overhead_breakdown.csv``:
 
@@ -198,7 +199,8 @@ def protos_epoch(
 # -- where the time goes ------------------------------------------------------------------------
 
 
-HOOKS_PER_STEP = ("on_before_backward", "on_after_backward", "on_before_optimizer_step", "on_before_zero_grad")
+# The callback hooks Lightning's loop calls around each loaded batch; those around each backward
+# and optimizer step are inside the timings of manual_backward and LightningOptimizer.step.
 HOOKS_PER_BATCH = ("on_train_batch_start", "on_train_batch_end")
 
 
@@ -223,7 +225,7 @@ class Breakdown(L.Callback):
 
     def __init__(self, n: int) -> None:
         self.n = n
-        self.calls = dict.fromkeys((*HOOKS_PER_STEP, *HOOKS_PER_BATCH), 0)
+        self.calls = dict.fromkeys(HOOKS_PER_BATCH, 0)
         self.counting, self.first_step = False, 0
         self.rows: dict[str, dict] = {}
         for hook in self.calls:
@@ -285,7 +287,7 @@ class Breakdown(L.Callback):
         steps = max(trainer.global_step - self.first_step, 1)
         row = self.rows.pop("one callback-hook round")
         row["count_per_step"] = sum(self.calls.values()) / steps
-        row["piece"] = f"one callback-hook round ({len(trainer.callbacks)} callbacks)"
+        row["piece"] = f"one callback-hook round around the batch ({len(trainer.callbacks)} callbacks)"
         self.rows[row["piece"]] = row
 
     @staticmethod
