@@ -30,7 +30,8 @@ device) to ``benchmarks/results/overhead.csv``.
 ``--breakdown`` says where CM's difference goes, inside one real ``protos fit`` of it:
 each piece Lightning wraps around a step (``manual_backward`` against ``loss.backward()``,
 ``LightningOptimizer.step`` against the optimizer's own step, ``check_and_log`` against a
-plain sum and finite check, one round of a callback hook over the trainer's callbacks) is
+plain sum and finite check, a batch from the DataLoader against a slice of the tensor, one
+round of a callback hook over the trainer's callbacks) is
 timed on the run's own model, optimizer and a batch of its data, and the callback-hook rounds
 around each loaded batch (beside the two of ``manual_backward`` and the one of the optimizer
 step, inside their timings) are counted over real training batches, so the pieces add up. Rows (case,
@@ -270,12 +271,27 @@ class Breakdown(L.Callback):
         def hook_round():
             call._call_callback_hooks(trainer, "on_before_zero_grad", opt)
 
+        loader = trainer.datamodule.train_dataloader()
+        x_u8, batches = loader.dataset.x, iter(loader)
+        order = torch.randperm(len(x_u8))
+
+        def protos_fetch():
+            nonlocal batches
+            if next(batches, None) is None:  # a new epoch
+                batches = iter(loader)
+
+        def plain_fetch():
+            i = int(torch.randint(len(x_u8) - len(x), ()))
+            x_u8[order[i : i + len(x)]].float().div_(255.0)
+
         pieces = {
             "backward (manual_backward vs loss.backward, forward included)": (
                 1, *paired_us(protos_backward, plain_backward, n)),
             "optimizer step (LightningOptimizer.step vs Adam.step)": (1, *paired_us(opt.step, opt.optimizer.step, n)),
             "loss sum and finite check (check_and_log vs sum + isfinite)": (
                 1, *paired_us(lambda: pl_module.check_and_log(dict(terms)), plain_sum, n)),
+            "batch fetch (DataLoader over __getitems__ vs slicing the tensor)": (
+                1, *paired_us(protos_fetch, plain_fetch, n)),
             "one callback-hook round": (None, *paired_us(hook_round, lambda: None, n)),
         }  # fmt: skip
         pl_module._term_sums, pl_module._term_steps, pl_module._loss_keys = saved  # the timing's sums out

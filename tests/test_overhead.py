@@ -58,6 +58,7 @@ def test_breakdown_counts_hook_rounds_outside_its_timings(tmp_path):
         "backward",
         "optimizer step",
         "loss sum and finite check",
+        "batch fetch",
         "one callback-hook round around the batch",
     }
     # Lightning's loop calls the batch-start and batch-end hooks once a batch (one step each here);
