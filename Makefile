@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 export PROTOS_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: install demo test test-all lint bench-smoke clean
+.PHONY: install demo test test-all lint bench-smoke device-bundle clean
 
 install: $(BIN)/protos
 
@@ -30,6 +30,17 @@ lint: install
 
 bench-smoke: install
 	$(BIN)/protos bench --config configs/bench/smoke.yaml
+
+# What a GPU machine of the device tool lacks (no network there): the pure-Python wheels that its
+# PyTorch image does not hold and the offline data (MNIST gzipped). Carry .device, then run
+# `bash benchmarks/device_check.sh` there.
+device-bundle: install
+	rm -rf .device && mkdir -p .device/wheels .device/data/MNIST/raw
+	$(BIN)/pip download --quiet --no-deps --dest .device/wheels \
+		jsonargparse docstring-parser typeshed-client medmnist fire termcolor
+	for f in $(PROTOS_DATA_DIR)/MNIST/raw/*-ubyte; do gzip -c $$f > .device/data/MNIST/raw/$$(basename $$f).gz; done
+	cp -r $(PROTOS_DATA_DIR)/pneumoniamnist.npz $(PROTOS_DATA_DIR)/usps $(PROTOS_DATA_DIR)/pendigits .device/data/
+	du -sh .device
 
 clean:
 	rm -rf runs bench_runs lightning_logs
