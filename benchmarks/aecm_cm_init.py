@@ -11,6 +11,8 @@ as barycentric coordinates far from the nearest-centre partition. Codes are comp
 (the bench computes them under its precision), so the centres can differ slightly from a run's.
 
     PROTOS_DATA_DIR=../shared/data python benchmarks/aecm_cm_init.py bench_runs/table5_mnist/pretrain_cache
+    PROTOS_DATA_DIR=../shared/data python benchmarks/aecm_cm_init.py --dataset usps \
+        bench_runs/table5_usps_pendigits/pretrain_cache
 
 Prints one JSON line per entry (seed, precision, cond, and the ARI x100 of each partition).
 """
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_protos.data import MNIST
+from lightning_protos.data import get_datamodule
 from lightning_protos.data.base import to_float
 from lightning_protos.eval.metrics import clustering_scores
 from lightning_protos.methods.aecm import AECM
@@ -48,13 +50,14 @@ def start_partitions(model: AECM, x: torch.Tensor, seed: int) -> dict[str, torch
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("cache", type=Path, help="a pretrain_cache folder of MNIST AE-CM^p runs")
+    parser.add_argument("cache", type=Path, help="a pretrain_cache folder of AE-CM^p runs")
+    parser.add_argument("--dataset", default="mnist", help="whose entries to read: mnist, usps, pendigits")
     args = parser.parse_args(argv)
-    dm = MNIST(fit_on="all", flatten=True)
+    dm = get_datamodule(args.dataset, fit_on="all", flatten=True)
     dm.setup("fit")
     x, y = to_float(dm.features("fit")).flatten(1), dm.labels("fit").numpy()
     rows = []
-    for path in sorted(args.cache.glob("mnist_seed*.pt")):
+    for path in sorted(args.cache.glob(f"{args.dataset}_seed*.pt")):
         entry = torch.load(path, map_location="cpu", weights_only=True)
         key = entry["key"]
         arch = key["architecture"]
