@@ -167,6 +167,22 @@ class TrainTimer(L.Callback):
         self.steps = trainer.global_step
 
 
+def fit_one_epoch(
+    case: str, npz: Path, run_dir: Path, accelerator: str, extra: list[str], callback: L.Callback
+) -> None:
+    """``protos fit`` of one epoch of the case's config on the data in ``npz``, as in normal use
+    (TensorBoard logger, checkpoints) but without progress bar, averaging epoch or final test."""
+    args = [
+        "fit", "--config", str(CONFIGS[case]),
+        "--data", "lightning_protos.data.ArrayFile", "--data.init_args.path", str(npz),
+        "--model.init_args.average_last_epoch", "false", "--trainer.max_epochs", "1",
+        "--trainer.accelerator", accelerator, "--trainer.devices", "1",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--trainer.default_root_dir", str(run_dir), "--final_test", "false", *extra,
+    ]  # fmt: skip
+    ProtosCLI(args=args, trainer_defaults={"callbacks": [callback]})
+
+
 def protos_epoch(
     case: str, npz: Path, run_dir: Path, precision: str, accelerator: str, max_batches: int | None,
     batch_size: int, steps_per_batch: int,
@@ -180,16 +196,7 @@ def protos_epoch(
             "--data.init_args.batch_size", str(batch_size * steps_per_batch),
             "--model.init_args.step_batch", str(batch_size),
         ]  # fmt: skip
-    args = [
-        "fit", "--config", str(CONFIGS[case]),
-        "--data", "lightning_protos.data.ArrayFile", "--data.init_args.path", str(npz),
-        "--model.init_args.average_last_epoch", "false",
-        "--trainer.max_epochs", "1", "--trainer.precision", precision,
-        "--trainer.accelerator", accelerator, "--trainer.devices", "1",
-        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-        "--trainer.default_root_dir", str(run_dir), "--final_test", "false", *limit,
-    ]  # fmt: skip
-    ProtosCLI(args=args, trainer_defaults={"callbacks": [timer]})
+    fit_one_epoch(case, npz, run_dir, accelerator, ["--trainer.precision", precision, *limit], timer)
     n_batches = -(-len(np.load(npz)["X"]) // batch_size)
     steps = n_batches if max_batches is None else min(n_batches, max_batches)
     if (max_batches is None or steps_per_batch == 1) and timer.steps != steps:  # the same Adam steps
@@ -320,16 +327,7 @@ def breakdown(npz: Path, run_dir: Path, accelerator: str, repeats: int, max_batc
     """Rows of :class:`Breakdown` for one ``protos fit`` epoch of CM (fp32) on ``max_batches``."""
     case = "cm"
     probe = Breakdown(n=repeats)
-    args = [
-        "fit", "--config", str(CONFIGS[case]),
-        "--data", "lightning_protos.data.ArrayFile", "--data.init_args.path", str(npz),
-        "--model.init_args.average_last_epoch", "false", "--trainer.max_epochs", "1",
-        "--trainer.limit_train_batches", str(max_batches), "--trainer.accelerator", accelerator,
-        "--trainer.devices", "1", "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false", "--trainer.default_root_dir", str(run_dir),
-        "--final_test", "false",
-    ]  # fmt: skip
-    ProtosCLI(args=args, trainer_defaults={"callbacks": [probe]})
+    fit_one_epoch(case, npz, run_dir, accelerator, ["--trainer.limit_train_batches", str(max_batches)], probe)
     rows = []
     for row in probe.rows.values():
         extra = (row["protos_us"] - row["plain_us"]) * row["count_per_step"]
