@@ -184,7 +184,7 @@ def fit_one_epoch(
 
 
 def protos_epoch(
-    case: str, npz: Path, run_dir: Path, precision: str, accelerator: str, max_batches: int | None,
+    case: str, npz: Path, n: int, run_dir: Path, precision: str, accelerator: str, max_batches: int | None,
     batch_size: int, steps_per_batch: int,
 ) -> float:  # fmt: skip
     """Seconds of one ``protos fit`` training epoch on the case's config; with
@@ -197,7 +197,7 @@ def protos_epoch(
             "--model.init_args.step_batch", str(batch_size),
         ]  # fmt: skip
     fit_one_epoch(case, npz, run_dir, accelerator, ["--trainer.precision", precision, *limit], timer)
-    n_batches = -(-len(np.load(npz)["X"]) // batch_size)
+    n_batches = -(-n // batch_size)
     steps = n_batches if max_batches is None else min(n_batches, max_batches)
     if (max_batches is None or steps_per_batch == 1) and timer.steps != steps:  # the same Adam steps
         raise RuntimeError(f"protos took {timer.steps} optimizer steps, the plain loop {steps}")
@@ -205,11 +205,6 @@ def protos_epoch(
 
 
 # -- where the time goes ------------------------------------------------------------------------
-
-
-# The callback hooks Lightning's loop calls around each loaded batch; those around each backward
-# and optimizer step are inside the timings of manual_backward and LightningOptimizer.step.
-HOOKS_PER_BATCH = ("on_train_batch_start", "on_train_batch_end")
 
 
 def paired_us(protos: Callable[[], object], plain: Callable[[], object], n: int) -> tuple[float, float]:
@@ -233,23 +228,21 @@ class Breakdown(L.Callback):
 
     def __init__(self, n: int) -> None:
         self.n = n
-        self.calls = dict.fromkeys(HOOKS_PER_BATCH, 0)
-        self.counting, self.first_step = False, 0
+        self.batch_hook_calls = 0  # rounds around the loaded batches; those around each backward
+        self.counting, self.first_step = False, 0  # and optimizer step are inside their timings
         self.rows: dict[str, dict] = {}
-        for hook in self.calls:
-            setattr(self, hook, self._counter(hook))
 
-    def _counter(self, hook: str):
-        def count(*args, **kwargs) -> None:
-            self.calls[hook] += self.counting  # not during the timings (they step the optimizer too)
+    def on_train_batch_start(self, *args) -> None:
+        self.batch_hook_calls += self.counting  # not during the timings (they step the optimizer too)
 
-        return count
+    def on_train_batch_end(self, *args) -> None:
+        self.batch_hook_calls += self.counting
 
     def on_train_start(self, trainer, pl_module) -> None:
         from lightning.pytorch.trainer import call
 
-        dm = trainer.datamodule
-        x = dm.features("fit")[: dm.batch_size].to(pl_module.device)
+        loader = trainer.datamodule.train_dataloader()
+        x = loader.dataset.__getitems__(list(range(loader.batch_size)))["x"].to(pl_module.device)
         opt = pl_module.optimizers()
         loss_fn = self.loss_fn(pl_module)
         params = [p for group in opt.optimizer.param_groups for p in group["params"]]
@@ -265,7 +258,6 @@ class Breakdown(L.Callback):
                 p.grad = None
             pl_module.manual_backward(loss_fn(x))
 
-        plain_backward()
         terms = {k: v.detach() for k, v in self.terms_fn(pl_module)(x).items()}
 
         def plain_sum():
@@ -278,7 +270,6 @@ class Breakdown(L.Callback):
         def hook_round():
             call._call_callback_hooks(trainer, "on_before_zero_grad", opt)
 
-        loader = trainer.datamodule.train_dataloader()
         x_u8, batches = loader.dataset.x, iter(loader)
         order = torch.randperm(len(x_u8))
 
@@ -309,7 +300,7 @@ class Breakdown(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         steps = max(trainer.global_step - self.first_step, 1)
         row = self.rows.pop("one callback-hook round")
-        row["count_per_step"] = sum(self.calls.values()) / steps
+        row["count_per_step"] = self.batch_hook_calls / steps
         row["piece"] = f"one callback-hook round around the batch ({len(trainer.callbacks)} callbacks)"
         self.rows[row["piece"]] = row
 
@@ -383,7 +374,9 @@ def run_case(case, x_u8, precisions, repeats, max_batches, device, accelerator, 
             )
             run_dir = tmp / f"{case}_{precision}_{steps_per_batch}_{r}"
             protos_s.append(
-                protos_epoch(case, npz, run_dir, precision, accelerator, max_batches, batch_size, steps_per_batch)
+                protos_epoch(
+                    case, npz, len(x_u8), run_dir, precision, accelerator, max_batches, batch_size, steps_per_batch
+                )
             )
         lightning, plain = min(protos_s), min(plain_s)
         rows.append(

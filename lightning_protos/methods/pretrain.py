@@ -128,7 +128,8 @@ class AutoencoderMethod(ClusteringMethod):
             ``<root>/pretrain_cache`` (root: the logger's ``save_dir``, else the trainer's
             ``default_root_dir``; for ``protos bench`` the table's run folder), ``False`` for none.
         init_from_codes: whether :meth:`init_from_codes` runs before clustering.
-        bias_init: the DAE's biases, ``zeros`` or ``glorot_normal`` (see :func:`~..nets.mlp.glorot_init`).
+        bias_init: the DAE's biases, ``zeros`` or ``glorot_normal``
+            (see :func:`~lightning_protos.nets.mlp.glorot_init`).
     """
 
     def __init__(
