@@ -19,7 +19,7 @@ import yaml
 
 from lightning_protos.bench.report import mean_std, pick, summarize, summary_rows, write_report
 from lightning_protos.bench.runner import ResultsFile, Runner, main, make_row, report
-from lightning_protos.bench.spec import BenchError, Cell, load_bench
+from lightning_protos.bench.spec import BenchError, Cell, load_bench, row_key
 
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = ["method", "dataset", "seed", "epochs", "acc", "nmi", "ari", "l_sp", "seconds"]
@@ -307,6 +307,19 @@ def test_every_bench_table_in_configs_loads():
     for path in sorted((ROOT / "configs" / "bench").glob("*.yaml")):
         bench = load_bench(path)
         assert bench.cells(), path
+
+
+def test_tables_that_share_a_results_row_train_it_alike():
+    """A row written by one table counts as done for every table with the same cell (e.g.
+    table5_mnist's DEC family and dec_family_mnist): they must agree on how it is trained."""
+    trained_by: dict[tuple, tuple] = {}
+    for path in sorted((ROOT / "configs" / "bench").glob("*.yaml")):
+        bench = load_bench(path)
+        for cell in bench.cells():
+            row = (cell.results, row_key(cell.fields(), bench.ids_of(cell.columns)))
+            how = (cell.config, cell.reference, sorted(cell.overrides))
+            first = trained_by.setdefault(row, (path.name, how))
+            assert first[1] == how, f"{cell.name}: {path.name} trains it as {how}, {first[0]} as {first[1]}"
 
 
 # -- real cells -----------------------------------------------------------------------------
