@@ -31,6 +31,9 @@ and init (0 when the start already does, empty when not within the epochs).
 
     OMP_NUM_THREADS=1 PROTOS_DATA_DIR=../shared/data python benchmarks/vs_clustpy.py --n 10000
     python benchmarks/vs_clustpy.py --methods dcn --n 2000 --epochs 1 --out /tmp/vs.csv
+    # time to the paper's ARI from the DAE a bench run pretrained (50 epochs, all 70,000 images):
+    python benchmarks/vs_clustpy.py --init pretrained --methods dec idec dcn --epochs 10 --repeats 1 \
+        --pretrained-ae bench_runs/dec_family_mnist/pretrain_cache/mnist_seed0_ep50_<key>.pt
 
 Needs ClustPy (``pip install -e .[bench]``); the package itself never imports it. Prints a
 Markdown table and appends rows (method, init, side, precision, n, epochs, epoch_s, speedup,
@@ -126,14 +129,21 @@ class Start:
 
 
 def make_start(
-    args: dict, x: Tensor, y: np.ndarray, seed: int, n_init: int, pretrain_epochs: int, folder: Path
-) -> Start:
+    args: dict, x: Tensor, y: np.ndarray, seed: int, n_init: int, pretrain_epochs: int, folder: Path,
+    ae_file: Path | None = None,
+) -> Start:  # fmt: skip
     """The method's seeded autoencoder (pretrained ``pretrain_epochs`` on reconstruction by our
-    pretraining phase when > 0, cached in ``folder`` for the methods with the same network) and
-    k-means on its codes of ``x`` ``(N, d)`` uint8 images."""
+    pretraining phase when > 0, cached in ``folder`` for the methods with the same network; or
+    the weights of ``ae_file``, an entry of a run's pretraining cache) and k-means on its codes
+    of ``x`` ``(N, d)`` uint8 images."""
     L.seed_everything(seed, verbose=False)
     method = build_method(args, init="pretrained" if pretrain_epochs else "random", pretrain_epochs=pretrain_epochs)
-    if pretrain_epochs:  # the pretraining phase alone: fit stops at its last epoch
+    if ae_file is not None:
+        entry = torch.load(ae_file, map_location="cpu", weights_only=True)
+        if entry["key"]["data"]["n"] != len(x):
+            raise SystemExit(f"{ae_file}: pretrained on {entry['key']['data']['n']} samples, not --n {len(x)}")
+        method.ae.load_state_dict(entry["state_dict"])
+    elif pretrain_epochs:  # the pretraining phase alone: fit stops at its last epoch
         hp = method.hparams
         path = folder / f"dae_{'-'.join(map(str, hp.hidden))}-{hp.latent_dim}_slope{hp.slope}_seed{seed}.pt"
         if path.exists():
@@ -328,7 +338,7 @@ class Side:
 
 def run_method(
     cp, method: str, init: str, x: Tensor, y: np.ndarray, *, epochs: int, repeats: int, precisions: list[str],
-    seed: int, kmeans_n_init: int, pretrain_epochs: int, folder: Path,
+    seed: int, kmeans_n_init: int, pretrain_epochs: int, folder: Path, ae_file: Path | None = None,
 ) -> list[dict]:  # fmt: skip
     """Rows (one per side and precision) for one method."""
     model = config(method, init)["model"]
@@ -336,7 +346,7 @@ def run_method(
     if "update_interval" in args:  # as many target refreshes per epoch as on the whole of MNIST
         args["update_interval"] = max(1, round(args["update_interval"] * len(x) / MNIST_N))
     epochs_p = pretrain_epochs if init == "pretrained" else 0
-    start = make_start(args, x, y, seed, kmeans_n_init, epochs_p, folder)
+    start = make_start(args, x, y, seed, kmeans_n_init, epochs_p, folder, ae_file if init == "pretrained" else None)
     sides = [Side("clustpy", "32-true", [], [])] + [Side("protos", p, [], []) for p in precisions]
     for r in range(repeats):
         for side in sides:  # alternating, each round from the same start
@@ -375,6 +385,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--init", choices=["random", "pretrained"], default="random")
     parser.add_argument("--pretrain-epochs", type=int, default=10, help="DAE epochs for --init pretrained")
+    parser.add_argument(
+        "--pretrained-ae",
+        type=Path,
+        help="for --init pretrained: the DAE of a pretraining cache entry (e.g. bench_runs/dec_family_mnist/"
+        "pretrain_cache/mnist_seed0_ep50_*.pt) instead of pretraining one here",
+    )
     parser.add_argument("--n", type=int, default=MNIST_N, help="samples (MNIST has 70,000)")
     parser.add_argument("--epochs", type=int, default=2, help="clustering epochs per run")
     parser.add_argument("--repeats", type=int, default=2, help="rounds of alternating runs (best epoch kept)")
@@ -398,7 +414,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows += run_method(
                 cp, method, args.init, x, y, epochs=args.epochs, repeats=args.repeats, precisions=args.precisions,
                 seed=args.seed, kmeans_n_init=args.kmeans_n_init, pretrain_epochs=args.pretrain_epochs,
-                folder=Path(tmp),
+                folder=Path(tmp), ae_file=args.pretrained_ae,
             )  # fmt: skip
 
     write_rows(rows, COLUMNS, args.out)

@@ -50,3 +50,22 @@ def test_tiny_run_writes_one_row_per_side(tmp_path):
         assert -1 <= row["ari"] <= 1
         assert row["target_ari"] == vs_clustpy.PAPER_ARI["dcn", "random"]
     assert clustpy["ari_start"] == protos["ari_start"]  # the same start on both sides
+
+
+def test_start_from_a_pretraining_cache_entry(tmp_path):
+    """--pretrained-ae: both sides start from a run's cached DAE; another data size is refused."""
+    from lightning_protos.methods.pretrain import PretrainCache
+
+    x, y, _ = vs_clustpy.load_data("random", 300)
+    model = vs_clustpy.config("dec", "pretrained")["model"]
+    args = {**model["init_args"], "class_path": model["class_path"]}
+    donor = vs_clustpy.build_method(args)
+    torch.nn.init.normal_(donor.ae.encoder[0].weight)  # weights no fresh seeded network has
+    key = {"data": {"name": "random", "n": 300}, "seed": 0, "epochs": 50}
+    entry = PretrainCache(tmp_path / "cache").save(key, donor.ae)
+    start = vs_clustpy.make_start(args, x, y, 0, 1, pretrain_epochs=50, folder=tmp_path, ae_file=entry)
+    for name, value in donor.ae.state_dict().items():
+        torch.testing.assert_close(start.ae_state[name], value)
+    assert not list(tmp_path.glob("dae_*.pt"))  # nothing pretrained here
+    with pytest.raises(SystemExit, match="pretrained on 300 samples, not --n 256"):
+        vs_clustpy.make_start(args, x[:256], y[:256], 0, 1, pretrain_epochs=50, folder=tmp_path, ae_file=entry)
