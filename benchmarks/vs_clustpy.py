@@ -66,7 +66,7 @@ from torch import Tensor, nn
 
 from lightning_protos.data import MNIST, ArrayFile
 from lightning_protos.data.base import to_float
-from lightning_protos.methods.pretrain import AutoencoderMethod, encode_all
+from lightning_protos.methods.pretrain import AutoencoderMethod, PretrainCache, encode_all
 from lightning_protos.ops import annealed_alpha
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,7 +139,7 @@ def make_start(
     L.seed_everything(seed, verbose=False)
     method = build_method(args, init="pretrained" if pretrain_epochs else "random", pretrain_epochs=pretrain_epochs)
     if ae_file is not None:
-        entry = torch.load(ae_file, map_location="cpu", weights_only=True)
+        entry = PretrainCache.read(ae_file)
         if entry["key"]["data"]["n"] != len(x):
             raise SystemExit(f"{ae_file}: pretrained on {entry['key']['data']['n']} samples, not --n {len(x)}")
         method.ae.load_state_dict(entry["state_dict"])
@@ -346,7 +346,7 @@ def run_method(
     if "update_interval" in args:  # as many target refreshes per epoch as on the whole of MNIST
         args["update_interval"] = max(1, round(args["update_interval"] * len(x) / MNIST_N))
     epochs_p = pretrain_epochs if init == "pretrained" else 0
-    start = make_start(args, x, y, seed, kmeans_n_init, epochs_p, folder, ae_file if init == "pretrained" else None)
+    start = make_start(args, x, y, seed, kmeans_n_init, epochs_p, folder, ae_file)
     sides = [Side("clustpy", "32-true", [], [])] + [Side("protos", p, [], []) for p in precisions]
     for r in range(repeats):
         for side in sides:  # alternating, each round from the same start
@@ -403,6 +403,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     if args.n < 256 or args.epochs < 1 or args.repeats < 1:
         parser.error("--n must be >= 256, --epochs and --repeats >= 1")
+    if args.pretrained_ae and args.init != "pretrained":
+        parser.error("--pretrained-ae needs --init pretrained")
 
     cp = import_clustpy()
     quiet_setup(args.threads)

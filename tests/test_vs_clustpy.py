@@ -69,3 +69,9 @@ def test_start_from_a_pretraining_cache_entry(tmp_path):
     assert not list(tmp_path.glob("dae_*.pt"))  # nothing pretrained here
     with pytest.raises(SystemExit, match="pretrained on 300 samples, not --n 256"):
         vs_clustpy.make_start(args, x[:256], y[:256], 0, 1, pretrain_epochs=50, folder=tmp_path, ae_file=entry)
+
+
+def test_pretrained_ae_needs_the_pretrained_init(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        vs_clustpy.main(["--data", "random", "--n", "300", "--pretrained-ae", str(tmp_path / "x.pt")])
+    assert "--pretrained-ae needs --init pretrained" in capsys.readouterr().err

@@ -77,13 +77,18 @@ class PretrainCache:
         digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         return self.folder / f"{key['data']['name']}_seed{key['seed']}_ep{key['epochs']}_{digest}.pt"
 
+    @staticmethod
+    def read(path: str | os.PathLike) -> dict[str, Any]:
+        """An entry file as written by :meth:`save`: ``{"key": ..., "state_dict": ...}``."""
+        return torch.load(path, map_location="cpu", weights_only=True)
+
     def load(self, key: dict[str, Any], module: nn.Module) -> Path | None:
         """Loads the entry of ``key`` into ``module``; its path, or ``None`` if there is none."""
         path = self.path(key)
         if not path.is_file():
             return None
         try:
-            entry = torch.load(path, map_location="cpu", weights_only=True)
+            entry = self.read(path)
         except Exception as err:  # a truncated or foreign file: pretrain again
             rank_zero_warn(f"ignoring unreadable pretraining cache entry {path}: {err}")
             return None
