@@ -218,6 +218,29 @@ def test_dcn_epoch_update_sets_centroids_to_the_means_of_their_samples(tmp_path)
 def test_dcn_rejects_an_unknown_update():
     with pytest.raises(ProtosError, match="centroid_update must be"):
         DCN(n_clusters=4, input_shape=(10,), centroid_update="sometimes")
+    with pytest.raises(ProtosError, match="code_precision must be"):
+        DCN(n_clusters=4, input_shape=(10,), code_precision="bf16")
+
+
+@pytest.mark.parametrize(("code_precision", "dtype"), [("float32", torch.float32), ("autocast", torch.bfloat16)])
+def test_dcn_code_layers_run_in_float32_under_bf16_autocast(tmp_path, code_precision, dtype):
+    """DCN's codes (the encoder's last layer) and the decoder's first layer are float32 products of
+    float32 inputs under bf16 autocast, unless ``code_precision: autocast``; the other layers stay bf16."""
+    model = small("dcn", tmp_path, code_precision=code_precision)
+    seen = {}
+    for name, layer in (("code", model.ae.encoder[-1]), ("first", model.ae.decoder[0]), ("out", model.ae.decoder[-1])):
+        layer.register_forward_hook(lambda m, args, out, name=name: seen.update({name: (args[0], out)}))
+    x = torch.randn(8, 10)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        z = model.encode(x)
+        model.reconstruct(z)
+    assert z.dtype == dtype
+    assert seen["first"][1].dtype == dtype
+    assert seen["out"][1].dtype == torch.bfloat16
+    if code_precision == "float32":
+        h, w, b = seen["code"][0], model.ae.encoder[-1].weight, model.ae.encoder[-1].bias
+        torch.testing.assert_close(z, h.float() @ w.T + b)  # no bf16 rounding of the product
+        torch.testing.assert_close(model.embed(x), model.ae.encoder(x), rtol=1e-6, atol=1e-6)  # fp32 outside
 
 
 def test_dkm_alpha_follows_the_annealing_schedule(tmp_path):

@@ -28,6 +28,14 @@ Choices (METHODS 2 and 3.5, REFERENCE_CODE 5):
   mean of its samples' codes (a cluster left empty keeps its centroid); the counts are unused.
   With the DCN paper's persistent counts (``batch``) the centroids move less and less (1 / c_k);
   here they follow the codes every epoch.
+- The code layers (the encoder's last Linear and the decoder's first) run in float32 under
+  ``bf16-mixed`` (``code_precision: float32``; ``autocast`` leaves them to autocast). The k-means
+  term has no scale: the encoder shrinks the codes and the decoder's first layer grows to undo it
+  (on MNIST, 40 clustering epochs halve the code layer's norm, 1.94 -> 1.06, codes of norm < 0.5),
+  and with both layers in bf16 one MNIST run (DCN^p, seed 4, per-epoch update) blew up in its
+  50th clustering epoch (L_rec x 1000 within 20 steps, final ARI 3); the same 10 epochs replayed
+  from its checkpoint end at ARI 78.7 with these two layers in float32 (BENCHMARKS.md). They are
+  2 x 2000 x p multiply-adds a sample: the cost does not show.
 """
 
 from __future__ import annotations
@@ -59,6 +67,8 @@ class DCN(AutoencoderMethod):
             each epoch).
         lr: Adam learning rate (0.001).
         adam_eps: Adam epsilon.
+        code_precision: ``float32`` (the code layers in float32 under bf16 autocast, see above) or
+            ``autocast`` (the whole DAE under the trainer's precision).
         init: ``pretrained`` (DCN^p, the paper's) or ``random`` (DCN^r).
         pretrain_epochs: DAE pretraining epochs for ``init: pretrained`` (AE-CM code: 100).
         kmeans_n_init: k-means restarts on the codes.
@@ -77,6 +87,7 @@ class DCN(AutoencoderMethod):
         centroid_update: Literal["batch", "epoch"] = "batch",
         lr: float = 1e-3,
         adam_eps: float = 1e-8,
+        code_precision: Literal["float32", "autocast"] = "float32",
         init: Literal["random", "pretrained"] = "pretrained",
         pretrain_epochs: int = 100,
         kmeans_n_init: int = 20,
@@ -89,6 +100,8 @@ class DCN(AutoencoderMethod):
             raise ProtosError(f"initial_count must be >= 1, got {initial_count}")
         if centroid_update not in ("batch", "epoch"):
             raise ProtosError(f"centroid_update must be 'batch' or 'epoch', got {centroid_update!r}")
+        if code_precision not in ("float32", "autocast"):
+            raise ProtosError(f"code_precision must be 'float32' or 'autocast', got {code_precision!r}")
         super().__init__(
             n_clusters, input_shape, latent_dim, hidden, slope, lr, adam_eps, init, pretrain_epochs,
             kmeans_n_init, pretrain_cache,
@@ -97,6 +110,23 @@ class DCN(AutoencoderMethod):
         self.register_buffer("centroids", torch.zeros(n_clusters, latent_dim))  # M
         self.register_buffer("counts", torch.zeros(n_clusters, dtype=torch.long))  # c_k
         self.register_per_sample_buffer("assignments", (), torch.long)  # s_i
+
+    # -- the network, its code layers in float32 ---------------------------------------
+    def encode(self, x: Tensor) -> Tensor:
+        """``(B, d)`` -> codes ``(B, p)``; the last layer in float32 unless ``code_precision: autocast``."""
+        if self.hparams.code_precision == "autocast":
+            return self.ae.encoder(x)
+        h = self.ae.encoder[:-1](x)
+        with self.full_precision():
+            return self.ae.encoder[-1](h.float())
+
+    def reconstruct(self, z: Tensor) -> Tensor:
+        """Codes ``(B, p)`` -> ``(B, d)``; the first layer in float32 unless ``code_precision: autocast``."""
+        if self.hparams.code_precision == "autocast":
+            return self.ae.decoder(z)
+        with self.full_precision():
+            h = self.ae.decoder[0](z.float())
+        return self.ae.decoder[1:](h)
 
     # -- contract ---------------------------------------------------------------------
     def nearest(self, z: Tensor) -> Tensor:
@@ -126,7 +156,8 @@ class DCN(AutoencoderMethod):
 
     def clustering_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         x, index = self.flat(batch["x"]), batch["index"]
-        z, x_rec = self.ae(x)  # (a) network step, M and s fixed
+        z = self.encode(x)  # (a) network step, M and s fixed
+        x_rec = self.reconstruct(z)
         m_s = self.centroids[self.assignments[index]]
         with self.full_precision():
             terms = {
@@ -140,7 +171,7 @@ class DCN(AutoencoderMethod):
     @torch.no_grad()
     def update_clusters(self, x: Tensor, index: Tensor) -> None:
         """Steps (b) and (c) on a batch, with the codes of the updated network."""
-        z = self.ae.encoder(x).float()
+        z = self.encode(x).float()
         s = self.nearest(z)  # (b)
         sums, sizes = cluster_sums(z, s, self.n_clusters)
         if dist.is_available() and dist.is_initialized():  # the union of every rank's batch
@@ -157,7 +188,7 @@ class DCN(AutoencoderMethod):
         """``centroid_update: epoch``: s_i <- the nearest centroid of every training sample's code, then
         m_k <- the mean of the codes assigned to k (an empty cluster keeps m_k). Every rank holds
         the whole training set, so every rank computes the same M and s."""
-        z = encode_all(self.ae.encoder, self.fit_data()).float()
+        z = encode_all(self.encode, self.fit_data()).float()
         s = self.nearest(z)
         sums, sizes = cluster_sums(z, s, self.n_clusters)
         filled = sizes > 0

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,7 +47,7 @@ def pretrain_step(method: ClusteringMethod, autoencoder: nn.Module, x: Tensor, o
 
 
 @torch.no_grad()
-def encode_all(encoder: nn.Module, x: Tensor, batch_size: int = 4096) -> Tensor:
+def encode_all(encoder: Callable[[Tensor], Tensor], x: Tensor, batch_size: int = 4096) -> Tensor:
     """``(N, d)`` -> ``(N, p)`` codes, computed in batches without gradients."""
     return torch.cat([encoder(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
@@ -203,11 +203,20 @@ class AutoencoderMethod(ClusteringMethod):
         raise NotImplementedError
 
     # -- contract defaults ------------------------------------------------------------
+    def encode(self, x: Tensor) -> Tensor:
+        """``(B, d)`` -> codes ``(B, p)``: the encoder; what :meth:`embed` and the clustering
+        initialisation see (a subclass may compute the code layer otherwise: DCN)."""
+        return self.ae.encoder(x)
+
     def embed(self, x: Tensor) -> Tensor:
-        return self.ae.encoder(self.flat(x))
+        return self.encode(self.flat(x))
+
+    def reconstruct(self, z: Tensor) -> Tensor:
+        """Codes ``(B, p)`` -> ``(B, d)``: the decoder (the counterpart of :meth:`encode`)."""
+        return self.ae.decoder(z)
 
     def decode(self, z: Tensor) -> Tensor:
-        return self.ae.decoder(z).reshape(len(z), *self.input_shape)
+        return self.reconstruct(z).reshape(len(z), *self.input_shape)
 
     # -- helpers ----------------------------------------------------------------------
     def adam(self, params, eps: float | None = None) -> torch.optim.Adam:
@@ -311,7 +320,7 @@ class AutoencoderMethod(ClusteringMethod):
                 self._load_pretrained()
         elif not bool(self.initialised):
             self._save_pretrained()
-            self.init_from_codes(encode_all(self.ae.encoder, self.fit_data()))
+            self.init_from_codes(encode_all(self.encode, self.fit_data()))
             self.initialised.fill_(True)
 
     def on_train_batch_start(self, batch: dict[str, Tensor], batch_idx: int) -> int | None:
