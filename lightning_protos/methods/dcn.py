@@ -35,7 +35,9 @@ Choices (METHODS 2 and 3.5, REFERENCE_CODE 5):
   and with both layers in bf16 one MNIST run (DCN^p, seed 4, per-epoch update) blew up in its
   50th clustering epoch (L_rec x 1000 within 20 steps, final ARI 3); the same 10 epochs replayed
   from its checkpoint end at ARI 78.7 with these two layers in float32 (BENCHMARKS.md). They are
-  2 x 2000 x p multiply-adds a sample: the cost does not show.
+  2 x 2000 x p multiply-adds a sample: the cost does not show. They do not prevent every such
+  runaway under bf16 (a per-batch-update MNIST run blew up with them): fp32, the configs'
+  precision, is the safe choice for DCN.
 """
 
 from __future__ import annotations

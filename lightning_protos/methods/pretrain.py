@@ -117,8 +117,9 @@ class AutoencoderMethod(ClusteringMethod):
     :meth:`clustering_optimizers`, and the contract members (``embed`` and ``decode`` go through
     :meth:`encode` and :meth:`reconstruct`, the encoder and the decoder unless a subclass says
     otherwise; the clustering initialisation sees the codes of :meth:`encode`; pretraining always
-    runs the plain DAE, so the cached weights do not depend on the method). State with one row per training sample (DEC's target
-    distribution, DCN's assignments) is registered with :meth:`register_per_sample_buffer`.
+    runs the plain DAE, so the cached weights do not depend on the method). State with one row
+    per training sample (DEC's target distribution, DCN's assignments) is registered with
+    :meth:`register_per_sample_buffer`.
 
     Args:
         n_clusters: K.
