@@ -150,11 +150,11 @@ class AECM(AutoencoderMethod):
         _, opt_cm, opt_joint = self.optimizers()
         if self.phase(self.current_epoch) == "cm":  # step 3: CM alone on frozen codes, Eq. 7
             with torch.no_grad():
-                z = self.ae.encoder(x)
+                z = self.encode(x)
             terms = cm_terms(z, self.cm(z), self.cm.centroids(), self.hparams.alpha)
             self.optimize(self.check_and_log(terms, prefix="cm"), opt_cm)
             return
-        z, x_rec = self.ae(x)  # step 4: joint, Eq. 10
+        z, x_rec = self.autoencode(x)  # step 4: joint, Eq. 10
         h = self.hparams
         gamma = self.cm(z)
         with self.full_precision():

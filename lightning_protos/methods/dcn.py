@@ -118,17 +118,22 @@ class DCN(AutoencoderMethod):
         """``(B, d)`` -> codes ``(B, p)``; the last layer in float32 unless ``code_precision: autocast``."""
         if self.hparams.code_precision == "autocast":
             return self.ae.encoder(x)
-        h = self.ae.encoder[:-1](x)
+        *body, code = self.ae.encoder  # the layers themselves: no sub-Sequential built per batch
+        for layer in body:
+            x = layer(x)
         with self.full_precision():
-            return self.ae.encoder[-1](h.float())
+            return code(x.float())
 
     def reconstruct(self, z: Tensor) -> Tensor:
         """Codes ``(B, p)`` -> ``(B, d)``; the first layer in float32 unless ``code_precision: autocast``."""
         if self.hparams.code_precision == "autocast":
             return self.ae.decoder(z)
+        first, *rest = self.ae.decoder
         with self.full_precision():
-            h = self.ae.decoder[0](z.float())
-        return self.ae.decoder[1:](h)
+            h = first(z.float())
+        for layer in rest:
+            h = layer(h)
+        return h
 
     # -- contract ---------------------------------------------------------------------
     def nearest(self, z: Tensor) -> Tensor:
@@ -158,8 +163,7 @@ class DCN(AutoencoderMethod):
 
     def clustering_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         x, index = self.flat(batch["x"]), batch["index"]
-        z = self.encode(x)  # (a) network step, M and s fixed
-        x_rec = self.reconstruct(z)
+        z, x_rec = self.autoencode(x)  # (a) network step, M and s fixed
         m_s = self.centroids[self.assignments[index]]
         with self.full_precision():
             terms = {

@@ -152,7 +152,7 @@ class DEC(AutoencoderMethod):
     @torch.no_grad()
     def refresh_target(self, iteration: int) -> bool:
         """Step 2: P from Q over the whole training set (Eq. 3); ``True`` when ``tol`` stops training."""
-        q = self._soft_assign(encode_all(self.ae.encoder, self.fit_data()))
+        q = self._soft_assign(encode_all(self.encode, self.fit_data()))
         self.target_p.copy_(target_distribution(q))
         labels = q.argmax(dim=1)
         delta = float((labels != self.assignments).float().mean())
@@ -175,7 +175,7 @@ class DEC(AutoencoderMethod):
 
     def clustering_terms(self, x: Tensor, p: Tensor) -> dict[str, Tensor]:
         """The loss terms on a batch ``x`` ``(B, d)`` with targets ``p`` ``(B, K)``; DEC: L_c only."""
-        return {"L_c": self.kl_loss(self.ae.encoder(x), p)}
+        return {"L_c": self.kl_loss(self.encode(x), p)}
 
     def clustering_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         iteration = self.cluster_iteration(batch_idx)
@@ -208,7 +208,7 @@ class IDEC(DEC):
         return [*self.ae.parameters(), self.mu]
 
     def clustering_terms(self, x: Tensor, p: Tensor) -> dict[str, Tensor]:
-        z, x_rec = self.ae(x)
+        z, x_rec = self.autoencode(x)
         with self.full_precision():
             l_r = reconstruction_loss(x.float(), x_rec.float())
         return {"L_r": l_r, "L_c": self.hparams.gamma * self.kl_loss(z, p)}

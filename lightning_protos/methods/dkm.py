@@ -120,7 +120,7 @@ class DKM(AutoencoderMethod):
 
     def clustering_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         x = self.flat(batch["x"])
-        z, x_rec = self.ae(x)
+        z, x_rec = self.autoencode(x)
         with self.full_precision():
             terms = {
                 "L_rec": (x.float() - x_rec.float()).pow(2).sum(),

@@ -221,6 +221,12 @@ class AutoencoderMethod(ClusteringMethod):
     def decode(self, z: Tensor) -> Tensor:
         return self.reconstruct(z).reshape(len(z), *self.input_shape)
 
+    def autoencode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(B, d)`` -> (codes, reconstruction) through :meth:`encode` and :meth:`reconstruct`: the
+        clustering steps' forward pass (pretraining runs ``self.ae`` itself)."""
+        z = self.encode(x)
+        return z, self.reconstruct(z)
+
     # -- helpers ----------------------------------------------------------------------
     def adam(self, params, eps: float | None = None) -> torch.optim.Adam:
         """Adam at the method's learning rate, with its epsilon unless ``eps`` is given."""
