@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_trainer
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import lightning_protos.methods.pretrain as pretrain_module
 from lightning_protos.data import Blobs
@@ -220,6 +221,40 @@ def test_dcn_rejects_an_unknown_update():
         DCN(n_clusters=4, input_shape=(10,), centroid_update="sometimes")
     with pytest.raises(ProtosError, match="code_precision must be"):
         DCN(n_clusters=4, input_shape=(10,), code_precision="bf16")
+
+
+@pytest.mark.parametrize("max_grad_norm", [1e-3, 1e6])
+def test_dcn_clips_each_steps_gradient_norm(tmp_path, max_grad_norm):
+    """With ``max_grad_norm`` every clustering step's gradient reaches Adam with a norm at most that
+    (the pretraining steps are not clipped); the epoch's largest norm before clipping and its
+    clipped steps are logged: all 12 steps of an epoch at 1e-3, none at 1e6."""
+    model = small("dcn", tmp_path, max_grad_norm=max_grad_norm)
+    norms = []
+
+    def record(optimizer, args, kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+
+    handle = register_optimizer_step_pre_hook(record)
+    try:
+        trainer = fit(model, blobs(), epochs=7)  # 5 pretraining epochs + 2 clustering epochs of 12 steps
+    finally:
+        handle.remove()
+    clustering = norms[-24:]
+    logged = trainer.callback_metrics
+    if max_grad_norm < 1:
+        assert max(clustering) == pytest.approx(max_grad_norm, rel=1e-4)
+        assert max(norms[:-24]) > 1e-2  # pretraining unclipped
+        assert float(logged["train/grad_norm_max"]) > 1e-2
+        assert float(logged["train/clipped_steps"]) == 12
+    else:
+        assert float(logged["train/grad_norm_max"]) == pytest.approx(max(clustering[-12:]), rel=1e-4)
+        assert float(logged["train/clipped_steps"]) == 0
+
+
+def test_dcn_rejects_a_non_positive_max_grad_norm():
+    with pytest.raises(ProtosError, match="max_grad_norm must be > 0"):
+        DCN(n_clusters=4, input_shape=(10,), max_grad_norm=0.0)
 
 
 @pytest.mark.parametrize(("code_precision", "dtype"), [("float32", torch.float32), ("autocast", torch.bfloat16)])

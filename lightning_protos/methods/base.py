@@ -83,6 +83,7 @@ class ClusteringMethod(L.LightningModule):
         self._term_steps = 0
         self._loss_keys: dict[str, None] = {}  # the summed keys that are loss terms, in order
         self._first_bad: Tensor | None = None  # the first step whose loss was not finite, or -1
+        self._grad_stats: dict[str, Tensor] = {}  # this epoch's gradient norms under max_grad_norm
         self._resumed: dict[str, Any] | None = None  # what on_load_checkpoint read, until the next batch
 
     # -- the contract -----------------------------------------------------------------
@@ -124,10 +125,20 @@ class ClusteringMethod(L.LightningModule):
         """``(B, *input_shape)`` -> ``(B, D)``."""
         return x.reshape(len(x), -1)
 
-    def optimize(self, loss: Tensor, optimizer) -> None:
-        """One manual step: zero_grad, backward, step."""
+    def optimize(self, loss: Tensor, optimizer, max_grad_norm: float | None = None) -> None:
+        """One manual step: zero_grad, backward, step. With ``max_grad_norm``, the gradient of the
+        optimizer's parameters is first scaled down to that norm where it is larger
+        (``torch.nn.utils.clip_grad_norm_``, for float32 and bf16-mixed: no loss scaler); the
+        epoch's largest norm before clipping and its number of clipped steps are logged
+        (``train/grad_norm_max``, ``train/clipped_steps``), kept on the device until then."""
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
+        if max_grad_norm is not None:
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).detach()
+            stats = self._grad_stats
+            stats["train/grad_norm_max"] = torch.maximum(stats.get("train/grad_norm_max", norm), norm)
+            stats["train/clipped_steps"] = stats.get("train/clipped_steps", 0) + (norm > max_grad_norm).float()
         optimizer.step()
 
     def check_and_log(
@@ -180,7 +191,9 @@ class ClusteringMethod(L.LightningModule):
         self.average_batchnorm_stats()
         if self._term_steps:
             self.log_dict({k: v / self._term_steps for k, v in self._term_sums.items()}, sync_dist=True)
-        self._term_sums, self._term_steps, self._loss_keys = {}, 0, {}
+        if self._grad_stats:
+            self.log_dict(self._grad_stats, reduce_fx="max", sync_dist=True)
+        self._term_sums, self._term_steps, self._loss_keys, self._grad_stats = {}, 0, {}, {}
 
     # -- exact resume -----------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -37,7 +37,10 @@ Choices (METHODS 2 and 3.5, REFERENCE_CODE 5):
   from its checkpoint end at ARI 78.7 with these two layers in float32 (BENCHMARKS.md). They are
   2 x 2000 x p multiply-adds a sample: the cost does not show. They do not prevent every such
   runaway under bf16 (a per-batch-update MNIST run blew up with them): fp32, the configs'
-  precision, is the safe choice for DCN.
+  precision, is the safe choice for DCN. Under bf16, ``max_grad_norm`` (ours) clips each
+  step's gradient norm: that run's runaway starts with steps of norm ~100-400 where the
+  epoch before peaked at 52, and replayed from its checkpoint with clipping at 100 it goes on
+  as in fp32 (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from torch import Tensor
 
 from ..errors import ProtosError
 from ..ops import cluster_sums, running_mean_update, squared_distances
+from .base import check_positive
 from .pretrain import AutoencoderMethod, encode_all, reconstruction_loss
 
 
@@ -71,6 +75,8 @@ class DCN(AutoencoderMethod):
         adam_eps: Adam epsilon.
         code_precision: ``float32`` (the code layers in float32 under bf16 autocast, see above) or
             ``autocast`` (the whole DAE under the trainer's precision).
+        max_grad_norm: clip the norm of each step's gradient to this (ours, not in the DCN
+            paper; ``None``: no clipping), against the runaway described above.
         init: ``pretrained`` (DCN^p, the paper's) or ``random`` (DCN^r).
         pretrain_epochs: DAE pretraining epochs for ``init: pretrained`` (AE-CM code: 100).
         kmeans_n_init: k-means restarts on the codes.
@@ -90,6 +96,7 @@ class DCN(AutoencoderMethod):
         lr: float = 1e-3,
         adam_eps: float = 1e-8,
         code_precision: Literal["float32", "autocast"] = "float32",
+        max_grad_norm: float | None = None,
         init: Literal["random", "pretrained"] = "pretrained",
         pretrain_epochs: int = 100,
         kmeans_n_init: int = 20,
@@ -104,6 +111,8 @@ class DCN(AutoencoderMethod):
             raise ProtosError(f"centroid_update must be 'batch' or 'epoch', got {centroid_update!r}")
         if code_precision not in ("float32", "autocast"):
             raise ProtosError(f"code_precision must be 'float32' or 'autocast', got {code_precision!r}")
+        if max_grad_norm is not None:
+            check_positive(max_grad_norm=max_grad_norm)
         super().__init__(
             n_clusters, input_shape, latent_dim, hidden, slope, lr, adam_eps, init, pretrain_epochs,
             kmeans_n_init, pretrain_cache,
@@ -170,7 +179,7 @@ class DCN(AutoencoderMethod):
                 "L_rec": reconstruction_loss(x.float(), x_rec.float()),
                 "L_km": self.hparams.lam / 2 * (z.float() - m_s).pow(2).sum(),
             }
-        self.optimize(self.check_and_log(terms), self.optimizers()[1])
+        self.optimize(self.check_and_log(terms), self.optimizers()[1], self.hparams.max_grad_norm)
         if self.hparams.centroid_update == "batch":
             self.update_clusters(x, index)
 
