@@ -1,11 +1,17 @@
-"""nets/: the parameter average, the clustering-module network and the MLP autoencoder."""
+"""nets/: the parameter average, the clustering-module network, the MLP autoencoder and the
+conv nets' memory layout."""
+
+import copy
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from lightning_protos.nets import ClusteringModule, MLPAutoencoder, ParameterAverage
+import lightning_protos.nets.conv as conv_nets
+import lightning_protos.nets.protovae as protovae_nets
+from lightning_protos.nets import ClusteringModule, ConvDecoder, ConvEncoder, MLPAutoencoder, ParameterAverage
+from lightning_protos.nets.protovae import ProtoDecoder, ProtoEncoder
 
 
 def test_parameter_average_is_the_mean_of_the_snapshots():
@@ -97,3 +103,38 @@ def test_mlp_autoencoder_shapes():
 def test_mlp_activation(slope, kind):
     ae = MLPAutoencoder(4, hidden=(3,), latent_dim=2, slope=slope)
     assert any(isinstance(m, kind) for m in ae.encoder)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: (ConvEncoder(1, 8), torch.rand(4, 1, 32, 32)),
+        lambda: (ConvDecoder(12, 3), torch.randn(4, 12)),
+        lambda: (ProtoEncoder(3, 32, (8, 16, 16), 32), torch.rand(4, 3, 32, 32)),
+        lambda: (ProtoDecoder(6, 3, 32, (8, 16, 16)), torch.randn(4, 6)),
+    ],
+)
+def test_conv_nets_are_channels_last_and_compute_what_nchw_computes(make, monkeypatch):
+    """The conv nets keep their conv weights and feature maps channels-last (NHWC); their outputs
+    and gradients equal those of the same weights run in the default NCHW layout."""
+    torch.manual_seed(0)
+    net, x = make()
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d | nn.ConvTranspose2d)]
+    assert convs
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+
+    def run(module):
+        out = module(x)
+        out = out[0] if isinstance(out, tuple) else out
+        out.pow(2).sum().backward()
+        return out, [m.weight.grad for m in module.modules() if isinstance(m, nn.Conv2d | nn.ConvTranspose2d)]
+
+    out, grads = run(net)
+    reference = copy.deepcopy(net).to(memory_format=torch.contiguous_format)
+    for module in (conv_nets, protovae_nets):  # feature maps left in NCHW
+        monkeypatch.setattr(module, "channels_last", lambda t: t.contiguous())
+    want, want_grads = run(reference)
+    assert all(g.is_contiguous() for g in want_grads)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(grads, want_grads, strict=True):  # float32 sums in another order
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5 * float(w.abs().max()))

@@ -8,6 +8,7 @@ Decoder: Dense(z -> 256 * s * s), s = side / 2^len(channels) (7 for MNIST, 4 for
 len(channels) x [ConvTranspose k4 s2 p1 -> ReLU] up to the input side (widths: the encoder's
 mirrored), then Conv k3 to the image channels and a sigmoid.
 Kernel sizes, widths and the bottleneck size are not stated in the paper (ours).
+Conv weights and feature maps are channels-last, as in nets/conv.py.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from itertools import pairwise
 
+import torch
 from torch import Tensor, nn
+
+from .conv import channels_last
 
 DECODER_MAPS = 256  # activation maps the decoder's dense layer is reshaped into (§3.1)
 
@@ -40,9 +44,10 @@ class ProtoEncoder(nn.Module):
         self.net = nn.Sequential(
             *layers, nn.Flatten(), nn.Linear(channels[-1] * side * side, bottleneck_dim), nn.ReLU()
         )
+        self.to(memory_format=torch.channels_last)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        return self.net(channels_last(x))
 
 
 class ProtoDecoder(nn.Module):
@@ -67,6 +72,7 @@ class ProtoDecoder(nn.Module):
             layers += [nn.ConvTranspose2d(a, b, kernel_size=4, stride=2, padding=1), nn.ReLU()]
         layers += [nn.Conv2d(channels[0], out_channels, kernel_size=3, padding=1), nn.Sigmoid()]
         self.net = nn.Sequential(*layers)
+        self.to(memory_format=torch.channels_last)
 
     def forward(self, z: Tensor) -> Tensor:
-        return self.net(self.fc(z).reshape(len(z), *self.shape))
+        return self.net(channels_last(self.fc(z).reshape(len(z), *self.shape)))
