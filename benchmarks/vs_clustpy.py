@@ -263,13 +263,14 @@ def mean_mse(a: Tensor, b: Tensor) -> Tensor:
 
 def clustpy_run(
     cp, method: str, args: dict, start: Start, x: Tensor, epochs: int,
-    after_epoch: Callable[[float, np.ndarray], None],
+    after_epoch: Callable[[float, np.ndarray], None], fused_adam: bool = False,
 ) -> None:  # fmt: skip
-    """``epochs`` epochs of ClustPy's clustering loop from ``start``; ``after_epoch(seconds, labels)``."""
+    """``epochs`` epochs of ClustPy's clustering loop from ``start``; ``after_epoch(seconds, labels)``.
+    Its Adam is torch's default (multi-tensor) step, as ClustPy creates it, unless ``fused_adam``."""
     device = torch.device("cpu")
     net = clustpy_network(cp, build_method(args), start)
     features = to_float(x)
-    adam = {"lr": args.get("lr", 1e-3), "eps": args.get("adam_eps", 1e-8)}
+    adam = {"lr": args.get("lr", 1e-3), "eps": args.get("adam_eps", 1e-8), "fused": fused_adam}
     if method in ("dec", "idec"):
         module = cp["dec"]._DEC_Module(start.centres, args.get("dof", 1.0))
         opt = torch.optim.Adam([*net.parameters(), *module.parameters()], **adam)
@@ -339,21 +340,24 @@ class Side:
 def run_method(
     cp, method: str, init: str, x: Tensor, y: np.ndarray, *, epochs: int, repeats: int, precisions: list[str],
     seed: int, kmeans_n_init: int, pretrain_epochs: int, folder: Path, ae_file: Path | None = None,
+    clustpy_fused_adam: bool = False,
 ) -> list[dict]:  # fmt: skip
-    """Rows (one per side and precision) for one method."""
+    """Rows (one per side and precision) for one method; ClustPy's side is ``clustpy-fused`` with
+    ``clustpy_fused_adam``."""
     model = config(method, init)["model"]
     args = {**model["init_args"], "class_path": model["class_path"]}
     if "update_interval" in args:  # as many target refreshes per epoch as on the whole of MNIST
         args["update_interval"] = max(1, round(args["update_interval"] * len(x) / MNIST_N))
     epochs_p = pretrain_epochs if init == "pretrained" else 0
     start = make_start(args, x, y, seed, kmeans_n_init, epochs_p, folder, ae_file)
-    sides = [Side("clustpy", "32-true", [], [])] + [Side("protos", p, [], []) for p in precisions]
+    clustpy = "clustpy-fused" if clustpy_fused_adam else "clustpy"
+    sides = [Side(clustpy, "32-true", [], [])] + [Side("protos", p, [], []) for p in precisions]
     for r in range(repeats):
         for side in sides:  # alternating, each round from the same start
             L.seed_everything(seed + r, verbose=False)
             record = side.record(y)
-            if side.name == "clustpy":
-                clustpy_run(cp, method, args, start, x, epochs, record)
+            if side.name == clustpy:
+                clustpy_run(cp, method, args, start, x, epochs, record, clustpy_fused_adam)
             else:
                 protos_run(args, start, x, y, folder, side.precision, epochs, record)
             print(
@@ -399,6 +403,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--data", choices=["auto", "mnist", "random"], default="auto")
+    parser.add_argument(
+        "--clustpy-fused-adam", action="store_true", help="give ClustPy's loop torch's fused Adam, as ours has"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "vs_clustpy.csv")
     args = parser.parse_args(argv)
     if args.n < 256 or args.epochs < 1 or args.repeats < 1:
@@ -416,7 +423,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows += run_method(
                 cp, method, args.init, x, y, epochs=args.epochs, repeats=args.repeats, precisions=args.precisions,
                 seed=args.seed, kmeans_n_init=args.kmeans_n_init, pretrain_epochs=args.pretrain_epochs,
-                folder=Path(tmp), ae_file=args.pretrained_ae,
+                folder=Path(tmp), ae_file=args.pretrained_ae, clustpy_fused_adam=args.clustpy_fused_adam,
             )  # fmt: skip
 
     write_rows(rows, COLUMNS, args.out)

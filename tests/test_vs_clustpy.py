@@ -52,6 +52,32 @@ def test_tiny_run_writes_one_row_per_side(tmp_path):
     assert clustpy["ari_start"] == protos["ari_start"]  # the same start on both sides
 
 
+def test_clustpy_side_can_have_the_fused_adam(tmp_path, monkeypatch):
+    made = []
+
+    class Recorded(torch.optim.Adam):
+        def __init__(self, params, **kwargs) -> None:
+            made.append(kwargs.get("fused"))
+            super().__init__(params, **kwargs)
+
+    monkeypatch.setattr(vs_clustpy.torch.optim, "Adam", Recorded)
+    argv = ["--methods", "dcn", "--n", "300", "--epochs", "1", "--repeats", "1", "--data", "random"]
+    rows = vs_clustpy.main(
+        [
+            *argv,
+            "--precisions",
+            "32-true",
+            "--kmeans-n-init",
+            "1",
+            "--clustpy-fused-adam",
+            "--out",
+            str(tmp_path / "v.csv"),
+        ]
+    )
+    assert [r["side"] for r in rows] == ["clustpy-fused", "protos"]
+    assert made[0] is True  # ClustPy's optimizer, built by the benchmark before ours
+
+
 def test_start_from_a_pretraining_cache_entry(tmp_path):
     """--pretrained-ae: both sides start from a run's cached DAE; another data size is refused."""
     from lightning_protos.methods.pretrain import PretrainCache

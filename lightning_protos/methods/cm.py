@@ -23,7 +23,7 @@ from torch import Tensor
 from ..nets import ClusteringModule, ParameterAverage
 from ..nets.mlp import BiasInit
 from ..ops import cm_terms, kmeans_pp_centres
-from .base import ClusteringMethod, check_positive
+from .base import ClusteringMethod, adam, check_positive
 
 
 class CM(ClusteringMethod):
@@ -117,7 +117,7 @@ class CM(ClusteringMethod):
     def configure_optimizers(self):
         if self.hparams.optimizer == "sgd":
             return torch.optim.SGD(self.cm.parameters(), lr=self.hparams.lr)
-        return torch.optim.Adam(self.cm.parameters(), lr=self.hparams.lr, eps=self.hparams.adam_eps)
+        return adam(self.cm.parameters(), self.hparams.lr, self.hparams.adam_eps)
 
     def on_fit_start(self) -> None:
         if not bool(self.initialised):  # k-means++ (checkpoints keep the flag: no re-init)

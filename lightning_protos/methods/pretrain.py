@@ -30,7 +30,7 @@ from ..errors import ProtosError
 from ..nets import MLPAutoencoder
 from ..nets.mlp import BiasInit
 from ..ops import kmeans_centres
-from .base import ClusteringMethod, check_positive
+from .base import ClusteringMethod, adam, check_positive
 
 
 def reconstruction_loss(x: Tensor, x_rec: Tensor) -> Tensor:
@@ -230,7 +230,7 @@ class AutoencoderMethod(ClusteringMethod):
     # -- helpers ----------------------------------------------------------------------
     def adam(self, params, eps: float | None = None) -> torch.optim.Adam:
         """Adam at the method's learning rate, with its epsilon unless ``eps`` is given."""
-        return torch.optim.Adam(params, lr=self._adam["lr"], eps=self._adam["eps"] if eps is None else eps)
+        return adam(params, self._adam["lr"], self._adam["eps"] if eps is None else eps)
 
     def kmeans(self, z: Tensor) -> Tensor:
         """``(K, p)`` k-means centres of codes ``z`` (k-means++, ``kmeans_n_init`` restarts), seeded

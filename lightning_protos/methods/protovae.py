@@ -47,7 +47,7 @@ from ..nets.protovae import ProtoDecoder, ProtoEncoder
 from ..ops.mmd import grouped_mmd, mmd
 from ..ops.sinkhorn import sinkhorn
 from ..ops.vaesim import gaussian_kl
-from .base import ClusteringMethod, check_positive
+from .base import ClusteringMethod, adam, check_positive
 from .vae import ConvVAEMethod
 
 
@@ -112,7 +112,7 @@ class ReconstructionMethod(ClusteringMethod):
         return self.current_epoch < getattr(self.hparams, "warmup_epochs", 0)
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        return adam(self.parameters(), self.hparams.lr)
 
 
 class AE(ReconstructionMethod):
@@ -311,9 +311,9 @@ class ProtoVAE(ReconstructionMethod):
         lr = self.hparams.lr
         encoder = [*self.encoder.parameters(), *self.head.parameters()]
         return [
-            torch.optim.Adam([*encoder, self.V], lr=lr),  # step a: L_prot
-            torch.optim.Adam(encoder, lr=lr),  # step b: L_reg
-            torch.optim.Adam([*encoder, *self.decoder.parameters()], lr=lr),  # step c: L_rec
+            adam([*encoder, self.V], lr),  # step a: L_prot
+            adam(encoder, lr),  # step b: L_reg
+            adam([*encoder, *self.decoder.parameters()], lr),  # step c: L_rec
         ]
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:

@@ -51,7 +51,7 @@ from torch import Tensor, nn
 
 from ..errors import ProtosError
 from ..ops import floored_logvar, mixture_responsibilities, raw_logvar, vade_kl_terms
-from .base import ClusteringMethod, check_positive
+from .base import ClusteringMethod, adam, check_positive
 from .vae import VADE_HIDDEN, ConvVAEMethod, Network, Reconstruction
 
 
@@ -199,7 +199,7 @@ class VaDE(ConvVAEMethod):
         """The family's Adam on every parameter (with its schedule) for the VaDE phase, and a
         second Adam on the network alone for the pretraining."""
         network = [*self.encoder.parameters(), *self.decoder.parameters()]
-        pretrain = torch.optim.Adam(network, lr=self.hparams.lr)
+        pretrain = adam(network, self.hparams.lr)
         configured = super().configure_optimizers()
         if isinstance(configured, torch.optim.Optimizer):
             return [configured, pretrain]

@@ -42,7 +42,7 @@ from ..errors import ProtosError
 from ..nets.conv import NET_SIZE, ConvDecoder, ConvEncoder, resize
 from ..nets.mlp import MLPDecoder, MLPEncoder
 from ..ops import elbow_kmeans, gaussian_kl, kmeans_centres
-from .base import ClusteringMethod, check_positive
+from .base import ClusteringMethod, adam, check_positive
 
 IMAGE_SIZES = ((28, 28), (32, 32))
 Network = Literal["conv", "mlp"]
@@ -180,7 +180,7 @@ class ConvVAEMethod(ClusteringMethod):
     # -- optimisation -----------------------------------------------------------------
     def configure_optimizers(self):
         h = self.hparams
-        optimizer = torch.optim.Adam(self.parameters(), lr=h.lr)
+        optimizer = adam(self.parameters(), h.lr)
         if h.lr_step_epochs is None:
             return optimizer
         return [optimizer], [torch.optim.lr_scheduler.StepLR(optimizer, h.lr_step_epochs, h.lr_step_gamma)]
