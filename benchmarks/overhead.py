@@ -65,6 +65,7 @@ from torch import Tensor
 
 from lightning_protos.cli import ProtosCLI
 from lightning_protos.data import MNIST
+from lightning_protos.methods.base import adam
 from lightning_protos.nets import ClusteringModule, MLPAutoencoder
 from lightning_protos.ops import aecm_terms, cm_terms
 
@@ -99,8 +100,8 @@ def plain_epoch(
     device: torch.device, precision: str, max_batches: int | None,
 ) -> float:  # fmt: skip
     """Seconds for one shuffled epoch (or its first ``max_batches``) of Adam steps on
-    ``step(x) -> loss``."""
-    opt = torch.optim.Adam(params, lr=lr, eps=eps)
+    ``step(x) -> loss``, with the methods' Adam (fused)."""
+    opt = adam(params, lr, eps)
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16-mixed" else contextlib.nullcontext()
     )
