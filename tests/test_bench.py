@@ -512,8 +512,10 @@ def test_report_writes_curves_per_epoch_and_skips_cells_without_runs(tmp_path, m
             log_run(cell.run_dir, {1: base, 3: base / 2})
     shutil.rmtree(bench.root / "t" / "aecm-random_digits_seed1")
     curves = tmp_path / "results" / "t_curves.csv"
-    curves.write_text(  # a row of another table sharing the results file, one stale row of ours
+    curves.write_text(  # a row of another table sharing the results file, one stale row of ours,
+        # and one of a cell whose run dir is gone (read on another machine): kept
         "method,init,dataset,seed,tag,epoch,value\ndec,random,digits,0,val/mse,9,0.9\ncm,,digits,0,val/mse,9,9\n"
+        "aecm,random,digits,1,val/mse,3,0.3\n"
     )
     capsys.readouterr()
 
@@ -529,6 +531,7 @@ def test_report_writes_curves_per_epoch_and_skips_cells_without_runs(tmp_path, m
     got = [(r["method"], r["init"], r["seed"], r["tag"], int(r["epoch"]), float(r["value"])) for r in rows]
     assert got == [
         ("dec", "random", "0", "val/mse", 9, 0.9),
+        ("aecm", "random", "1", "val/mse", 3, 0.3),
         ("cm", "", "0", "val/mse", 1, 0.5),
         ("cm", "", "0", "val/mse", 3, 0.25),
         ("cm", "", "0", "test/mse", 4, 0.25),
@@ -542,3 +545,14 @@ def test_report_writes_curves_per_epoch_and_skips_cells_without_runs(tmp_path, m
     assert {r["dataset"] for r in rows} == {"digits"}
     assert (tmp_path / "results" / "t_curves.png").read_bytes()[:4] == b"\x89PNG"
     assert set(report(bench)) >= {"t/curves", "t/curves_chart", "t/table"}
+
+
+def test_report_writes_no_curves_file_without_run_dirs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    methods = [{"method": "cm", "config": str(ROOT / "configs" / "cm_{dataset}.yaml")}]
+    bench = load_bench(write_table(tmp_path, methods=methods, curves=["val/mse"]))
+    Runner(bench, FakeLaunch()).run(bench.cells())
+    shutil.rmtree(bench.root)
+
+    assert "t/table" in report(bench)
+    assert not (tmp_path / "results" / "t_curves.csv").exists()

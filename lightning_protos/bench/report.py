@@ -316,8 +316,10 @@ def plot_curves(rows: list[dict[str, str]], path: Path, name: str) -> None:
 
 def write_curves(cells: list[Cell], tags: list[str], results: Path, name: str) -> dict[str, Path]:
     """Writes ``<stem>_curves.csv`` and ``<stem>_curves.png`` of ``cells`` beside ``results``;
-    returns their paths. Rows of other cells already in the CSV (those of another table that
-    shares the results file) are kept."""
+    returns their paths. Rows already in the CSV are replaced only by the cells whose run dirs
+    were read now: those of another table sharing the results file, and those of cells whose run
+    dirs are gone (a report on another machine, a cleaned ``bench_runs``), are kept. Nothing is
+    written while there is no row at all."""
     paths = {"curves": results.with_name(f"{results.stem}_curves.csv")}
     paths["curves_chart"] = paths["curves"].with_suffix(".png")
     old: list[dict[str, str]] = []
@@ -328,14 +330,14 @@ def write_curves(cells: list[Cell], tags: list[str], results: Path, name: str) -
             old, old_columns = list(reader), list(reader.fieldnames or [])
     labels = dict.fromkeys([*(k for c in cells for k, _ in c.labels), *old_columns])
     ids = ["method", *(k for k in labels if k not in ("method", "dataset", "seed", *CURVE_KEYS)), "dataset", "seed"]
-    mine = {row_key(c.fields(), ids) for c in cells}
-    rows = [r for r in old if row_key(r, ids) not in mine] + curve_rows(cells, tags)
+    new = curve_rows(cells, tags)
+    read = {row_key(r, ids) for r in new}
+    rows = [r for r in old if row_key(r, ids) not in read] + new
+    if not rows:
+        return {}
     with open(paths["curves"], "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[*ids, *CURVE_KEYS])
         writer.writeheader()
         writer.writerows(rows)
-    if rows:
-        plot_curves(rows, paths["curves_chart"], name)
-    else:
-        del paths["curves_chart"]
+    plot_curves(rows, paths["curves_chart"], name)
     return paths
