@@ -340,18 +340,22 @@ class Side:
 def run_method(
     cp, method: str, init: str, x: Tensor, y: np.ndarray, *, epochs: int, repeats: int, precisions: list[str],
     seed: int, kmeans_n_init: int, pretrain_epochs: int, folder: Path, ae_file: Path | None = None,
-    clustpy_fused_adam: bool = False,
+    clustpy_fused_adam: bool = False, dec_target: str = "dataset",
 ) -> list[dict]:  # fmt: skip
     """Rows (one per side and precision) for one method; ClustPy's side is ``clustpy-fused`` with
-    ``clustpy_fused_adam``."""
+    ``clustpy_fused_adam``, ours ``protos-batch-target`` where DEC / IDEC run ``target: batch``."""
     model = config(method, init)["model"]
     args = {**model["init_args"], "class_path": model["class_path"]}
+    ours = "protos"
+    if method in ("dec", "idec") and dec_target == "batch":  # ClustPy's algorithm on our side too
+        args.update(target="batch", tol=None)
+        ours = "protos-batch-target"
     if "update_interval" in args:  # as many target refreshes per epoch as on the whole of MNIST
         args["update_interval"] = max(1, round(args["update_interval"] * len(x) / MNIST_N))
     epochs_p = pretrain_epochs if init == "pretrained" else 0
     start = make_start(args, x, y, seed, kmeans_n_init, epochs_p, folder, ae_file)
     clustpy = "clustpy-fused" if clustpy_fused_adam else "clustpy"
-    sides = [Side(clustpy, "32-true", [], [])] + [Side("protos", p, [], []) for p in precisions]
+    sides = [Side(clustpy, "32-true", [], [])] + [Side(ours, p, [], []) for p in precisions]
     for r in range(repeats):
         for side in sides:  # alternating, each round from the same start
             L.seed_everything(seed + r, verbose=False)
@@ -406,6 +410,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument(
         "--clustpy-fused-adam", action="store_true", help="give ClustPy's loop torch's fused Adam, as ours has"
     )
+    parser.add_argument(
+        "--dec-target",
+        choices=["dataset", "batch"],
+        default="dataset",
+        help="DEC / IDEC on our side: the papers' target over all samples, or ClustPy's per-batch one",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "vs_clustpy.csv")
     args = parser.parse_args(argv)
     if args.n < 256 or args.epochs < 1 or args.repeats < 1:
@@ -424,6 +434,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 cp, method, args.init, x, y, epochs=args.epochs, repeats=args.repeats, precisions=args.precisions,
                 seed=args.seed, kmeans_n_init=args.kmeans_n_init, pretrain_epochs=args.pretrain_epochs,
                 folder=Path(tmp), ae_file=args.pretrained_ae, clustpy_fused_adam=args.clustpy_fused_adam,
+                dec_target=args.dec_target,
             )  # fmt: skip
 
     write_rows(rows, COLUMNS, args.out)

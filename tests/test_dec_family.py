@@ -138,6 +138,7 @@ def ari(model, dm) -> float:
     ("name", "init", "kwargs"),
     [
         ("dec", "pretrained", {}),
+        ("dec", "pretrained", {"target": "batch", "tol": None}),
         ("idec", "pretrained", {}),
         ("dcn", "pretrained", {}),
         ("dkm", "pretrained", {"lam": 1.0, "alpha": 1000.0}),
@@ -173,6 +174,29 @@ def test_dec_trains_without_its_decoder_and_idec_with_it(name, tmp_path):
     assert all(same) == (name == "dec")
     assert model.target_p.shape == (600, 4)
     torch.testing.assert_close(model.target_p.sum(1), torch.ones(600))
+
+
+@pytest.mark.parametrize("name", ["dec", "idec"])
+def test_batch_target_is_each_batchs_own_target_distribution(name, tmp_path):
+    """``target: batch`` (ClustPy's variant): L_c of a batch against P = Eq. 3 of the batch's own
+    Q, with P outside the gradient; no full-data refresh runs without ``tol``."""
+    dm = blobs()
+    model = small(name, tmp_path, target="batch", tol=None)
+    fit(model, dm, epochs=7)  # 5 pretraining + 2 clustering epochs
+    assert torch.count_nonzero(model.target_p) == 0  # never refreshed
+    x = dm.features("eval")[:50]
+    z = model.encode(x).detach().requires_grad_(True)
+    q = student_t_assign(z.detach(), model.mu.detach(), 1.0).numpy().astype(np.float64)
+    p = q**2 / q.sum(0)
+    p /= p.sum(1, keepdims=True)
+    expected = float((p * np.log(p / q)).sum())
+    got = model.kl_loss(z, None)
+    assert float(got) == pytest.approx(expected, rel=1e-4)
+    (grad,) = torch.autograd.grad(got, z)
+    fixed = model.kl_loss(z, torch.as_tensor(p, dtype=torch.float32))  # the same P as a constant
+    torch.testing.assert_close(grad, torch.autograd.grad(fixed, z)[0])
+    with pytest.raises(ProtosError, match="target must be 'dataset' or 'batch'"):
+        small(name, tmp_path, target="sample")
 
 
 @pytest.mark.parametrize("name", ["dec", "idec"])

@@ -101,3 +101,19 @@ def test_pretrained_ae_needs_the_pretrained_init(tmp_path, capsys):
     with pytest.raises(SystemExit):
         vs_clustpy.main(["--data", "random", "--n", "300", "--pretrained-ae", str(tmp_path / "x.pt")])
     assert "--pretrained-ae needs --init pretrained" in capsys.readouterr().err
+
+
+def test_dec_can_run_clustpys_batch_target_on_our_side(tmp_path, monkeypatch):
+    built = []
+    build = vs_clustpy.build_method
+
+    def recorded(args, **overrides):
+        built.append(args)
+        return build(args, **overrides)
+
+    monkeypatch.setattr(vs_clustpy, "build_method", recorded)
+    argv = ["--methods", "dec", "--n", "300", "--epochs", "1", "--repeats", "1", "--data", "random"]
+    options = ["--precisions", "32-true", "--kmeans-n-init", "1", "--dec-target", "batch"]
+    rows = vs_clustpy.main([*argv, *options, "--out", str(tmp_path / "v.csv")])
+    assert [r["side"] for r in rows] == ["clustpy", "protos-batch-target"]
+    assert {(a.get("target"), a.get("tol")) for a in built} == {("batch", None)}

@@ -9,6 +9,8 @@ random init (DEC^r, IDEC^r, AE-CM paper Table 5): no pretraining; then, for both
         p_ij = (q_ij^2 / f_j) / sum_j' (q_ij'^2 / f_j'),  f_j = sum_i q_ij                (Eq. 3)
      stored in the buffer ``target_p`` (N, K); stop once fewer than ``tol`` of the hard
      assignments argmax_j q_ij changed since the previous refresh
+     (``target: batch``, ClustPy's variant: no stored P; each batch's P comes from its own Q by
+     Eq. 3, detached, so the target follows the model at every step)
   3. each batch takes its targets by sample index and minimises
         DEC:  L = L_c = KL(P || Q) = sum_i sum_j p_ij log(p_ij / q_ij)                     (Eq. 2)
               on the encoder and the centroids; the decoder is not used
@@ -28,6 +30,9 @@ Choices where the papers are silent or differ (METHODS 2 and 3.5, REFERENCE_CODE
   gradients of L_c (REFERENCE_CODE 5; on USPS it is worth ~2.5 ARI points to DEC^p).
 - ``tol`` defaults to the DEC paper's 0.1%; the AE-CM authors' code has no stop (``tol: null``).
 - The centroids are parameters trained by gradient (DDP averages their gradients), not buffers.
+- ``target: batch`` is not in either paper: it is what ClustPy's DEC and IDEC do (f_j summed
+  over the batch), kept so that `benchmarks/vs_clustpy.py` can time the same algorithm on both
+  sides. The refreshes of step 2 then run only for ``tol``'s stopping test.
 """
 
 from __future__ import annotations
@@ -55,6 +60,8 @@ class DEC(AutoencoderMethod):
         hidden: encoder widths (decoder mirrored): d-500-500-2000-p.
         update_interval: iterations between refreshes of the target distribution (Table 14:
             MNIST 140, USPS 30, Pendigits 20).
+        target: ``dataset`` (the papers': P from Q over all samples at each refresh) or
+            ``batch`` (ClustPy's: P from each batch's own Q, every step).
         tol: stop when the share of changed assignments between two refreshes falls below it
             (DEC paper: 0.001); ``None`` never stops early (the AE-CM authors' code).
         dof: degrees of freedom a of the Student's t kernel (1).
@@ -78,6 +85,7 @@ class DEC(AutoencoderMethod):
         latent_dim: int = 10,
         hidden: Sequence[int] = (500, 500, 2000),
         update_interval: int = 140,
+        target: Literal["dataset", "batch"] = "dataset",
         tol: float | None = 0.001,
         dof: float = 1.0,
         lr: float = 1e-3,
@@ -91,6 +99,8 @@ class DEC(AutoencoderMethod):
     ) -> None:
         if update_interval < 1:
             raise ProtosError(f"update_interval must be >= 1, got {update_interval}")
+        if target not in ("dataset", "batch"):
+            raise ProtosError(f"target must be 'dataset' or 'batch', got {target!r}")
         if tol is not None and not 0 <= tol < 1:
             raise ProtosError(f"tol must be in [0, 1) or null, got {tol}")
         if not dof > 0:
@@ -153,7 +163,8 @@ class DEC(AutoencoderMethod):
     def refresh_target(self, iteration: int) -> bool:
         """Step 2: P from Q over the whole training set (Eq. 3); ``True`` when ``tol`` stops training."""
         q = self._soft_assign(encode_all(self.encode, self.fit_data()))
-        self.target_p.copy_(target_distribution(q))
+        if self.hparams.target == "dataset":
+            self.target_p.copy_(target_distribution(q))
         labels = q.argmax(dim=1)
         delta = float((labels != self.assignments).float().mean())
         self.assignments.copy_(labels)
@@ -167,21 +178,28 @@ class DEC(AutoencoderMethod):
         rank_zero_info(f"{type(self).__name__} stops: {self.stop_reason}")
         return True
 
-    def kl_loss(self, z: Tensor, p: Tensor) -> Tensor:
-        """L_c = KL(P || Q) (Eq. 2) of codes ``z`` ``(B, p)`` against their targets ``p`` ``(B, K)``."""
+    def kl_loss(self, z: Tensor, p: Tensor | None) -> Tensor:
+        """L_c = KL(P || Q) (Eq. 2) of codes ``z`` ``(B, p)`` against their targets ``p`` ``(B, K)``;
+        ``None``: P from the batch's own Q (Eq. 3, ``target: batch``), outside the gradient."""
         with self.full_precision():
             log_q = torch.log_softmax(student_t_logits(z.float(), self.mu.float(), self.hparams.dof), dim=-1)
+            if p is None:
+                p = target_distribution(log_q.detach().exp())
             return kl_clustering_loss(p, log_q)
 
-    def clustering_terms(self, x: Tensor, p: Tensor) -> dict[str, Tensor]:
-        """The loss terms on a batch ``x`` ``(B, d)`` with targets ``p`` ``(B, K)``; DEC: L_c only."""
+    def clustering_terms(self, x: Tensor, p: Tensor | None) -> dict[str, Tensor]:
+        """The loss terms on a batch ``x`` ``(B, d)`` with targets ``p`` ``(B, K)`` (``None``: the
+        batch's own, ``target: batch``); DEC: L_c only."""
         return {"L_c": self.kl_loss(self.encode(x), p)}
 
     def clustering_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         iteration = self.cluster_iteration(batch_idx)
-        if iteration % self.hparams.update_interval == 0 and self.refresh_target(iteration):
+        per_dataset = self.hparams.target == "dataset"
+        refresh = per_dataset or self.hparams.tol is not None  # ``target: batch`` refreshes only for tol
+        if refresh and iteration % self.hparams.update_interval == 0 and self.refresh_target(iteration):
             return  # step 2 stopped training (tol)
-        terms = self.clustering_terms(self.flat(batch["x"]), self.target_p[batch["index"]])  # step 3
+        p = self.target_p[batch["index"]] if per_dataset else None
+        terms = self.clustering_terms(self.flat(batch["x"]), p)  # step 3
         self.optimize(self.check_and_log(terms), self.optimizers()[1])
 
     def on_train_epoch_end(self) -> None:
@@ -207,7 +225,7 @@ class IDEC(DEC):
         """IDEC trains the whole autoencoder and the centroids."""
         return [*self.ae.parameters(), self.mu]
 
-    def clustering_terms(self, x: Tensor, p: Tensor) -> dict[str, Tensor]:
+    def clustering_terms(self, x: Tensor, p: Tensor | None) -> dict[str, Tensor]:
         z, x_rec = self.autoencode(x)
         with self.full_precision():
             l_r = reconstruction_loss(x.float(), x_rec.float())
