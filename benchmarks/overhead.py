@@ -65,6 +65,7 @@ from torch import Tensor
 
 from lightning_protos.cli import ProtosCLI
 from lightning_protos.data import MNIST
+from lightning_protos.hardware import cpu_has_native_bf16
 from lightning_protos.methods.base import adam
 from lightning_protos.nets import ClusteringModule, MLPAutoencoder
 from lightning_protos.ops import aecm_terms, cm_terms
@@ -341,12 +342,15 @@ def sync() -> None:
 
 
 def device_label(device: torch.device) -> str:
-    """``cpu-2core``, ``h100``, ``a6000``, ... as in benchmarks/results (RESULTS.md)."""
+    """``h100``, ``a6000``, ... or the CPU's cores, vector extension and bf16 hardware:
+    ``cpu-2core-avx512-bf16``, ``cpu-2core-avx2`` (RESULTS.md). Rows before 2026-12-06 say
+    ``cpu-2core``: the AVX-512 BF16 box."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         m = re.search(r"\b([A-Z]+\d{2,4})\b", name)
         return (m.group(1) if m else name).lower().replace(" ", "-")
-    return f"cpu-{os.cpu_count()}core"
+    bf16 = "-bf16" if cpu_has_native_bf16() else ""
+    return f"cpu-{os.cpu_count()}core-{torch.backends.cpu.get_cpu_capability().lower()}{bf16}"
 
 
 def run_case(case, x_u8, precisions, repeats, max_batches, device, accelerator, tmp: Path, steps_per_batch=1):

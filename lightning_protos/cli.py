@@ -19,12 +19,14 @@ import torch
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_warn
 
 from .data import DATASETS, ArrayDataModule
 from .errors import ProtosError
 from .eval.callbacks import AssignmentWriter, ClusteringEvaluator, run_dir
 from .eval.images import InspectionImages
 from .eval.probes import ProbeEvaluator
+from .hardware import check_cpu_bf16, check_cuda_arch, cpu_has_native_bf16
 from .methods.base import ClusteringMethod
 
 
@@ -84,6 +86,15 @@ class ProtosCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else None
+        if config is not None:
+            trainer = config.get("trainer") or {}
+            accelerator = str(trainer.get("accelerator") or "auto")
+            on_cpu = accelerator == "cpu" or (
+                accelerator == "auto" and not torch.cuda.is_available() and not torch.backends.mps.is_available()
+            )
+            problem = check_cpu_bf16(trainer.get("precision"), on_cpu, cpu_has_native_bf16())
+            if problem:
+                rank_zero_warn(problem)
         if self.subcommand == "fit" and config is not None and config.get("ckpt_path") == "last":
             continue_last_run(config)
 
@@ -132,28 +143,6 @@ def continue_last_run(config) -> None:
     init_args.version = last.parents[1].name
     config.ckpt_path = str(last)
     print(f"continuing {last.parents[1]} from {last.name}", file=sys.stderr)
-
-
-def check_cuda_arch(capability: tuple[int, int], arch_list: list[str]) -> str | None:
-    """``None`` if a kernel image for a GPU of this compute capability is in ``arch_list``
-    (``sm_XY`` binaries run on the same major version with minor >= Y; ``compute_XY`` PTX
-    JIT-compiles for any newer GPU), else a one-line fix."""
-    major, minor = capability
-    for arch in arch_list:
-        kind, _, num = arch.partition("_")
-        if not num.isdigit():
-            continue
-        a_major, a_minor = int(num[:-1]), int(num[-1])
-        if kind == "sm" and a_major == major and a_minor <= minor:
-            return None
-        if kind == "compute" and (a_major, a_minor) <= (major, minor):
-            return None
-    cuda = torch.version.cuda or "?"
-    return (
-        f"this PyTorch (CUDA {cuda}) has no kernels for the GPU's compute capability sm_{major}{minor} "
-        f"(built for {' '.join(arch_list)}); install a build that has them, e.g. rebuild the "
-        "Docker image with --build-arg TORCH_CUDA=cu126 for V100 (sm_70)"
-    )
 
 
 # Lines of jsonargparse's nested union-type report that say nothing about the mistake.

@@ -452,6 +452,17 @@ def test_only_runs_the_matching_cells_and_rejects_a_glob_that_matches_none(tmp_p
     assert "no cell of" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_bench_warns_of_bf16_overrides_on_a_cpu_without_bf16_hardware(tmp_path, capsys, monkeypatch, native):
+    import lightning_protos.bench.runner as runner
+
+    monkeypatch.setattr(runner, "cpu_has_native_bf16", lambda: native)
+    table = str(write_table(tmp_path, overrides={"trainer.max_epochs": 1, "trainer.precision": "bf16-mixed"}))
+    assert main(["bench", "--config", table, "--root", str(tmp_path / "runs"), "--dry-run"], FakeLaunch()) == 0
+    warned = "[bench] warning: precision bf16-mixed on a CPU without bf16 hardware" in capsys.readouterr().err
+    assert warned == (not native)
+
+
 def test_report_of_probe_and_mse_columns_picks_its_best_run_and_formats_errors(tmp_path):
     from lightning_protos.bench.report import write_report
 

@@ -6,13 +6,15 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 from conftest import ROOT
 
 from lightning_protos import cli
-from lightning_protos.cli import check_cuda_arch, main
+from lightning_protos.cli import main
+from lightning_protos.hardware import check_cpu_bf16, check_cuda_arch
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
@@ -183,6 +185,38 @@ def test_main_stops_on_a_gpu_without_kernels(monkeypatch, capsys):
     code, _, err = run_main(["fit", "--config", str(ROOT / "configs" / "cm_digits.yaml")], capsys)
     assert code == 1
     assert "sm_70" in protos_error(err)
+
+
+@pytest.mark.parametrize(
+    ("precision", "on_cpu", "native", "warns"),
+    [
+        ("bf16-mixed", True, False, True),
+        ("bf16-true", True, False, True),
+        ("bf16-mixed", True, True, False),  # AVX-512 BF16 / AMX: the fast path
+        ("bf16-mixed", False, False, False),  # a GPU
+        ("32-true", True, False, False),
+        (32, True, False, False),
+        (None, True, False, False),
+    ],
+)
+def test_bf16_on_a_cpu_without_bf16_hardware_is_warned(precision, on_cpu, native, warns):
+    problem = check_cpu_bf16(precision, on_cpu, native)
+    assert (problem is not None) == warns
+    if warns:
+        assert "\n" not in problem
+        assert "--trainer.precision 32-true" in problem
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_fit_warns_of_emulated_bf16_before_training(tmp_path, capsys, monkeypatch, native):
+    monkeypatch.setattr(cli, "cpu_has_native_bf16", lambda: native)
+    args = ["fit", *digits(tmp_path, "--trainer.max_epochs", "1", "--trainer.precision", "bf16-mixed")]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, _, err = run_main(args, capsys)
+    assert code == 0, err
+    emulated = [w for w in caught if "CPU without bf16 hardware" in str(w.message)]
+    assert len(emulated) == (0 if native else 1)
 
 
 def test_one_line_keeps_the_informative_lines():

@@ -32,6 +32,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from ..hardware import check_cpu_bf16, cpu_has_native_bf16
 from .report import write_curves, write_report
 from .spec import Bench, BenchError, Cell, check_cells, load_bench, row_key
 
@@ -328,6 +329,13 @@ def report(bench: Bench) -> dict[str, Path]:
     return written
 
 
+def bf16_on_this_cpu(cells: list[Cell]) -> str | None:
+    """The CLI's warning where the cells' overrides ask for bf16 on a CPU without bf16 hardware."""
+    precisions = [o.partition("=")[2] for c in cells for o in c.overrides if o.startswith("--trainer.precision=")]
+    bf16 = next((p for p in precisions if p.startswith("bf16")), None)
+    return check_cpu_bf16(bf16, on_cpu=True, native=cpu_has_native_bf16()) if bf16 else None
+
+
 def _parser(command: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=f"protos {command}",
@@ -379,6 +387,8 @@ def main(argv: list[str] | None = None, launch: Launch | None = None) -> int:
     except BenchError as err:
         print(f"protos {command}: error: {err}", file=sys.stderr)
         return 2
+    if not gpus and (problem := bf16_on_this_cpu(cells)):
+        print(f"[bench] warning: {problem} (in the table's overrides)", file=sys.stderr, flush=True)
     todo = runner.pending(cells)
     print(
         f"[bench] {bench.name}: {len(cells)} cells, {len(cells) - len(todo)} in "
