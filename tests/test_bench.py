@@ -463,6 +463,32 @@ def test_bench_warns_of_bf16_overrides_on_a_cpu_without_bf16_hardware(tmp_path, 
     assert warned == (not native)
 
 
+def test_set_overrides_every_lightning_cell_and_is_noted_in_its_rows(tmp_path, capsys, monkeypatch):
+    import lightning_protos.bench.runner as runner
+
+    monkeypatch.setattr(runner, "cpu_has_native_bf16", lambda: False)
+    table = str(write_table(tmp_path, overrides={"trainer.max_epochs": 1, "trainer.precision": "bf16-mixed"}))
+    launch = FakeLaunch(fail=("cm_digits_seed1",))
+    argv = ["bench", "--config", table, "--root", str(tmp_path / "runs"), "--set", "trainer.precision=32-true"]
+    assert main([*argv, "--set", "trainer.max_epochs=2"], launch) == 1  # one cell failed
+    out, err = capsys.readouterr()
+    assert "warning" not in err  # --set replaced the table's bf16
+    for name, command in launch.calls:
+        if name.startswith("cm_"):
+            i = command.index("--trainer.precision=bf16-mixed")
+            assert command[i + 1 : i + 3] == ["--trainer.precision=32-true", "--trainer.max_epochs=2"]
+        else:  # scikit-learn references take no trainer keys
+            assert not any("trainer" in a for a in command)
+    with open(tmp_path / "results" / "t.csv", newline="") as f:
+        notes = {(r["method"], r["seed"]): r["note"] for r in csv.DictReader(f)}
+    set_note = "set trainer.precision=32-true trainer.max_epochs=2"
+    assert notes[("cm", "0")] == set_note
+    assert notes[("cm", "1")] == f"{set_note}; exit 1: RuntimeError: boom"
+    assert out.count("failed in") == 1  # only the failed cell, not the noted ones
+    assert main(["bench", "--config", table, "--set", "precision"], launch) == 2
+    assert "--set takes KEY=VALUE" in capsys.readouterr().err
+
+
 def test_report_of_probe_and_mse_columns_picks_its_best_run_and_formats_errors(tmp_path):
     from lightning_protos.bench.report import write_report
 

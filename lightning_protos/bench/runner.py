@@ -9,7 +9,10 @@ run directory ``<root>/<name>/<cell>/`` with its output in ``log.txt``, and adds
 results CSV when it ends. Running the command again skips cells that have a row, writes the row
 of a cell that finished without one, and resumes a cell that has ``checkpoints/last.ckpt`` but
 no final metrics. A failed cell is a row with empty metrics and the last line of its log in
-``note``. ``seconds`` adds up the wall time of every process a cell ran (``bench.json``).
+``note``. ``--set KEY=VALUE`` overrides a key of every Lightning cell after the table's own
+overrides (``--set trainer.precision=32-true`` on a CPU without bf16 hardware) and is written
+into the ``note`` of the rows it produces. ``seconds`` adds up the wall time of every process
+a cell ran (``bench.json``).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import contextmanager
+from dataclasses import replace
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -174,18 +178,22 @@ class Subprocesses:
 
 
 class Outcome(NamedTuple):
-    """A cell's row (``None`` if stopped), whether a process ran, and the seconds it took."""
+    """A cell's row (``None`` if stopped), whether a process ran, the seconds it took, and
+    whether it failed."""
 
     row: dict[str, str] | None
     ran: bool
     seconds: float
+    failed: bool = False
 
 
 class Runner:
     """Runs a table's cells that have no row yet, ``jobs`` at a time, appending their rows."""
 
-    def __init__(self, bench: Bench, launch: Launch, jobs: int = 1, gpus: list[str] | None = None) -> None:
-        self.bench, self.launch, self.jobs = bench, launch, jobs
+    def __init__(
+        self, bench: Bench, launch: Launch, jobs: int = 1, gpus: list[str] | None = None, note: str = ""
+    ) -> None:
+        self.bench, self.launch, self.jobs, self.note = bench, launch, jobs, note  # note: of every row written
         self.files = {path: ResultsFile(path, columns) for path, columns in bench.results_files().items()}
         self.results = self.files.get(bench.results) or ResultsFile(bench.results, bench.columns)
         self.stop = threading.Event()
@@ -231,9 +239,10 @@ class Runner:
                 return Outcome(None, ran, time.monotonic() - start)
             if metrics is None:
                 note = f"exit {code}: {last_line(run_dir / LOG)}" if code else "no final test metrics"
+        note = "; ".join(n for n in (self.note, note) if n)
         row = make_row(cell.fields(), list(cell.columns), metrics, _times(run_dir)["seconds"] or None, note)
         self.files[cell.results].append(row)
-        return Outcome(row, ran, time.monotonic() - start)
+        return Outcome(row, ran, time.monotonic() - start, metrics is None)
 
     @contextmanager
     def _device(self) -> Iterator[dict[str, str]]:
@@ -262,10 +271,10 @@ class Runner:
                 while pending:  # wakes every second, so that a signal is handled promptly
                     done, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
                     for future in done:
-                        row, ran, seconds = future.result()
+                        row, ran, seconds, failed = future.result()
                         if row is None:
                             continue
-                        i, failed = i + 1, bool(row["note"])
+                        i = i + 1
                         n_failed += failed
                         spent += [seconds] if ran else []
                         left = (n - i) * sum(spent) / len(spent) / self.jobs if spent else 0.0
@@ -331,9 +340,23 @@ def report(bench: Bench) -> dict[str, Path]:
 
 def bf16_on_this_cpu(cells: list[Cell]) -> str | None:
     """The CLI's warning where the cells' overrides ask for bf16 on a CPU without bf16 hardware."""
-    precisions = [o.partition("=")[2] for c in cells for o in c.overrides if o.startswith("--trainer.precision=")]
-    bf16 = next((p for p in precisions if p.startswith("bf16")), None)
-    return check_cpu_bf16(bf16, on_cpu=True, native=cpu_has_native_bf16()) if bf16 else None
+    for cell in cells:
+        precision = [o.partition("=")[2] for o in cell.overrides if o.startswith("--trainer.precision=")][-1:]
+        if precision and (problem := check_cpu_bf16(precision[0], on_cpu=True, native=cpu_has_native_bf16())):
+            return problem
+    return None
+
+
+def with_sets(cells: list[Cell], sets: list[str]) -> list[Cell]:
+    """The cells with ``KEY=VALUE`` overrides after their own (Lightning cells only)."""
+    for item in sets:
+        key, eq, _ = item.partition("=")
+        if not eq or not key or key.startswith("-"):
+            raise BenchError(
+                f"--set takes KEY=VALUE with a dotted CLI key, e.g. trainer.precision=32-true; got {item!r}"
+            )
+    extra = tuple(f"--{item}" for item in sets)
+    return [c if c.reference is not None else replace(c, overrides=(*c.overrides, *extra)) for c in cells]
 
 
 def _parser(command: str) -> argparse.ArgumentParser:
@@ -350,6 +373,13 @@ def _parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument("--root", type=Path, help="parent of the run directories (default bench_runs)")
         parser.add_argument("--report", action="store_true", help="write the tables when the cells are done")
         parser.add_argument("--dry-run", action="store_true", help="check the table and list what would run")
+        parser.add_argument(
+            "--set",
+            action="append",
+            metavar="KEY=VALUE",
+            help="override a dotted key of every cell after the table's overrides, e.g. trainer.precision=32-true; "
+            "noted in the rows it writes (repeatable)",
+        )
         parser.add_argument(
             "--only",
             action="append",
@@ -382,13 +412,15 @@ def main(argv: list[str] | None = None, launch: Launch | None = None) -> int:
         cells = [c for c in bench.cells() if not args.only or any(fnmatch(c.name, g) for g in args.only)]
         if not cells:
             raise BenchError(f"no cell of {bench.name} matches --only {' '.join(args.only)}")
-        runner = Runner(bench, launch or Subprocesses(), jobs, gpus)
+        cells = with_sets(cells, args.set or [])
+        note = f"set {' '.join(args.set)}" if args.set else ""
+        runner = Runner(bench, launch or Subprocesses(), jobs, gpus, note)
         check_cells(cells)
     except BenchError as err:
         print(f"protos {command}: error: {err}", file=sys.stderr)
         return 2
     if not gpus and (problem := bf16_on_this_cpu(cells)):
-        print(f"[bench] warning: {problem} (in the table's overrides)", file=sys.stderr, flush=True)
+        print(f"[bench] warning: {problem} (or --set trainer.precision=32-true)", file=sys.stderr, flush=True)
     todo = runner.pending(cells)
     print(
         f"[bench] {bench.name}: {len(cells)} cells, {len(cells) - len(todo)} in "
