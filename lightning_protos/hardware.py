@@ -3,6 +3,8 @@ this PyTorch build has no kernels for, and bf16 autocast asked of a CPU without 
 
 from __future__ import annotations
 
+import platform
+
 import torch
 
 
@@ -29,11 +31,17 @@ def check_cuda_arch(capability: tuple[int, int], arch_list: list[str]) -> str | 
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 in hardware (AVX-512 BF16 or AMX on x86, as oneDNN
-    reports it); without, bf16 autocast on the CPU is emulated."""
+    """Whether this CPU computes bf16 in hardware: AVX-512 BF16 or AMX on x86 (torch's own CPU
+    feature checks), bf16 instructions on ARM (as oneDNN reports them). Plain AVX-512 does not
+    count: oneDNN then converts to float32 and back around each op, as it does on AVX2."""
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):  # a build without oneDNN
+            return False
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a build without oneDNN: no fast bf16 path either
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch without these private checks: assume emulation
         return False
 
 

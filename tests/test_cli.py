@@ -12,9 +12,9 @@ import pytest
 import torch
 from conftest import ROOT
 
-from lightning_protos import cli
+from lightning_protos import cli, hardware
 from lightning_protos.cli import main
-from lightning_protos.hardware import check_cpu_bf16, check_cuda_arch
+from lightning_protos.hardware import check_cpu_bf16, check_cuda_arch, cpu_has_native_bf16
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
@@ -205,6 +205,17 @@ def test_bf16_on_a_cpu_without_bf16_hardware_is_warned(precision, on_cpu, native
     if warns:
         assert "\n" not in problem
         assert "--trainer.precision 32-true" in problem
+
+
+@pytest.mark.parametrize(
+    ("avx512_bf16", "amx", "native"), [(False, False, False), (True, False, True), (False, True, True)]
+)
+def test_native_bf16_means_avx512_bf16_or_amx_on_x86(monkeypatch, avx512_bf16, amx, native):
+    monkeypatch.setattr(hardware.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda: True)  # plain AVX-512 is not enough
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert cpu_has_native_bf16() is native
 
 
 @pytest.mark.parametrize("native", [False, True])

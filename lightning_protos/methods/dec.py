@@ -31,8 +31,9 @@ Choices where the papers are silent or differ (METHODS 2 and 3.5, REFERENCE_CODE
 - ``tol`` defaults to the DEC paper's 0.1%; the AE-CM authors' code has no stop (``tol: null``).
 - The centroids are parameters trained by gradient (DDP averages their gradients), not buffers.
 - ``target: batch`` is not in either paper: it is what ClustPy's DEC and IDEC do (f_j summed
-  over the batch; under DDP over each rank's part of it), kept so that `benchmarks/vs_clustpy.py` can time the same algorithm on both
-  sides. The refreshes of step 2 then run only for ``tol``'s stopping test.
+  over the batch; under DDP over each rank's part of it), kept so that
+  `benchmarks/vs_clustpy.py` can time the same algorithm on both sides. The refreshes of step 2
+  then run only for ``tol``'s stopping test.
 """
 
 from __future__ import annotations
