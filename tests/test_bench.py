@@ -468,7 +468,10 @@ def test_set_overrides_every_lightning_cell_and_is_noted_in_its_rows(tmp_path, c
 
     monkeypatch.setattr(runner, "cpu_has_native_bf16", lambda: False)
     table = str(write_table(tmp_path, overrides={"trainer.max_epochs": 1, "trainer.precision": "bf16-mixed"}))
-    launch = FakeLaunch(fail=("cm_digits_seed1",))
+    launch = FakeLaunch(fail=("kmeans-random_digits_seed0",))
+    finished = tmp_path / "runs" / "t" / "cm_digits_seed1"  # trained before, its row not written
+    finished.mkdir(parents=True)
+    (finished / "metrics.json").write_text(json.dumps({"test": {"acc": 0.5, "nmi": 0.4, "ari": 0.3}}))
     argv = ["bench", "--config", table, "--root", str(tmp_path / "runs"), "--set", "trainer.precision=32-true"]
     assert main([*argv, "--set", "trainer.max_epochs=2"], launch) == 1  # one cell failed
     out, err = capsys.readouterr()
@@ -483,7 +486,10 @@ def test_set_overrides_every_lightning_cell_and_is_noted_in_its_rows(tmp_path, c
         notes = {(r["method"], r["seed"]): r["note"] for r in csv.DictReader(f)}
     set_note = "set trainer.precision=32-true trainer.max_epochs=2"
     assert notes[("cm", "0")] == set_note
-    assert notes[("cm", "1")] == f"{set_note}; exit 1: RuntimeError: boom"
+    assert notes[("cm", "1")] == ""  # not trained under --set
+    assert notes[("kmeans", "0")] == "exit 1: RuntimeError: boom"  # references take no --set
+    assert notes[("kmeans", "1")] == ""
+    assert "cm_digits_seed1" not in names(launch)
     assert out.count("failed in") == 1  # only the failed cell, not the noted ones
     assert main(["bench", "--config", table, "--set", "precision"], launch) == 2
     assert "--set takes KEY=VALUE" in capsys.readouterr().err

@@ -11,7 +11,7 @@ of a cell that finished without one, and resumes a cell that has ``checkpoints/l
 no final metrics. A failed cell is a row with empty metrics and the last line of its log in
 ``note``. ``--set KEY=VALUE`` overrides a key of every Lightning cell after the table's own
 overrides (``--set trainer.precision=32-true`` on a CPU without bf16 hardware) and is written
-into the ``note`` of the rows it produces. ``seconds`` adds up the wall time of every process
+into the ``note`` of the rows of the Lightning cells it trained. ``seconds`` adds up the wall time of every process
 a cell ran (``bench.json``).
 """
 
@@ -239,7 +239,8 @@ class Runner:
                 return Outcome(None, ran, time.monotonic() - start)
             if metrics is None:
                 note = f"exit {code}: {last_line(run_dir / LOG)}" if code else "no final test metrics"
-        note = "; ".join(n for n in (self.note, note) if n)
+        ours = self.note if ran and cell.reference is None else ""  # what --set changed, where it did
+        note = "; ".join(n for n in (ours, note) if n)
         row = make_row(cell.fields(), list(cell.columns), metrics, _times(run_dir)["seconds"] or None, note)
         self.files[cell.results].append(row)
         return Outcome(row, ran, time.monotonic() - start, metrics is None)
