@@ -341,9 +341,10 @@ def report(bench: Bench) -> dict[str, Path]:
 
 def bf16_on_this_cpu(cells: list[Cell]) -> str | None:
     """The CLI's warning where the cells' overrides ask for bf16 on a CPU without bf16 hardware."""
+    native = cpu_has_native_bf16()  # once, not per cell
     for cell in cells:
-        precision = [o.partition("=")[2] for o in cell.overrides if o.startswith("--trainer.precision=")][-1:]
-        if precision and (problem := check_cpu_bf16(precision[0], on_cpu=True, native=cpu_has_native_bf16())):
+        precisions = [o.partition("=")[2] for o in cell.overrides if o.startswith("--trainer.precision=")]
+        if precisions and (problem := check_cpu_bf16(precisions[-1], on_cpu=True, native=native)):
             return problem
     return None
 
