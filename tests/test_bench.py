@@ -255,6 +255,31 @@ def test_gpus_give_each_running_cell_its_own_device(tmp_path):
     assert len(seen) == 6
 
 
+@pytest.mark.parametrize(
+    ("cores", "jobs", "user", "expected"),
+    [(8, 2, None, "4"), (1, 3, None, "1"), (8, 2, "2", "2"), (8, 1, None, None)],
+    ids=["equal-share", "at-least-one", "user-setting-stands", "one-job-torch-default"],
+)
+def test_cpu_cells_run_at_once_share_the_cores(tmp_path, monkeypatch, cores, jobs, user, expected):
+    bench = load_bench(
+        write_table(tmp_path, methods=[{"method": "cm", "config": str(ROOT / "configs" / "cm_{dataset}.yaml")}]),
+        root=tmp_path / "runs",
+    )
+    fake, threads = FakeLaunch(), []
+
+    def launch(cell: Cell, command: list[str], log: Path, env: dict[str, str]) -> int:
+        threads.append(env.get("OMP_NUM_THREADS"))
+        return fake(cell, command, log, env)
+
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    if user is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", user)
+    assert Runner(bench, launch, jobs=jobs).run(bench.cells()) == 0
+    assert threads == [expected, expected]
+
+
 # -- bad input ----------------------------------------------------------------------------
 
 

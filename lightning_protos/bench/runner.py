@@ -248,9 +248,14 @@ class Runner:
     @contextmanager
     def _device(self) -> Iterator[dict[str, str]]:
         """The child's environment (unbuffered output, so that ``log.txt`` is live); with
-        ``gpus``, one free GPU as ``CUDA_VISIBLE_DEVICES``."""
+        ``gpus``, one free GPU as ``CUDA_VISIBLE_DEVICES``; without, and with ``jobs`` > 1, an
+        equal share of the CPU cores as ``OMP_NUM_THREADS`` unless the user set it (torch would
+        otherwise give each of the cells every core, and they would fight over them)."""
         if self._gpus is None:
-            yield {**os.environ, "PYTHONUNBUFFERED": "1"}
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            if self.jobs > 1 and "OMP_NUM_THREADS" not in env:
+                env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.jobs))
+            yield env
             return
         gpu = self._gpus.get()
         try:
@@ -370,7 +375,11 @@ def _parser(command: str) -> argparse.ArgumentParser:
     parser.add_argument("--config", required=True, type=Path, help="bench table, e.g. configs/bench/smoke.yaml")
     parser.add_argument("--results", type=Path, help="results CSV instead of the table's `results`")
     if command == "bench":
-        parser.add_argument("--jobs", type=int, help="cells run at once (default 1, or one per --gpus entry)")
+        parser.add_argument(
+            "--jobs",
+            type=int,
+            help="cells run at once (default 1, or one per --gpus entry); on CPU each gets its share of the cores",
+        )
         parser.add_argument("--gpus", help="comma-separated GPU ids: each cell gets one free GPU")
         parser.add_argument("--root", type=Path, help="parent of the run directories (default bench_runs)")
         parser.add_argument("--report", action="store_true", help="write the tables when the cells are done")
