@@ -65,7 +65,7 @@ from torch import Tensor
 
 from lightning_protos.cli import ProtosCLI
 from lightning_protos.data import MNIST
-from lightning_protos.hardware import cpu_has_native_bf16
+from lightning_protos.hardware import cpu_has_native_bf16, usable_cores
 from lightning_protos.methods.base import adam
 from lightning_protos.nets import ClusteringModule, MLPAutoencoder
 from lightning_protos.ops import aecm_terms, cm_terms
@@ -350,7 +350,7 @@ def device_label(device: torch.device) -> str:
         m = re.search(r"\b([A-Z]+\d{2,4})\b", name)
         return (m.group(1) if m else name).lower().replace(" ", "-")
     bf16 = "-bf16" if cpu_has_native_bf16() else ""
-    return f"cpu-{os.cpu_count()}core-{torch.backends.cpu.get_cpu_capability().lower()}{bf16}"
+    return f"cpu-{usable_cores()}core-{torch.backends.cpu.get_cpu_capability().lower()}{bf16}"
 
 
 def run_case(case, x_u8, precisions, repeats, max_batches, device, accelerator, tmp: Path, steps_per_batch=1):

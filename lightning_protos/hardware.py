@@ -1,8 +1,10 @@
 """Checks of the machine a run is about to use, each a one-line message or ``None``: a GPU that
-this PyTorch build has no kernels for, and bf16 autocast asked of a CPU without bf16 hardware."""
+this PyTorch build has no kernels for, and bf16 autocast asked of a CPU without bf16 hardware;
+and the CPU cores this process may use."""
 
 from __future__ import annotations
 
+import os
 import platform
 
 import torch
@@ -56,3 +58,12 @@ def check_cpu_bf16(precision: object, on_cpu: bool, native: bool) -> str | None:
         f"precision {precision} on a CPU without bf16 hardware (no AVX-512 BF16 or AMX): autocast is "
         "emulated (~13x slower than 32-true on an AVX2 CPU); pass --trainer.precision 32-true"
     )
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on: its affinity mask where the OS has one (a
+    container's or a SLURM job's cpuset), else every core of the machine."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity mask
+        return os.cpu_count() or 1

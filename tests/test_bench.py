@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lightning_protos.bench import runner as runner_module
 from lightning_protos.bench.report import mean_std, pick, summarize, summary_rows, write_report
 from lightning_protos.bench.runner import ResultsFile, Runner, main, make_row, report
 from lightning_protos.bench.spec import BenchError, Cell, load_bench, row_key
@@ -271,7 +272,7 @@ def test_cpu_cells_run_at_once_share_the_cores(tmp_path, monkeypatch, cores, job
         threads.append(env.get("OMP_NUM_THREADS"))
         return fake(cell, command, log, env)
 
-    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(runner_module, "usable_cores", lambda: cores)
     if user is None:
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     else:
@@ -479,9 +480,7 @@ def test_only_runs_the_matching_cells_and_rejects_a_glob_that_matches_none(tmp_p
 
 @pytest.mark.parametrize("native", [False, True])
 def test_bench_warns_of_bf16_overrides_on_a_cpu_without_bf16_hardware(tmp_path, capsys, monkeypatch, native):
-    import lightning_protos.bench.runner as runner
-
-    monkeypatch.setattr(runner, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(runner_module, "cpu_has_native_bf16", lambda: native)
     table = str(write_table(tmp_path, overrides={"trainer.max_epochs": 1, "trainer.precision": "bf16-mixed"}))
     assert main(["bench", "--config", table, "--root", str(tmp_path / "runs"), "--dry-run"], FakeLaunch()) == 0
     warned = "[bench] warning: precision bf16-mixed on a CPU without bf16 hardware" in capsys.readouterr().err
@@ -489,9 +488,7 @@ def test_bench_warns_of_bf16_overrides_on_a_cpu_without_bf16_hardware(tmp_path, 
 
 
 def test_set_overrides_every_lightning_cell_and_is_noted_in_its_rows(tmp_path, capsys, monkeypatch):
-    import lightning_protos.bench.runner as runner
-
-    monkeypatch.setattr(runner, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(runner_module, "cpu_has_native_bf16", lambda: False)
     table = str(write_table(tmp_path, overrides={"trainer.max_epochs": 1, "trainer.precision": "bf16-mixed"}))
     launch = FakeLaunch(fail=("kmeans-random_digits_seed0",))
     finished = tmp_path / "runs" / "t" / "cm_digits_seed1"  # trained before, its row not written

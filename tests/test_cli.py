@@ -14,7 +14,7 @@ from conftest import ROOT
 
 from lightning_protos import cli, hardware
 from lightning_protos.cli import main
-from lightning_protos.hardware import check_cpu_bf16, check_cuda_arch, cpu_has_native_bf16
+from lightning_protos.hardware import check_cpu_bf16, check_cuda_arch, cpu_has_native_bf16, usable_cores
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
@@ -292,3 +292,12 @@ def test_bad_picture_or_probe_settings_are_one_line_errors(tmp_path, capsys):
         code, _, err = run_main(["fit", *digits(tmp_path, option, bad)], capsys)
         assert code != 0
         assert "must be" in protos_error(err)
+
+
+def test_usable_cores_follow_the_affinity_mask(monkeypatch):
+    assert 1 <= usable_cores() <= os.cpu_count()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)  # a one-core cpuset
+    assert usable_cores() == 1
+    monkeypatch.delattr(os, "sched_getaffinity")  # no affinity mask (macOS): every core
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    assert usable_cores() == 6

@@ -36,7 +36,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ..hardware import check_cpu_bf16, cpu_has_native_bf16
+from ..hardware import check_cpu_bf16, cpu_has_native_bf16, usable_cores
 from .report import write_curves, write_report
 from .spec import Bench, BenchError, Cell, check_cells, load_bench, row_key
 
@@ -254,7 +254,7 @@ class Runner:
         if self._gpus is None:
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
             if self.jobs > 1 and "OMP_NUM_THREADS" not in env:
-                env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.jobs))
+                env["OMP_NUM_THREADS"] = str(max(1, usable_cores() // self.jobs))
             yield env
             return
         gpu = self._gpus.get()
