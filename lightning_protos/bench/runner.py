@@ -197,6 +197,8 @@ class Runner:
         self.files = {path: ResultsFile(path, columns) for path, columns in bench.results_files().items()}
         self.results = self.files.get(bench.results) or ResultsFile(bench.results, bench.columns)
         self.stop = threading.Event()
+        # each CPU cell's share of the cores when several run at once (see _device)
+        self._threads = str(max(1, usable_cores() // jobs)) if jobs > 1 and not gpus else None
         self._gpus: queue.Queue[str] | None = None
         if gpus:
             self._gpus = queue.Queue()
@@ -253,8 +255,8 @@ class Runner:
         otherwise give each of the cells every core, and they would fight over them)."""
         if self._gpus is None:
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-            if self.jobs > 1 and "OMP_NUM_THREADS" not in env:
-                env["OMP_NUM_THREADS"] = str(max(1, usable_cores() // self.jobs))
+            if self._threads and "OMP_NUM_THREADS" not in env:
+                env["OMP_NUM_THREADS"] = self._threads
             yield env
             return
         gpu = self._gpus.get()
