@@ -223,6 +223,23 @@ def test_interrupted_cell_resumes_from_last_ckpt_and_every_cell_is_present_once(
     assert times["running_since"] is None
 
 
+def test_killed_attempt_counts_until_its_last_checkpoint_not_its_log(tmp_path):
+    """A killed attempt writes nothing more to its log after the start; its epochs show in the
+    files it wrote since (checkpoints, logger events), and its time runs to the newest of them."""
+    run_dir = tmp_path / "cell"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    t0 = time.time() - 1000
+    (run_dir / "bench.json").write_text(json.dumps({"seconds": 50.0, "attempts": 1, "running_since": t0}))
+    for name, at in (("log.txt", t0 + 5), ("checkpoints/last.ckpt", t0 + 600), ("events.out", t0 + 480)):
+        (run_dir / name).write_text("x")
+        os.utime(run_dir / name, (at, at))
+    os.utime(run_dir / "bench.json", (t0, t0))
+    runner_module.start_attempt(run_dir)
+    times = json.loads((run_dir / "bench.json").read_text())
+    assert times["seconds"] == pytest.approx(650.0)
+    assert times["attempts"] == 2
+
+
 def test_failed_cell_is_a_row_with_a_note_and_the_bench_goes_on(tmp_path):
     bench = load_bench(write_table(tmp_path), root=tmp_path / "runs")
     runner = Runner(bench, FakeLaunch(fail=("cm_digits_seed0",)), jobs=2)

@@ -99,11 +99,11 @@ def _times(run_dir: Path) -> dict[str, Any]:
 
 def start_attempt(run_dir: Path) -> float:
     """Notes in ``bench.json`` that a process starts; an attempt killed before it could record
-    its time is counted up to the last write to its log."""
+    its time is counted up to the last file it wrote in its run directory (its epochs' checkpoints
+    and logger events: the log itself is written at the start and the end only)."""
     state = _times(run_dir)
     if state["running_since"] is not None:
-        log = run_dir / LOG
-        end = log.stat().st_mtime if log.is_file() else state["running_since"]
+        end = max((p.stat().st_mtime for p in run_dir.rglob("*") if p.is_file()), default=state["running_since"])
         state["seconds"] += max(0.0, end - state["running_since"])
     now = time.time()
     state.update(running_since=now, attempts=state["attempts"] + 1)
