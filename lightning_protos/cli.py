@@ -218,6 +218,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         with warnings.catch_warnings():  # inspect runs `test`, handing the CLI its own args
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            # the methods log once per epoch (ClusteringMethod.check_and_log), so Lightning's advice
+            # to log more often than an epoch of few batches has nothing to act on
+            warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller")
             # None: LightningCLI reads sys.argv itself (no double-args warning)
             ProtosCLI(args=["test", *args[1:]] if inspect else argv, inspect=inspect)
     except ArgumentError as err:  # a bad option, value, class path or config file
