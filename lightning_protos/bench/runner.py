@@ -100,10 +100,12 @@ def _times(run_dir: Path) -> dict[str, Any]:
 def start_attempt(run_dir: Path) -> float:
     """Notes in ``bench.json`` that a process starts; an attempt killed before it could record
     its time is counted up to the last file it wrote in its run directory (its epochs' checkpoints
-    and logger events: the log itself is written at the start and the end only)."""
+    and logger events: the log itself is written at the start and the end only; ``bench.json``,
+    the bench's own record, is not the attempt's work)."""
     state = _times(run_dir)
     if state["running_since"] is not None:
-        end = max((p.stat().st_mtime for p in run_dir.rglob("*") if p.is_file()), default=state["running_since"])
+        written = (p.stat().st_mtime for p in run_dir.rglob("*") if p.is_file() and p != run_dir / TIMES)
+        end = max(written, default=state["running_since"])
         state["seconds"] += max(0.0, end - state["running_since"])
     now = time.time()
     state.update(running_since=now, attempts=state["attempts"] + 1)
