@@ -1,12 +1,24 @@
-"""ops/: the CM and AE-CM loss terms against explicit loops, and the k-means initialisations."""
+"""ops/: the CM and AE-CM loss terms against explicit loops, the k-means initialisations, and
+the batch augmentations against torchvision."""
 
 import numpy as np
 import pytest
 import torch
 from reference import aecm_terms_numpy, cm_terms_loops, dirichlet_loops
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
 
 from lightning_protos.nets import ClusteringModule
-from lightning_protos.ops import aecm_terms, cm_terms, dirichlet_term, kmeans_pp_centres, pinv_encoder
+from lightning_protos.ops import (
+    aecm_terms,
+    affine,
+    cm_terms,
+    dirichlet_term,
+    kmeans_pp_centres,
+    pinv_encoder,
+    random_affine,
+    random_equalize,
+)
 
 
 @pytest.fixture
@@ -153,3 +165,34 @@ def test_kmeans_pp_centres_shape_and_determinism():
     refined = kmeans_pp_centres(x, 6, seed=3, lloyd_steps=2)
     assert refined.shape == (6, 4)
     assert torch.equal(refined, kmeans_pp_centres(x, 6, 3, lloyd_steps=2))
+
+
+# -- batch augmentations (VAESim (aug)) ------------------------------------------------------
+@pytest.mark.parametrize("shape", [(3, 1, 28, 28), (3, 3, 20, 28), (3, 1, 32, 24)])
+def test_affine_moves_each_image_as_torchvisions_affine(shape):
+    """One transform per image, each equal to torchvision's ``affine`` of that image alone,
+    on square and non-square images (pixel units keep the rotations rigid)."""
+    x = torch.rand(*shape, generator=torch.Generator().manual_seed(0))
+    angle = torch.tensor([12.0, -7.5, 0.0])
+    scale = torch.tensor([0.9, 1.15, 1.0])
+    shift = torch.tensor([[1.5, -2.0], [-3.0, 0.5], [0.0, 0.0]])
+    moved = affine(x, angle, scale, shift)
+    for i in range(len(x)):
+        want = TF.affine(
+            x[i], angle=float(angle[i]), translate=shift[i].tolist(), scale=float(scale[i]), shear=[0.0, 0.0],
+            interpolation=InterpolationMode.BILINEAR,
+        )  # fmt: skip
+        torch.testing.assert_close(moved[i], want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(moved[2], x[2], atol=1e-5, rtol=0)
+
+
+def test_augmentations():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 1, 28, 28, generator=g)
+    torch.testing.assert_close(random_affine(x, degrees=0, translate=0, scale=(1, 1)), x, atol=1e-5, rtol=0)
+    moved = random_affine(x.expand(6, 1, 28, 28)[:1].repeat(6, 1, 1, 1), generator=g)
+    assert moved.shape == x.shape
+    assert not torch.allclose(moved[0], moved[1])  # one draw per image
+    u8 = (x * 255).round().to(torch.uint8)
+    torch.testing.assert_close(random_equalize(x, p=1.0), TF.equalize(u8).float() / 255)
+    assert torch.equal(random_equalize(x, p=0.0), x)

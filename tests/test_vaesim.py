@@ -16,7 +16,6 @@ from conftest import TwoSplits, check_contract, cli_fit_then_predict, make_train
 from sklearn.datasets import make_blobs
 from sklearn.metrics.pairwise import cosine_similarity
 from torch.distributions import Normal, kl_divergence
-from torchvision.transforms.v2 import functional as TF
 
 from lightning_protos.errors import ProtosError
 from lightning_protos.eval.callbacks import AssignmentWriter, ClusteringEvaluator
@@ -24,7 +23,6 @@ from lightning_protos.eval.images import InspectionImages
 from lightning_protos.eval.probes import ProbeEvaluator, knn_accuracy, linear_probe_accuracy, statistical_accuracy
 from lightning_protos.methods.vae import VAE, VAEKMeans
 from lightning_protos.methods.vaesim import VAESim
-from lightning_protos.ops.augment import random_affine, random_equalize
 from lightning_protos.ops.elbow import elbow_kmeans, kneedle_elbow
 from lightning_protos.ops.vaesim import (
     draw_assignments,
@@ -138,18 +136,6 @@ def test_elbow_picks_the_number_of_blobs():
     assert k == 4
     assert centres.shape == (4, 3)
     assert np.all(np.diff(inertias) <= 1e-6 * inertias[0])
-
-
-def test_augmentations():
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(6, 1, 28, 28, generator=g)
-    torch.testing.assert_close(random_affine(x, degrees=0, translate=0, scale=(1, 1)), x, atol=1e-5, rtol=0)
-    moved = random_affine(x.expand(6, 1, 28, 28)[:1].repeat(6, 1, 1, 1), generator=g)
-    assert moved.shape == x.shape
-    assert not torch.allclose(moved[0], moved[1])  # one draw per image
-    u8 = (x * 255).round().to(torch.uint8)
-    torch.testing.assert_close(random_equalize(x, p=1.0), TF.equalize(u8).float() / 255)
-    assert torch.equal(random_equalize(x, p=0.0), x)
 
 
 # -- probes ---------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Pure tensor functions, each tested alone against a reference."""
 
-from .augment import random_affine, random_equalize
+from .augment import affine, random_affine, random_equalize
 from .cm import aecm_terms, cm_terms, dirichlet_term
 from .dec import kl_clustering_loss, student_t_assign, student_t_logits, target_distribution
 from .dkm import annealed_alpha, dkm_clustering_loss, dkm_weights, kmeans_loss
@@ -39,6 +39,7 @@ from .vaesim import (
 
 __all__ = [
     "aecm_terms",
+    "affine",
     "annealed_alpha",
     "around",
     "categorical_kl",
