@@ -33,7 +33,7 @@ def affine(x: Tensor, angle: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     # to [-1, 1] along each side
     aspect = h / w
     inv = torch.stack([torch.stack([cos, sin * aspect], -1), torch.stack([-sin / aspect, cos], -1)], dim=1)
-    normalised = 2 * shift.float() / torch.tensor([w, h], device=x.device, dtype=torch.float32)
+    normalised = torch.stack([2 / w * shift[:, 0], 2 / h * shift[:, 1]], dim=-1).float()
     offset = -(inv @ normalised.unsqueeze(-1))
     theta = torch.cat([inv, offset], dim=2).to(x.dtype)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
@@ -55,5 +55,5 @@ def random_affine(
     u = torch.rand(b, 4, device=x.device, generator=generator, dtype=torch.float32)
     angle = degrees * (2 * u[:, 0] - 1)
     s = scale[0] + (scale[1] - scale[0]) * u[:, 1]
-    sides = torch.tensor([w, h], device=x.device, dtype=torch.float32)
-    return affine(x, angle, s, translate * (2 * u[:, 2:] - 1) * sides)
+    shift = torch.stack([translate * w * (2 * u[:, 2] - 1), translate * h * (2 * u[:, 3] - 1)], dim=-1)
+    return affine(x, angle, s, shift)
