@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 
+from .compile import Compile
 from .data import DATASETS, ArrayDataModule
 from .errors import ProtosError
 from .eval.callbacks import AssignmentWriter, ClusteringEvaluator, run_dir
@@ -61,6 +62,7 @@ class ProtosCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ClusteringEvaluator, "evaluation")
         parser.add_lightning_class_args(AssignmentWriter, "assignments")
+        parser.add_lightning_class_args(Compile, "compile")  # off unless --compile.enabled true
         # best.ckpt by val/acc at each validation; last.ckpt at the end of every training epoch
         # (independent of how often validation runs), so a killed run loses at most one epoch.
         # last.ckpt is a rolling top-1 named "last": Lightning's own save_last writes only when

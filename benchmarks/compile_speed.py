@@ -1,0 +1,98 @@
+"""Whole ``protos fit`` runs with and without ``--compile.enabled true`` (``torch.compile`` of
+the method's networks, ``lightning_protos/compile.py``).
+
+Each side is the user's command on a config (default: VAESim on PneumoniaMNIST) for
+``--epochs`` epochs with its evaluation and final test, run in a fresh process (the compile
+cache is per process; inductor's on-disk cache, under a fresh ``TORCHINDUCTOR_CACHE_DIR`` each
+run, does not carry over). Per run: the command's wall time, the first epoch (from the command's start:
+imports, data and the compilation) and the median of the later epochs, from the TensorBoard events of ``train/loss``
+(logged once an epoch), and the final test metrics, to show the compiled run learns the same.
+
+    PROTOS_DATA_DIR=../shared/data python benchmarks/compile_speed.py --epochs 6
+    PROTOS_DATA_DIR=../shared/data python benchmarks/compile_speed.py --config configs/aecm_usps.yaml --epochs 6
+
+Prints a Markdown table and appends rows to ``benchmarks/results/compile.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from overhead import device_label, write_rows
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "compile.csv"
+COLUMNS = [
+    "config", "precision", "epochs", "compiled", "total_s", "first_epoch_s", "epoch_s", "metric", "value", "device",
+]  # fmt: skip
+METRICS = ("knn_acc", "acc")  # the first the run's metrics.json has is reported
+
+
+def epoch_ends(run: Path) -> list[float]:
+    """Wall times of the once-an-epoch ``train/loss`` events, in step order."""
+    acc = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [e.wall_time for e in sorted(acc.Scalars("train/loss"), key=lambda e: e.step)]
+
+
+def fit(config: str, epochs: int, precision: str, compiled: bool, tmp: Path) -> dict:
+    root = tmp / ("compiled" if compiled else "eager")
+    cmd = [
+        sys.executable, "-m", "lightning_protos.cli", "fit", "--config", config, "--seed_everything", "0",
+        "--trainer.max_epochs", str(epochs), "--trainer.precision", precision,
+        "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
+        "--compile.enabled", str(compiled).lower(),
+    ]  # fmt: skip
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp / "inductor" / root.name)}
+    start, wall = time.perf_counter(), time.time()
+    subprocess.run(cmd, check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
+    total = time.perf_counter() - start
+    run = root / "lightning_logs" / "version_0"
+    ends = epoch_ends(run)
+    metrics = json.loads((run / "metrics.json").read_text())["test"]
+    metric = next(m for m in METRICS if m in metrics)
+    return {
+        "config": Path(config).name,
+        "precision": precision,
+        "epochs": epochs,
+        "compiled": compiled,
+        "total_s": round(total, 1),
+        "first_epoch_s": round(ends[0] - wall, 1),  # from the command's start: imports and data included
+        "epoch_s": round(statistics.median(b - a for a, b in itertools.pairwise(ends)), 2),
+        "metric": metric,
+        "value": round(float(metrics[metric]), 4),
+        "device": device_label(torch.device("cpu")),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/vaesim_pneumonia.yaml")
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--precision", default="32-true")
+    args = parser.parse_args()
+    print(f"{args.config}, {args.epochs} epochs, {args.precision}, {device_label(torch.device('cpu'))}", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for compiled in (False, True):
+            rows.append(fit(args.config, args.epochs, args.precision, compiled, Path(tmp)))
+            print(rows[-1], flush=True)
+    write_rows(rows, COLUMNS, RESULTS)
+    eager, comp = rows
+    epoch, whole = eager["epoch_s"] / comp["epoch_s"], eager["total_s"] / comp["total_s"]
+    print(f"compiled: later epochs {epoch:.2f}x, whole run {whole:.2f}x as fast")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""``--compile.enabled``: which networks are compiled, that compiled training takes the same
+steps as eager training, that its checkpoints load into a plain model, and its one-line errors."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from conftest import make_trainer
+from test_cli import digits, protos_error, run_main
+from test_vaesim import SMALL, tiny_images
+
+from lightning_protos import compile as compile_mod
+from lightning_protos.compile import Compile, compile_targets
+from lightning_protos.errors import ProtosError
+from lightning_protos.methods.aecm import AECM
+from lightning_protos.methods.vaesim import VAESim
+
+
+def test_targets_are_the_children_with_parameters_or_the_named_modules():
+    model = AECM(n_clusters=3, input_shape=(8,), latent_dim=2, hidden=(6,))
+    assert [n for n, _ in compile_targets(model, None)] == ["ae", "cm"]  # not the averaging buffers
+    named = compile_targets(model, ["ae.encoder", "ae.decoder"])
+    assert [m for _, m in named] == [model.ae.encoder, model.ae.decoder]
+    with pytest.raises(ProtosError, match=r"names no submodule ae\.encodr \(the method has ae, cm, average\)"):
+        compile_targets(model, ["ae.encodr"])
+
+
+def train(compiled: bool, tmp_path) -> tuple[VAESim, L.Trainer]:
+    L.seed_everything(0, verbose=False)
+    model = VAESim(**SMALL, input_shape=(1, 32, 32))
+    trainer = make_trainer(
+        max_epochs=2,
+        callbacks=[Compile(enabled=compiled)],
+        enable_checkpointing=True,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, tiny_images(size=32))
+    return model, trainer
+
+
+@pytest.mark.slow
+def test_compiled_training_takes_the_eager_steps_and_checkpoints_load_into_a_plain_model(tmp_path):
+    eager, _ = train(False, tmp_path / "eager")
+    compiled, trainer = train(True, tmp_path / "compiled")
+    assert compiled.encoder._compiled_call_impl is not None
+    assert compiled.decoder._compiled_call_impl is not None
+    assert eager.encoder._compiled_call_impl is None
+    # 4 Adam steps on the same batches and noise: the same weights and prototypes up to the
+    # order of float sums in the fused kernels
+    for (name, a), b in zip(eager.state_dict().items(), compiled.state_dict().values(), strict=True):
+        torch.testing.assert_close(a.float(), b.float(), atol=1e-4, rtol=1e-3, msg=name)
+    ckpt = trainer.checkpoint_callback.best_model_path or trainer.checkpoint_callback.last_model_path
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert not any("_orig_mod" in k for k in state)
+    plain = VAESim(**SMALL, input_shape=(1, 32, 32))
+    plain.load_state_dict(state)  # strict
+    x = torch.rand(5, 1, 32, 32)
+    compiled.eval(), plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain.embed(x), compiled.embed(x), atol=1e-5, rtol=1e-4)
+
+
+def test_cli_errors_before_training(tmp_path, capsys, monkeypatch):
+    args = ["fit", *digits(tmp_path)]
+    code, _, err = run_main([*args, "--compile.enabled", "true", "--compile.modules", "[encoder]"], capsys)
+    assert code == 1
+    assert "compile.modules names no submodule encoder (the method has cm, average)" in protos_error(err)
+    monkeypatch.setattr(compile_mod.shutil, "which", lambda _: None)
+    code, _, err = run_main([*args, "--compile.enabled", "true"], capsys)
+    assert code == 1
+    assert "needs a C++ compiler" in protos_error(err)
+    assert not list(tmp_path.rglob("*.ckpt"))  # nothing trained
+    code, _, err = run_main([*args, "--trainer.max_epochs", "1", "--final_test", "false"], capsys)
+    assert code == 0, err  # off by default: no compiler needed
