@@ -14,16 +14,33 @@ from lightning_protos import compile as compile_mod
 from lightning_protos.compile import Compile, compile_targets
 from lightning_protos.errors import ProtosError
 from lightning_protos.methods.aecm import AECM
+from lightning_protos.methods.gmvae import GMVAE
+from lightning_protos.methods.protovae import AE, InfoVAE, ProtoVAE
+from lightning_protos.methods.vade import VaDE
+from lightning_protos.methods.vae import VAE
 from lightning_protos.methods.vaesim import VAESim
 
 
-def test_targets_are_the_children_with_parameters_or_the_named_modules():
+def test_targets_are_the_named_modules_or_the_methods_conv_nets():
     model = AECM(n_clusters=3, input_shape=(8,), latent_dim=2, hidden=(6,))
-    assert [n for n, _ in compile_targets(model, None)] == ["ae", "cm"]  # not the averaging buffers
-    named = compile_targets(model, ["ae.encoder", "ae.decoder"])
-    assert [m for _, m in named] == [model.ae.encoder, model.ae.decoder]
+    named = compile_targets(model, ["ae.encoder", "cm"])
+    assert [m for _, m in named] == [model.ae.encoder, model.cm]
+    assert compile_targets(model, None) == []  # fully connected: nothing by default
+    assert [n for n, _ in compile_targets(VAESim(**SMALL), None)] == ["encoder", "decoder"]
+    assert compile_targets(VAE(network="mlp", input_shape=(1, 28, 28)), None) == []
+    plain = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU(), torch.nn.Linear(2, 1))
+    assert [n for n, _ in compile_targets(plain, None)] == ["0", "2"]  # the ReLU holds nothing
     with pytest.raises(ProtosError, match=r"names no submodule ae\.encodr \(the method has ae, cm, average\)"):
         compile_targets(model, ["ae.encodr"])
+
+
+@pytest.mark.parametrize("method", [VAESim, VAE, VaDE, GMVAE, ProtoVAE, AE, InfoVAE])
+def test_each_conv_methods_compile_modules_name_its_networks(method):
+    model = method()
+    targets = compile_targets(model, None)
+    assert [n for n, _ in targets] == list(method.compile_modules)
+    assert targets
+    assert all(any(True for _ in m.parameters()) for _, m in targets)
 
 
 def train(compiled: bool, tmp_path) -> tuple[VAESim, L.Trainer]:
@@ -61,15 +78,17 @@ def test_compiled_training_takes_the_eager_steps_and_checkpoints_load_into_a_pla
         torch.testing.assert_close(plain.embed(x), compiled.embed(x), atol=1e-5, rtol=1e-4)
 
 
-def test_cli_errors_before_training(tmp_path, capsys, monkeypatch):
+def test_cli_errors_before_training_and_warns_where_nothing_is_compiled(tmp_path, capsys, monkeypatch):
     args = ["fit", *digits(tmp_path)]
     code, _, err = run_main([*args, "--compile.enabled", "true", "--compile.modules", "[encoder]"], capsys)
     assert code == 1
     assert "compile.modules names no submodule encoder (the method has cm, average)" in protos_error(err)
     monkeypatch.setattr(compile_mod.shutil, "which", lambda _: None)
-    code, _, err = run_main([*args, "--compile.enabled", "true"], capsys)
+    code, _, err = run_main([*args, "--compile.enabled", "true", "--compile.modules", "[cm]"], capsys)
     assert code == 1
     assert "needs a C++ compiler" in protos_error(err)
     assert not list(tmp_path.rglob("*.ckpt"))  # nothing trained
-    code, _, err = run_main([*args, "--trainer.max_epochs", "1", "--final_test", "false"], capsys)
-    assert code == 0, err  # off by default: no compiler needed
+    short = ["--trainer.max_epochs", "1", "--final_test", "false"]
+    with pytest.warns(UserWarning, match="CM compiles nothing"):
+        code, _, err = run_main([*args, *short, "--compile.enabled", "true"], capsys)  # no compiler needed
+    assert code == 0, err

@@ -77,6 +77,11 @@ class ClusteringMethod(L.LightningModule):
     # step on a CPU, where reading a tensor is free, every 50 on an accelerator, where each read
     # is a host round trip that stops the host from queuing the next steps ahead of the device.
     finite_check_every: int | None = None
+    # The networks (dotted submodule names) that ``--compile.enabled`` hands to torch.compile
+    # (:class:`~lightning_protos.compile.Compile`): the conv nets, whose epochs ran 1.31x faster
+    # compiled; not the fully connected ones, which ran slower (an AE-CM MNIST epoch 18.1 s
+    # against 11.4 s) or the same (CM; BENCHMARKS.md). Only a module's ``forward`` is compiled.
+    compile_modules: tuple[str, ...] = ()
 
     def __init__(self, n_clusters: int, input_shape: tuple[int, ...]) -> None:
         super().__init__()

@@ -73,6 +73,8 @@ class GMVAE(ConvVAEMethod):
             shares the encoder's trunk either way.
     """
 
+    compile_modules = ("encoder.features", "decoder", "prior_net")  # see encode_zw
+
     def __init__(
         self,
         n_clusters: int = 10,
