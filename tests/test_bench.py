@@ -242,6 +242,22 @@ def test_killed_attempt_counts_until_its_last_checkpoint_not_its_log(tmp_path):
     assert times["attempts"] == 2
 
 
+def test_a_finished_attempt_counts_from_the_start_its_record_holds(tmp_path, monkeypatch):
+    """A pause taken out by hand (``running_since`` moved forward while the run was stopped) is
+    left out of a finished attempt's time too, not only of a killed one's."""
+    run_dir = tmp_path / "cell"
+    run_dir.mkdir()
+    clock = iter([1000.0, 1500.0])
+    monkeypatch.setattr(runner_module.time, "time", lambda: next(clock))
+    started = runner_module.start_attempt(run_dir)
+    times = json.loads((run_dir / "bench.json").read_text())
+    (run_dir / "bench.json").write_text(json.dumps({**times, "running_since": times["running_since"] + 120}))
+    runner_module.end_attempt(run_dir, started)
+    times = json.loads((run_dir / "bench.json").read_text())
+    assert times["seconds"] == pytest.approx(380.0)
+    assert times["running_since"] is None
+
+
 def test_failed_cell_is_a_row_with_a_note_and_the_bench_goes_on(tmp_path):
     bench = load_bench(write_table(tmp_path), root=tmp_path / "runs")
     runner = Runner(bench, FakeLaunch(fail=("cm_digits_seed0",)), jobs=2)

@@ -114,8 +114,13 @@ def start_attempt(run_dir: Path) -> float:
 
 
 def end_attempt(run_dir: Path, started: float) -> None:
+    """Adds the attempt's time, counted from the start ``bench.json`` records (``started`` if
+    it records none): moving ``running_since`` forward by hand takes a pause out of the row (a
+    run stopped with SIGSTOP while a speed measurement had the machine), for an attempt that
+    finishes as for one that is killed."""
     state = _times(run_dir)
-    state.update(seconds=state["seconds"] + time.time() - started, running_since=None)
+    since = state["running_since"] if state["running_since"] is not None else started
+    state.update(seconds=state["seconds"] + time.time() - since, running_since=None)
     (run_dir / TIMES).write_text(json.dumps(state))
 
 
