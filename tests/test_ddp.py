@@ -18,6 +18,7 @@ import torch
 import torch.multiprocessing as mp
 from conftest import TwoSplits
 
+from lightning_protos.compile import Compile
 from lightning_protos.data import Digits
 from lightning_protos.eval.callbacks import ClusteringEvaluator
 from lightning_protos.eval.metrics import clustering_scores
@@ -62,6 +63,9 @@ CASES = {
         2,
     ),
 }
+# the same fit with the conv nets compiled (``--compile.enabled``): DDP's hooks on the compiled
+# modules' parameters keep both ranks in step
+COMPILED = {"vaesim_compiled": CASES["vaesim"]}
 CONV = {"latent_dim": 4, "channels": (4, 8, 8)}
 RECONSTRUCTION = {"input_shape": (1, 28, 28), "latent_dim": 8, "channels": (4, 8), "bottleneck_dim": 16}
 # The other methods, run on one rank: DDP's reducer refuses a parameter left out of a step
@@ -90,13 +94,14 @@ def _rank(rank: int, port: int, out: str, names: list[str], world: int) -> None:
     )  # fmt: skip
     torch.set_num_threads(1)
     for name in names:
-        make, data, epochs = {**CASES, **OTHERS}[name]
+        make, data, epochs = {**CASES, **OTHERS, **COMPILED}[name]
         L.seed_everything(0, verbose=False)
         model, evaluator = make(), ClusteringEvaluator()
         trainer = L.Trainer(  # "ddp" as typed on the command line; on CPUs it talks over gloo
             accelerator="cpu", devices=world, strategy="ddp",
             max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, num_sanity_val_steps=0, callbacks=[evaluator],
+            enable_model_summary=False, num_sanity_val_steps=0,
+            callbacks=[evaluator, Compile(enabled=name in COMPILED)],
             default_root_dir=out,
         )  # fmt: skip
         trainer.fit(model, data())
@@ -105,6 +110,7 @@ def _rank(rank: int, port: int, out: str, names: list[str], world: int) -> None:
             "buffers": {k: v.detach().cpu().clone() for k, v in model.named_buffers()},
             "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
             "steps": trainer.global_step,
+            "compiled": any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules()),
         }
         trainer.validate(model, data(), verbose=False)  # the trained model, scored under DDP
         state["val"] = evaluator.results.get("val")
@@ -125,7 +131,7 @@ def check(name: str, ranks: list[dict]) -> None:
             one["state_dict"][key], value, rtol=0, atol=0, equal_nan=True, msg=lambda m, k=key: f"{name} {k}: {m}"
         )
     # the scores of the DDP evaluation are those of the whole set in one process, each sample once
-    make, data, _ = CASES[name]
+    make, data, _ = {**CASES, **COMPILED}[name]
     model, dm = make(), data()
     dm.setup("validate")
     model.load_state_dict(zero["state_dict"])
@@ -162,3 +168,10 @@ def test_the_other_methods_fit_and_evaluate_under_plain_ddp(tmp_path):
     for name, (rank,) in results.items():
         assert rank["steps"] > 0, name
         assert rank["val"], name  # the scores of the evaluation under DDP
+
+
+@pytest.mark.slow  # ~1 minute: each rank compiles
+def test_compiled_conv_nets_agree_across_ranks(tmp_path):
+    ranks = run_ddp(tmp_path, ["vaesim_compiled"])["vaesim_compiled"]
+    assert all(rank["compiled"] for rank in ranks)
+    check("vaesim_compiled", ranks)
