@@ -2,13 +2,15 @@
 the method's networks, ``lightning_protos/compile.py``).
 
 Each side is the user's command on a config (default: VAESim on PneumoniaMNIST) for
-``--epochs`` epochs with its evaluation and final test, run in a fresh process (the compile
-cache is per process; inductor's on-disk cache, under a fresh ``TORCHINDUCTOR_CACHE_DIR`` each
-run, does not carry over). Per run: the command's wall time, the first epoch (from the command's start:
-imports, data and the compilation) and the median of the later epochs, from the TensorBoard events of ``train/loss``
-(logged once an epoch), and the final test metrics, to show the compiled run learns the same.
+``--epochs`` epochs with its evaluation and final test, in a fresh process with an empty
+inductor cache of its own (``TORCHINDUCTOR_CACHE_DIR``), so every compiled run pays the whole
+compilation. Per run: the command's wall time; the first epoch, from the command's start
+(imports, data, compilation); the median of the later epochs, from the once-an-epoch
+``train/loss`` events of its TensorBoard log; and a test metric of its final evaluation, to show
+the compiled run learns the same. ``--repeats`` alternates eager and compiled runs, so that
+both sides see the same machine.
 
-    PROTOS_DATA_DIR=../shared/data python benchmarks/compile_speed.py --epochs 6
+    PROTOS_DATA_DIR=../shared/data python benchmarks/compile_speed.py --epochs 4 --repeats 2
     PROTOS_DATA_DIR=../shared/data python benchmarks/compile_speed.py --config configs/aecm_mnist.yaml \
         --epochs 4 --repeats 2
 
