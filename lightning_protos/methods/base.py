@@ -77,11 +77,10 @@ class ClusteringMethod(L.LightningModule):
     # step on a CPU, where reading a tensor is free, every 50 on an accelerator, where each read
     # is a host round trip that stops the host from queuing the next steps ahead of the device.
     finite_check_every: int | None = None
-    # The networks (dotted submodule names) that ``--compile.enabled`` hands to torch.compile
-    # (:class:`~lightning_protos.compile.Compile`): the conv nets, whose epochs ran 1.31x faster
-    # compiled; not the fully connected ones, which ran slower (an AE-CM MNIST epoch 18.1 s
-    # against 11.4 s) or the same (CM; BENCHMARKS.md). Only a module's ``forward`` is compiled.
-    compile_modules: tuple[str, ...] = ()
+    # The networks (dotted submodule names) whose ``forward`` the training steps call, where
+    # those are not the direct children: what ``--compile.enabled`` considers compiling
+    # (:class:`~lightning_protos.compile.Compile`, which keeps the conv nets among them).
+    compile_modules: tuple[str, ...] | None = None
 
     def __init__(self, n_clusters: int, input_shape: tuple[int, ...]) -> None:
         super().__init__()

@@ -73,7 +73,7 @@ class GMVAE(ConvVAEMethod):
             shares the encoder's trunk either way.
     """
 
-    compile_modules = ("encoder.features", "decoder", "prior_net")  # see encode_zw
+    compile_modules = ("encoder.features", "decoder", "prior_net")  # see encode_zw: not encoder()
 
     def __init__(
         self,

@@ -65,7 +65,6 @@ class ReconstructionMethod(ClusteringMethod):
     """
 
     min_clusters = 1
-    compile_modules = ("encoder", "decoder")
 
     def __init__(
         self,

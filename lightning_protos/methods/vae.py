@@ -75,8 +75,6 @@ class ConvVAEMethod(ClusteringMethod):
             mean over pixels (see the module's note on beta).
     """
 
-    compile_modules = ("encoder", "decoder")  # the conv nets; none with ``network: mlp``
-
     def __init__(
         self,
         n_clusters: int,
@@ -117,7 +115,6 @@ class ConvVAEMethod(ClusteringMethod):
             check_positive(**{f"hidden[{i}]": width for i, width in enumerate(hidden)})
             self.encoder = MLPEncoder(self.input_dim, latent_dim, hidden)
             self.decoder = MLPDecoder(latent_dim + condition_dim, self.input_dim, hidden[::-1])
-            self.compile_modules = ()
             return
         channels = tuple(channels)
         c = self.input_shape[0]
