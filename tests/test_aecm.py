@@ -7,9 +7,12 @@ import numpy as np
 import pytest
 import torch
 
+import lightning_protos.methods.aecm as aecm_module
+import lightning_protos.methods.cm as cm_module
 from lightning_protos.data import Blobs
 from lightning_protos.eval.metrics import clustering_scores
 from lightning_protos.methods.aecm import AECM
+from lightning_protos.methods.cm import CM
 from lightning_protos.ops import around, interpolate
 
 
@@ -117,6 +120,33 @@ def test_checkpoint_restores_identical_cluster_probs(tmp_path):
     with torch.no_grad():
         assert torch.equal(model.cluster_probs(x), restored.cluster_probs(x))
     assert bool(restored.initialised)
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_loss_terms_run_in_float32_outside_autocast(tmp_path, monkeypatch, precision):
+    """Under bf16-mixed the networks run in bf16, but the loss sums and Gram matrices of CM and
+    AE-CM (``cm_terms`` in CM and in AE-CM's CM-alone phase, ``aecm_terms`` in the joint phase,
+    and in L_sp) get float32 inputs, with autocast off."""
+    seen = []
+
+    def spy(name, real):
+        def terms(*tensors, **kwargs):
+            seen.append((name, {t.dtype for t in tensors if torch.is_tensor(t)}, torch.is_autocast_enabled("cpu")))
+            return real(*tensors, **kwargs)
+
+        return terms
+
+    for module, name in ((aecm_module, "cm_terms"), (aecm_module, "aecm_terms"), (cm_module, "cm_terms")):
+        monkeypatch.setattr(module, name, spy(name, getattr(module, name)))
+    dm = _blobs()
+    models = [_small("pretrained", pretrain_epochs=1, cm_epochs=1), CM(4, (10,), alpha=5.0)]
+    for model in models:
+        L.seed_everything(0)
+        _trainer(tmp_path, 3, precision=precision, enable_checkpointing=False).fit(model, dm)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            model.selection_criteria(dm.features("eval"))
+    assert {name for name, _, _ in seen} == {"cm_terms", "aecm_terms"}
+    assert all(dtypes == {torch.float32} and not autocast for _, dtypes, autocast in seen)
 
 
 def test_sampling_and_interpolation_through_the_contract():

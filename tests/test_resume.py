@@ -15,6 +15,7 @@ from lightning_protos.data.base import EpochShuffle, ResumableLoader, TensorBatc
 from lightning_protos.eval.metrics import clustering_scores
 from lightning_protos.methods.aecm import AECM
 from lightning_protos.methods.cm import CM
+from lightning_protos.methods.dcn import DCN
 from lightning_protos.methods.vaesim import VAESim
 
 
@@ -140,6 +141,13 @@ MID_EPOCH = {
         4,
         3 * 29 + 7,
     ),
+    # clipping every step: the epoch's clipped-step count and largest norm carry across the kill
+    "dcn": (
+        lambda: DCN(10, (64,), latent_dim=5, hidden=(16,), pretrain_epochs=1, pretrain_cache=False, max_grad_norm=1e-3),
+        digits64,
+        3,
+        2 * 29 + 11,
+    ),
     # VAESim draws its assignments and the reparameterisation noise from the global generator:
     # the resumed run must restore it, and the temperature position, mid-epoch
     "vaesim": (
@@ -154,7 +162,7 @@ MID_EPOCH = {
 @pytest.mark.parametrize("name", list(MID_EPOCH))
 def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path, name):
     make, dm, epochs, kill_at = MID_EPOCH[name]
-    straight, _ = _run(None, make, dm, epochs)
+    straight, straight_trainer = _run(None, make, dm, epochs)
     _, killed = _run(tmp_path, make, dm, epochs, kill_at=kill_at)
     assert 0 < killed.fit_loop.epoch_loop.batch_progress.current.completed < killed.num_training_batches
     ckpt = tmp_path / f"step={kill_at}.ckpt"
@@ -164,6 +172,12 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path, na
     torch.testing.assert_close(_decoded_prototypes(resumed), _decoded_prototypes(straight), rtol=1e-5, atol=1e-6)
     _assert_same_state(resumed, straight)
     assert _scores(resumed, dm) == pytest.approx(_scores(straight, dm), abs=1e-9)
+    # the last epoch's logged loss means (and clipping statistics) count the steps before the kill
+    logged = {k: float(v) for k, v in straight_trainer.callback_metrics.items() if k.startswith("train/")}
+    assert logged
+    assert {k: float(trainer.callback_metrics[k]) for k in logged} == pytest.approx(logged, rel=1e-5)
+    if name == "dcn":
+        assert logged["train/clipped_steps"] == trainer.num_training_batches
 
 
 def test_the_loader_skips_the_batches_served_before_a_mid_epoch_checkpoint():

@@ -130,9 +130,11 @@ class AECM(AutoencoderMethod):
         z = self.embed(x)
         gamma, mu = self.cm(z), self.cm.centroids()
         if self.hparams.lsp == "orthonormal":
-            t = aecm_terms(x, x, z, gamma, mu, self.hparams.alpha, 0.0, self.hparams.lam)
+            t = self.in_float32(
+                aecm_terms, x, x, z, gamma, mu, alpha=self.hparams.alpha, beta=0.0, lam=self.hparams.lam
+            )
             return {"l_sp": t["E2"] + t["L_orth"] * len(x) / self.trainer.datamodule.n_of("eval")}
-        t = cm_terms(z, gamma, mu, self.hparams.alpha)
+        t = self.in_float32(cm_terms, z, gamma, mu, alpha=self.hparams.alpha)
         return {"l_sp": t["E2"] + t["E3"]}
 
     # -- training ---------------------------------------------------------------------
@@ -151,15 +153,15 @@ class AECM(AutoencoderMethod):
         if self.phase(self.current_epoch) == "cm":  # step 3: CM alone on frozen codes, Eq. 7
             with torch.no_grad():
                 z = self.encode(x)
-            terms = cm_terms(z, self.cm(z), self.cm.centroids(), self.hparams.alpha)
+            terms = self.in_float32(cm_terms, z, self.cm(z), self.cm.centroids(), alpha=self.hparams.alpha)
             self.optimize(self.check_and_log(terms, prefix="cm"), opt_cm)
             return
         z, x_rec = self.autoencode(x)  # step 4: joint, Eq. 10
         h = self.hparams
         gamma = self.cm(z)
-        with self.full_precision():
-            f32 = [t.float() for t in (x, x_rec, z, gamma, self.cm.centroids())]
-            terms = aecm_terms(*f32, h.alpha, h.beta, h.lam)
+        terms = self.in_float32(
+            aecm_terms, x, x_rec, z, gamma, self.cm.centroids(), alpha=h.alpha, beta=h.beta, lam=h.lam
+        )
         self.optimize(self.check_and_log(terms), opt_joint)
         if h.average_last_epoch and self.is_last_epoch():  # step 5
             self.average.accumulate(list(self.parameters()))

@@ -110,7 +110,8 @@ class CM(ClusteringMethod):
         return self.cm.decoder(z).reshape(len(z), *self.input_shape)
 
     def selection_criteria(self, x: Tensor) -> dict[str, Tensor]:
-        t = cm_terms(self.flat(x), self.cm(self.flat(x)), self.cm.centroids(), self.hparams.alpha)
+        x = self.flat(x)
+        t = self.in_float32(cm_terms, x, self.cm(x), self.cm.centroids(), alpha=self.hparams.alpha)
         return {"l_sp": t["E2"] + t["E3"]}
 
     # -- training ---------------------------------------------------------------------
@@ -130,7 +131,7 @@ class CM(ClusteringMethod):
         x_all = self.flat(batch["x"])
         for x in x_all.split(self.hparams.step_batch or len(x_all)):
             gamma = self.cm(x)
-            terms = cm_terms(x, gamma, self.cm.centroids(), self.hparams.alpha)  # Eq. 7
+            terms = self.in_float32(cm_terms, x, gamma, self.cm.centroids(), alpha=self.hparams.alpha)  # Eq. 7
             terms["E3"] = self.hparams.e3_weight * terms["E3"]
             loss = self.check_and_log({k: v for k, v in terms.items() if k in self.hparams.terms})
             self.optimize(loss, self.optimizers())
