@@ -166,7 +166,7 @@ def test_checkpoint_restores_probs_and_the_init_flag(tmp_path):
     x = dm.features("eval")
     with torch.no_grad():
         assert torch.equal(model.cluster_probs(x), restored.cluster_probs(x))
-    assert torch.equal(model.average.count, restored.average.count)
+    # (the averaging sums, emptied once applied, are restored mid-epoch: tests/test_resume.py)
 
 
 def test_kmeans_init_runs_once_and_not_on_resume(tmp_path, monkeypatch):

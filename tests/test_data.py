@@ -355,12 +355,9 @@ def test_pendigits_from_shared_data(shared_data):
     assert float(dm.features().max()) <= 1.0
 
 
-def test_fit_on_all_concatenates_once_and_shares_the_tensors():
-    from lightning_protos.data import Pendigits
-
-    dm = Pendigits(fit_on="all", data_dir="../shared/data", download=False)
-    if not (dm.root / "pendigits" / "pendigits.tra").exists():
-        pytest.skip("../shared/data/pendigits is absent")
+@pytest.mark.data
+def test_fit_on_all_concatenates_once_and_shares_the_tensors(shared_data):
+    dm = Pendigits(fit_on="all", data_dir=str(shared_data), download=False)
     train, evaluation = dm.train_dataloader().dataset.x, dm.val_dataloader().dataset.x
     assert train.data_ptr() == evaluation.data_ptr()  # one copy of the 10,992 rows, not two
     assert dm.n_train == len(train) == 10992

@@ -51,8 +51,8 @@ def tiny_images():
 
 # name: (method, data, epochs); each holds state updated from the batches of every rank
 CASES = {
-    "cm": (lambda: CM(10, (64,), alpha=20.0, init="kmeans++"), digits, 1),  # averaging sums
-    "aecm": (lambda: AECM(10, (64,), alpha=20.0, cm_epochs=1, **AE), digits, 3),  # averaging sums
+    "cm": (lambda: CM(10, (64,), alpha=20.0, init="kmeans++"), digits, 1),  # the averaged weights
+    "aecm": (lambda: AECM(10, (64,), alpha=20.0, cm_epochs=1, **AE), digits, 3),  # the averaged weights
     "dec": (lambda: DEC(10, (64,), update_interval=3, **AE), digits, 2),  # target P, assignments
     "idec": (lambda: IDEC(n_clusters=10, input_shape=(64,), update_interval=3, **AE), digits, 2),
     "dcn": (lambda: DCN(10, (64,), **AE), digits, 2),  # centroids, counts, assignments

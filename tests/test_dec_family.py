@@ -311,9 +311,10 @@ def test_dkm_alpha_follows_the_annealing_schedule(tmp_path):
 
 
 @pytest.mark.parametrize("name", list(METHODS))
-def test_checkpoint_restores_with_strict_loading(name, tmp_path):
+def test_checkpoint_restores_with_strict_loading(name, tmp_path, monkeypatch):
     dm = blobs()
-    model = small(name, tmp_path)
+    run_on = {"tol": None} if name in ("dec", "idec") else {}  # no early stop: the resume must train
+    model = small(name, tmp_path, **run_on)
     trainer = fit(model, dm, epochs=8)
     path = tmp_path / f"{name}.ckpt"
     trainer.save_checkpoint(path)
@@ -322,11 +323,15 @@ def test_checkpoint_restores_with_strict_loading(name, tmp_path):
     with torch.no_grad():
         assert torch.equal(model.cluster_probs(x), restored.cluster_probs(x))
     for key, value in model.state_dict().items():  # incl. the (N, K) target and (N,) assignments
-        assert torch.equal(value, restored.state_dict()[key]), key
-    # and training resumes from it (the trainer's restore path), in the clustering phase
-    resumed = small(name, tmp_path)
-    fit(resumed, dm, epochs=9, ckpt_path=path)
-    assert bool(resumed.initialised)
+        torch.testing.assert_close(value, restored.state_dict()[key], rtol=0, atol=0, equal_nan=True, msg=key)
+    # and training resumes from it (the trainer's restore path) in the clustering phase: no
+    # pretraining step and no second initialisation from the codes, one more epoch of steps
+    resumed = small(name, tmp_path, **run_on)
+    resumed.init_from_codes = lambda z: pytest.fail("the clustering was initialised again")
+    monkeypatch.setattr(pretrain_module, "pretrain_step", lambda *a: pytest.fail("pretrained again"))
+    resumed_trainer = fit(resumed, dm, epochs=9, ckpt_path=path)
+    assert resumed_trainer.global_step == trainer.global_step + resumed_trainer.num_training_batches
+    assert any(not torch.equal(v, restored.state_dict()[k]) for k, v in resumed.state_dict().items())
 
 
 def test_pretraining_cache_is_hit_on_the_second_run(tmp_path, monkeypatch):

@@ -47,8 +47,10 @@ def test_scores_match_formulas_and_sklearn(case):
     assert scores["homogeneity"] == pytest.approx(homogeneity(y_true, y_pred))
     assert scores["homogeneity"] == pytest.approx(skm.homogeneity_score(y_true, y_pred))
     assert scores["nmi"] == pytest.approx(skm.normalized_mutual_info_score(y_true, y_pred))
-    if len(set(y_pred)) > 1:  # NMI is 0/0 for a single cluster; sklearn defines it as 0
+    if len(set(y_pred)) > 1:
         assert scores["nmi"] == pytest.approx(nmi_arithmetic(y_true, y_pred))
+    else:  # NMI is 0/0 for a single cluster; scikit-learn defines it as 0
+        assert scores["nmi"] == 0.0
 
 
 def test_scores_of_perfect_and_independent_partitions():
