@@ -1,5 +1,5 @@
 """ops/: the CM and AE-CM loss terms against explicit loops, the k-means initialisations, and
-the batch augmentations against torchvision."""
+the batch augmentations against torchvision, the latent walks against NumPy."""
 
 import numpy as np
 import pytest
@@ -12,8 +12,10 @@ from lightning_protos.nets import ClusteringModule
 from lightning_protos.ops import (
     aecm_terms,
     affine,
+    around,
     cm_terms,
     dirichlet_term,
+    interpolate,
     kmeans_pp_centres,
     pinv_encoder,
     random_affine,
@@ -196,3 +198,18 @@ def test_augmentations():
     u8 = (x * 255).round().to(torch.uint8)
     torch.testing.assert_close(random_equalize(x, p=1.0), TF.equalize(u8).float() / 255)
     assert torch.equal(random_equalize(x, p=0.0), x)
+
+
+# -- latent walks (inspection) --------------------------------------------------------------
+def test_interpolate_is_evenly_spaced_on_the_segment():
+    a, b = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64), torch.tensor([3.0, 4.0, -1.5], dtype=torch.float64)
+    t = np.linspace(0, 1, 6)[:, None]
+    np.testing.assert_allclose(interpolate(a, b, 6).numpy(), (1 - t) * a.numpy() + t * b.numpy(), rtol=0, atol=1e-15)
+
+
+def test_around_draws_from_an_isotropic_gaussian_at_the_prototype():
+    prototype = torch.tensor([2.0, -1.0, 0.0, 5.0], dtype=torch.float64)
+    draws = around(prototype, 20000, scale=0.3, generator=torch.Generator().manual_seed(0)).numpy()
+    assert draws.shape == (20000, 4)
+    np.testing.assert_allclose(draws.mean(0), prototype.numpy(), atol=4 * 0.3 / np.sqrt(20000))
+    np.testing.assert_allclose(np.cov(draws.T), 0.09 * np.eye(4), atol=0.0045)  # ~5 standard errors of a variance
