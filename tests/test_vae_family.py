@@ -177,6 +177,45 @@ def test_gmvae_kl_terms_are_non_negative_and_zero_where_posterior_equals_prior()
     assert float(terms["KL_c"]) >= 0.5 * 5e-3 / 4 * (1 - 1e-6)  # beta / q * lambda: the floor
 
 
+def test_gmvae_step_terms_are_the_docstrings_recomputed_in_numpy():
+    """One training step's L_recon, KL_cond, KL_w and KL_c (methods/gmvae.py's docstring) from
+    the step's own encoder and prior-network outputs, in float64 NumPy: the weight beta / q, the
+    responsibilities at the drawn z, and the floor lambda on the batch mean of KL_c (not on each
+    sample's). The draws are fixed at mu + 0.5 sigma."""
+    model = make("gmvae", kl_c_floor=0.0)
+    model.reparameterise = lambda mu, logvar: mu + 0.5 * torch.exp(0.5 * logvar)
+    terms = {}
+    model.check_and_log = lambda t, **kw: terms.update(t) or sum(t.values())
+    model.optimize = lambda loss, opt: None
+    model.optimizers = lambda: None
+    images = image_blobs(8, 0)[0]
+    with torch.no_grad():  # the step's forward pass (train mode: batch statistics)
+        x = model.to_net(images)
+        z_mu, z_lv, w_mu, w_lv = model.encode_zw(x)
+        z, w = model.reparameterise(z_mu, z_lv), model.reparameterise(w_mu, w_lv)
+        mu_c, lv_c = (t.double().numpy() for t in model.components(w))
+        out = model.reconstruct(z).double().numpy()
+    x, z_mu, z_lv, w_mu, w_lv, z = (t.double().numpy() for t in (x, z_mu, z_lv, w_mu, w_lv, z))
+    log_density = -0.5 * (np.log(2 * np.pi) + lv_c + (z[:, None] - mu_c) ** 2 / np.exp(lv_c)).sum(-1)  # (B, K)
+    gamma = np.exp(log_density - log_density.max(1, keepdims=True))
+    gamma /= gamma.sum(1, keepdims=True)  # p(c | z, w) under the uniform p(c)
+    kl_to_c = 0.5 * (lv_c - z_lv[:, None] + (np.exp(z_lv[:, None]) + (z_mu[:, None] - mu_c) ** 2) / np.exp(lv_c) - 1)
+    kl_c = (gamma * np.log(gamma * 3)).sum(1)  # per sample
+    weight = 5e-3 / 4  # beta / q
+    want = {
+        "L_recon": ((out - x) ** 2).mean(),
+        "KL_cond": weight * (gamma * kl_to_c.sum(-1)).sum(1).mean(),
+        "KL_w": weight * (0.5 * (np.exp(w_lv) + w_mu**2 - 1 - w_lv)).sum(1).mean(),
+    }
+    floors = (0.0, (kl_c.min() + kl_c.mean()) / 2, kl_c.max() + 0.1)  # none, some samples below, all below
+    assert kl_c.min() < floors[1] < kl_c.mean()
+    for floor in floors:
+        model.hparams.kl_c_floor = floor
+        model.training_step({"x": images, "index": torch.arange(8)}, 0)
+        got = {k: float(v) for k, v in terms.items()}
+        assert got == pytest.approx({**want, "KL_c": weight * max(floor, kl_c.mean())}, rel=1e-5)
+
+
 def test_variances_stay_positive_when_driven_to_zero():
     # VaDE: a component that collapses onto a point: q(z|x) = N(mu_c, ~0) pulls sigma_c^2 to 0 for
     # ever (the KL's derivative in log sigma_c^2 is 1/2 there), and Adam drives it down ...
