@@ -224,8 +224,9 @@ def test_dcn_counts_grow_by_the_samples_seen(tmp_path):
 
 
 def test_dcn_epoch_update_sets_centroids_to_the_means_of_their_samples(tmp_path):
-    """``centroid_update: epoch`` (the AE-CM authors' DCN): after a clustering epoch, s is the nearest
-    centroid of every code and each non-empty centroid the mean of its codes; the counts stay."""
+    """``centroid_update: epoch`` (the AE-CM authors' DCN): after a clustering epoch each non-empty
+    centroid is the mean of the codes assigned to it (s, from the centroids before the move); the
+    counts stay."""
     dm = blobs()
     model = small("dcn", tmp_path, centroid_update="epoch", initial_count=100)
     fit(model, dm, epochs=7)  # 5 pretraining + 2 clustering epochs
