@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from jsonargparse import Namespace
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
@@ -27,7 +28,7 @@ from .errors import ProtosError
 from .eval.callbacks import AssignmentWriter, ClusteringEvaluator, run_dir
 from .eval.images import InspectionImages
 from .eval.probes import ProbeEvaluator
-from .hardware import check_cpu_bf16, check_cuda_arch, cpu_has_native_bf16
+from .hardware import CudaArchCheck, check_cpu_bf16, cpu_has_native_bf16
 from .methods.base import ClusteringMethod
 
 
@@ -53,6 +54,11 @@ class ProtosCLI(LightningCLI):
             subclass_mode_data=True,
             **kwargs,
         )
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks.insert(0, CudaArchCheck())  # each process checks the GPU it runs on
+        return trainer
 
     def init_parser(self, **kwargs) -> LightningArgumentParser:
         # Raise instead of printing the whole usage: ``main`` reports the error in one line.
@@ -213,10 +219,6 @@ def main(argv: list[str] | None = None) -> None:
         from .bench.runner import main as bench_main
 
         sys.exit(bench_main(args))
-    if torch.cuda.is_available():
-        problem = check_cuda_arch(torch.cuda.get_device_capability(), torch.cuda.get_arch_list())
-        if problem:
-            sys.exit(f"protos: error: {problem}")
     try:
         with warnings.catch_warnings():  # inspect runs `test`, handing the CLI its own args
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter")

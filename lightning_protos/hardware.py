@@ -7,7 +7,10 @@ from __future__ import annotations
 import os
 import platform
 
+import lightning as L
 import torch
+
+from .errors import ProtosError
 
 
 def check_cuda_arch(capability: tuple[int, int], arch_list: list[str]) -> str | None:
@@ -30,6 +33,20 @@ def check_cuda_arch(capability: tuple[int, int], arch_list: list[str]) -> str | 
         f"(built for {' '.join(arch_list)}); install a build that has them, e.g. rebuild the "
         "Docker image with --build-arg TORCH_CUDA=cu126 for V100 (sm_70)"
     )
+
+
+class CudaArchCheck(L.Callback):
+    """:func:`check_cuda_arch` for the GPU each process runs on, in ``setup``: before any work,
+    after the strategy has picked the device, and inside the process (checking from the launcher
+    would initialise CUDA there, which ``ddp_fork`` / ``ddp_notebook`` cannot fork from, and
+    would check GPU 0 also for a CPU run). ``ProtosCLI`` adds it to every trainer."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        device = trainer.strategy.root_device
+        if device.type == "cuda":
+            problem = check_cuda_arch(torch.cuda.get_device_capability(device), torch.cuda.get_arch_list())
+            if problem:
+                raise ProtosError(problem)
 
 
 def cpu_has_native_bf16() -> bool:

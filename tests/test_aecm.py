@@ -102,6 +102,18 @@ def test_bias_init_is_part_of_the_pretraining_cache_key(tmp_path):
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 2
 
 
+def test_the_pretraining_cache_key_holds_the_world_size_under_ddp(tmp_path, monkeypatch):
+    """batch_size is per process: a DDP run's pretraining is not a single process's."""
+    model = _small("pretrained", pretrain_epochs=1, pretrain_cache=str(tmp_path / "cache"))
+    _trainer(tmp_path, 1, enable_checkpointing=False).fit(model, _blobs())
+    model._cache_key_of_fit = None
+    single = model._cache_key()
+    assert "world_size" not in single  # the entries written so far keep their key
+    monkeypatch.setattr(L.Trainer, "world_size", property(lambda self: 4))
+    model._cache_key_of_fit = None
+    assert model._cache_key() == {**single, "world_size": 4}
+
+
 def test_unknown_cm_init_is_refused_before_training():
     with pytest.raises(ValueError, match="cm_init must be 'pinv' or 'posterior', got 'pca'"):
         _small("pretrained", cm_init="pca")

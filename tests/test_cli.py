@@ -11,10 +11,19 @@ import warnings
 import pytest
 import torch
 from conftest import ROOT
+from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from lightning_protos import cli, hardware
 from lightning_protos.cli import main
-from lightning_protos.hardware import check_cpu_bf16, check_cuda_arch, cpu_has_native_bf16, usable_cores
+from lightning_protos.errors import ProtosError
+from lightning_protos.hardware import (
+    CudaArchCheck,
+    check_cpu_bf16,
+    check_cuda_arch,
+    cpu_has_native_bf16,
+    usable_cores,
+)
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
@@ -165,6 +174,33 @@ def test_supported_architectures(capability, archs):
     assert check_cuda_arch(capability, archs) is None
 
 
+class _Strategy:
+    def __init__(self, device: str) -> None:
+        self.root_device = torch.device(device)
+
+
+class _Trainer:
+    def __init__(self, device: str) -> None:
+        self.strategy = _Strategy(device)
+
+
+def test_each_process_checks_the_gpu_it_runs_on_in_setup(monkeypatch):
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: asked.append(device) or (7, 0))
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: CUDA13_ARCHS)
+    CudaArchCheck().setup(_Trainer("cpu"), None, "fit")  # a CPU run never asks CUDA
+    assert asked == []
+    with pytest.raises(ProtosError, match="sm_70") as err:
+        CudaArchCheck().setup(_Trainer("cuda:1"), None, "fit")  # rank 1's GPU, not GPU 0
+    assert asked == [torch.device("cuda:1")]
+    assert "\n" not in str(err.value)
+
+
+def test_every_cli_trainer_checks_its_gpu(tmp_path):
+    built = cli.ProtosCLI(args=digits(tmp_path, "--trainer.max_epochs", "1"), run=False)
+    assert isinstance(built.trainer.callbacks[0], CudaArchCheck)
+
+
 @pytest.mark.parametrize(
     ("capability", "archs"),
     [
@@ -179,10 +215,14 @@ def test_unsupported_architectures(capability, archs):
 
 
 def test_main_stops_on_a_gpu_without_kernels(monkeypatch, capsys):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    # the process's device is a V100 (sm_70) under a CUDA 13 build: stopped in setup, before
+    # the model moves to it
+    monkeypatch.setattr(SingleDeviceStrategy, "root_device", property(lambda self: torch.device("cuda:0")))
+    monkeypatch.setattr(CPUAccelerator, "setup_device", lambda self, device: None)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 0))
     monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: CUDA13_ARCHS)
-    code, _, err = run_main(["fit", "--config", str(ROOT / "configs" / "cm_digits.yaml")], capsys)
+    args = ["fit", "--config", str(ROOT / "configs" / "cm_digits.yaml"), "--data.init_args.device_fraction", "0"]
+    code, _, err = run_main(args, capsys)  # (the data stay on the host: no CUDA call before the check)
     assert code == 1
     assert "sm_70" in protos_error(err)
 

@@ -63,7 +63,7 @@ def test_recovers_well_separated_blobs(init, alpha, lr, precision, bias_init):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_fits_on_the_gpu_in_bf16():
-    from lightning_protos.cli import check_cuda_arch
+    from lightning_protos.hardware import check_cuda_arch
 
     assert check_cuda_arch(torch.cuda.get_device_capability(), torch.cuda.get_arch_list()) is None
     dm = blobs()

@@ -10,6 +10,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import TwoSplits, make_trainer
 from reference import mmd_loops, sinkhorn_numpy
 from scipy.special import logsumexp
@@ -222,6 +223,19 @@ def test_the_three_steps_update_what_algorithm_1_says():
     assert steps[1][1:] == (prot, prot)  # a: L_prot on the encoder and V
     assert steps[2][1:] == (reg, reg)  # b: L_reg on the encoder only, no gradient reaches V
     assert steps[3][1:] == (rec, rec)  # c: L_rec on the encoder and the decoder
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_scores_are_float32_under_bf16_autocast(normalize):
+    """S is scaled by 1 / eps in the codes and 1 / tau in P: it is computed in float32 even
+    where the network runs in bf16."""
+    model = protovae(normalize=normalize)
+    z = torch.randn(8, NET["latent_dim"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        s = model.scores(z)
+    want = (F.normalize(z, dim=1) @ F.normalize(model.V, dim=0)) if normalize else z @ model.V
+    assert s.dtype == torch.float32
+    torch.testing.assert_close(s, want, rtol=1e-6, atol=1e-6)
 
 
 def test_l_reg_gives_v_no_gradient():

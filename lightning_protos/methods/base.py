@@ -31,6 +31,16 @@ def adam(params, lr: float, eps: float = 1e-8) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, eps=eps, fused=True)
 
 
+def broadcast_from_rank0(tensors) -> None:
+    """Under DDP, rank 0's values of ``tensors`` (parameters or buffers) on every rank, in place;
+    nothing otherwise. For the initialisations computed on every rank (k-means, a GMM, the first
+    prototypes): multi-threaded fits may differ in their last bits between ranks, and DDP
+    synchronises the parameters only when it wraps the model, before them."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for tensor in tensors:
+            dist.broadcast(tensor.data, src=0)
+
+
 def rng_state() -> dict[str, Any]:
     """The global random generators' states (torch, CUDA, NumPy, Python) as tensors and plain
     Python values, so that a checkpoint holding them loads with ``weights_only``."""

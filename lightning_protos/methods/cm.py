@@ -23,7 +23,7 @@ from torch import Tensor
 from ..nets import ClusteringModule, ParameterAverage
 from ..nets.mlp import BiasInit
 from ..ops import cm_terms, kmeans_pp_centres
-from .base import ClusteringMethod, adam, check_positive
+from .base import ClusteringMethod, adam, broadcast_from_rank0, check_positive
 
 
 class CM(ClusteringMethod):
@@ -126,6 +126,7 @@ class CM(ClusteringMethod):
             x = self.fit_features().reshape(-1, self.input_dim)
             self.cm.init_from_centres(kmeans_pp_centres(x, self.n_clusters, seed, self.hparams.init_lloyd_steps))
             self.initialised.fill_(True)
+            broadcast_from_rank0(self.cm.parameters())
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         x_all = self.flat(batch["x"])

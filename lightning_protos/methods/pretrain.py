@@ -30,7 +30,7 @@ from ..errors import ProtosError
 from ..nets import MLPAutoencoder
 from ..nets.mlp import BiasInit
 from ..ops import kmeans_centres
-from .base import ClusteringMethod, adam, check_positive
+from .base import ClusteringMethod, adam, broadcast_from_rank0, check_positive
 
 
 def reconstruction_loss(x: Tensor, x_rec: Tensor) -> Tensor:
@@ -291,6 +291,9 @@ class AutoencoderMethod(ClusteringMethod):
             "batch_size": getattr(dm, "batch_size", None),
             "optimizer": {"name": "adam", **self._adam},
             "precision": str(self.trainer.precision),  # bf16 autocast trains other weights than fp32
+            # batch_size is per process: under DDP each step sees world_size batches (a single
+            # process's entries keep their earlier key)
+            **({"world_size": self.trainer.world_size} if self.trainer.world_size > 1 else {}),
         }
         return self._cache_key_of_fit
 
@@ -331,6 +334,7 @@ class AutoencoderMethod(ClusteringMethod):
             self._save_pretrained()
             self.init_from_codes(encode_all(self.encode, self.fit_data()))
             self.initialised.fill_(True)
+            broadcast_from_rank0([*self.parameters(), *self.buffers()])  # rank 0's k-means everywhere
 
     def on_train_batch_start(self, batch: dict[str, Tensor], batch_idx: int) -> int | None:
         super().on_train_batch_start(batch, batch_idx)

@@ -273,14 +273,17 @@ class ProtoVAE(ReconstructionMethod):
 
     # -- contract ---------------------------------------------------------------------
     def scores(self, z: Tensor) -> Tensor:
-        """``(B, K)`` S = z^T v_k (cosines with ``normalize``)."""
-        if self.hparams.normalize:
-            return F.normalize(z, dim=1) @ F.normalize(self.V, dim=0)
-        return z @ self.V
+        """``(B, K)`` S = z^T v_k (cosines with ``normalize``), in float32: the codes and P scale
+        S by 1 / eps and 1 / tau, which would magnify a bf16 product's rounding."""
+        with self.full_precision():
+            z = z.float()
+            if self.hparams.normalize:
+                return F.normalize(z, dim=1) @ F.normalize(self.V, dim=0)
+            return z @ self.V
 
     def cluster_probs(self, x: Tensor) -> Tensor:
         """P = softmax(z V / tau), ``(B, K)``."""
-        return torch.softmax(self.scores(self.embed(x)).float() / self.hparams.tau, dim=1)
+        return torch.softmax(self.scores(self.embed(x)) / self.hparams.tau, dim=1)
 
     def prototypes(self) -> Tensor:
         """V^T, ``(K, latent_dim)``."""

@@ -45,13 +45,12 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from ..errors import ProtosError
 from ..ops import floored_logvar, mixture_responsibilities, raw_logvar, vade_kl_terms
-from .base import ClusteringMethod, adam, check_positive
+from .base import ClusteringMethod, adam, broadcast_from_rank0, check_positive
 from .vae import VADE_HIDDEN, ConvVAEMethod, Network, Reconstruction
 
 
@@ -185,9 +184,7 @@ class VaDE(ConvVAEMethod):
         head = self.encoder.logvar  # q(z|x) starts at the components' spread, not at N(0, I)'s
         head.weight.zero_()
         head.bias.copy_(torch.log(weights @ variances))
-        if dist.is_available() and dist.is_initialized():
-            for tensor in (self.pi_logits, self.mu_c, self.logvar_raw, head.bias):
-                dist.broadcast(tensor, src=0)
+        broadcast_from_rank0((self.pi_logits, self.mu_c, self.logvar_raw, head.bias))
         self.initialised.fill_(True)
 
     def on_train_epoch_start(self) -> None:

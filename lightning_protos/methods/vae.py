@@ -32,7 +32,6 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
@@ -42,7 +41,7 @@ from ..errors import ProtosError
 from ..nets.conv import NET_SIZE, ConvDecoder, ConvEncoder, resize
 from ..nets.mlp import MLPDecoder, MLPEncoder
 from ..ops import elbow_kmeans, gaussian_kl, kmeans_centres
-from .base import ClusteringMethod, adam, check_positive
+from .base import ClusteringMethod, adam, broadcast_from_rank0, check_positive
 
 IMAGE_SIZES = ((28, 28), (32, 32))
 Network = Literal["conv", "mlp"]
@@ -291,9 +290,7 @@ class VAE(ConvVAEMethod):
             rank_zero_info(f"VAE+KMeans: the elbow of the k-means inertia over K={h.k_min}..{self.n_clusters} is K={k}")
         self.centres[:k] = torch.as_tensor(centres, dtype=self.centres.dtype, device=self.centres.device)
         self.k.fill_(k)
-        if dist.is_available() and dist.is_initialized():  # rank 0's clusters everywhere, bit for bit
-            for buffer in (self.centres, self.k, self.inertias):
-                dist.broadcast(buffer, src=0)
+        broadcast_from_rank0((self.centres, self.k, self.inertias))  # rank 0's clusters everywhere, bit for bit
         self._fitted_at_step = self.global_step
 
     def _clusters_stale(self) -> bool:

@@ -35,7 +35,6 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from ..errors import ProtosError
@@ -49,7 +48,7 @@ from ..ops import (
     temperature,
 )
 from ..ops.vaesim import Schedule, Similarity
-from .base import check_positive
+from .base import broadcast_from_rank0, check_positive
 from .vae import VADE_HIDDEN, ConvVAEMethod, Network, Reconstruction
 
 
@@ -205,8 +204,7 @@ class VAESim(ConvVAEMethod):
             self.train(was_training)
             chosen = self.reparameterise(mu, logvar)
         self.Q.copy_(chosen.float())
-        if dist.is_available() and dist.is_initialized():
-            dist.broadcast(self.Q, src=0)
+        broadcast_from_rank0([self.Q])
         self.initialised.fill_(True)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
