@@ -131,6 +131,8 @@ class VAESim(ConvVAEMethod):
         self.register_buffer("initialised", torch.tensor(False))
         self.register_buffer("tau_step", torch.tensor(0))  # training steps taken: the schedule position
         self.register_buffer("tau", torch.tensor(self._temperature(0, 1)))  # tau at tau_step
+        # host copies of tau_step and initialised, read once a fit: no device sync per step
+        self._host_state: tuple[int, bool] | None = None
 
     # -- temperature ------------------------------------------------------------------
     def _temperature(self, step: int, total: int) -> float:
@@ -207,21 +209,28 @@ class VAESim(ConvVAEMethod):
         broadcast_from_rank0([self.Q])
         self.initialised.fill_(True)
 
+    def on_train_start(self) -> None:
+        self._host_state = None  # read again after a checkpoint or a state dict was loaded
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         h = self.hparams
+        if self._host_state is None:
+            self._host_state = (int(self.tau_step), bool(self.initialised))
+        step, initialised = self._host_state
         x = self.augment(batch["x"]) if h.augment else batch["x"]
         x = self.to_net(x)
         mu, logvar = self.encoder(x)
         z = self.reparameterise(mu, logvar)
-        if not bool(self.initialised):  # step 1
+        if not initialised:  # step 1
             self.init_prototypes(z.detach())
-        self.tau.fill_(self._temperature(int(self.tau_step), self.trainer.estimated_stepping_batches))  # step 4
+        self.tau.fill_(self._temperature(step, self.trainer.estimated_stepping_batches))  # step 4
         c = self.condition(z, self.tau)  # Eq. 1
         out = self.reconstruct(torch.cat([z, c.to(z.dtype)], dim=1))
         loss = self.check_and_log(self.elbo_terms(x, out, mu, logvar))  # Eq. 2
         self.optimize(loss, self.optimizers())
         self.update_prototypes(z.detach(), c.detach())  # step 3
         self.tau_step += 1
+        self._host_state = (step + 1, True)
 
     @torch.no_grad()
     def update_prototypes(self, z: Tensor, c: Tensor) -> None:
