@@ -76,7 +76,9 @@ class TensorBatches(Dataset):
 
     def __getitems__(self, indices: list[int]) -> dict[str, Tensor]:
         index = torch.as_tensor(indices, dtype=torch.long)
-        batch = {"x": to_float(self.x[index.to(self.x.device)]), "index": index}
+        # data held on a GPU: an asynchronous copy of the indices (from pageable memory CUDA
+        # stages it at once), so fetching a batch does not wait for the steps queued before it
+        batch = {"x": to_float(self.x[index.to(self.x.device, non_blocking=True)]), "index": index}
         if self.with_labels:
             batch["y"] = self.y[index]
         return batch
