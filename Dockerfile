@@ -4,8 +4,8 @@
 #   A6000 (Ampere) and newer:  docker build -t protos .                                (cu130)
 #   V100 (Volta, sm_70):       docker build -t protos:v100 --build-arg TORCH_CUDA=cu126 .
 #
-# PyTorch's CUDA 13 wheels have no sm_70 kernels; its CUDA 12.6 wheels still do. `protos`
-# checks the GPU against the build's architectures at start and names the fix if they differ.
+# PyTorch's CUDA 13 wheels have no sm_70 kernels; its CUDA 12.6 wheels still do. Each `protos`
+# process checks its GPU against the build's architectures before any work and names the fix.
 FROM python:3.12-slim
 
 # PyTorch wheel index variant: cu130 (Ampere and newer), cu126 (Volta / V100), cpu.

@@ -31,6 +31,8 @@ from .eval.probes import ProbeEvaluator
 from .hardware import CudaArchCheck, check_cpu_bf16, cpu_has_native_bf16
 from .methods.base import ClusteringMethod
 
+LABEL_SCORES = ("acc", "nmi", "ari", "homogeneity")  # what ClusteringEvaluator scores against labels
+
 
 class ProtosCLI(LightningCLI):
     """LightningCLI with the evaluation callbacks always on, the input shape linked from the
@@ -105,6 +107,17 @@ class ProtosCLI(LightningCLI):
                 rank_zero_warn(problem)
         if self.subcommand == "fit" and config is not None and config.get("ckpt_path") == "last":
             continue_last_run(config)
+
+    def before_fit(self) -> None:
+        # best.ckpt is picked by a score against the labels (val/acc by default): data without
+        # labels (a user's .npy, an image folder without class sub-folders) keep last.ckpt only
+        if self.datamodule.labels("eval") is None:
+            by_labels = [
+                c for c in self.trainer.checkpoint_callbacks if c.monitor and c.monitor.split("/")[-1] in LABEL_SCORES
+            ]
+            for callback in by_labels:
+                self.trainer.callbacks.remove(callback)
+                rank_zero_warn(f"the data have no labels: no best checkpoint by {callback.monitor}, last.ckpt only")
 
     def before_test(self) -> None:
         if self.inspect:
@@ -215,6 +228,13 @@ def main(argv: list[str] | None = None) -> None:
     inspect = bool(args) and args[0] == "inspect"
     if inspect and not any(a == "--ckpt_path" or a.startswith("--ckpt_path=") for a in args):
         sys.exit("protos: error: inspect needs --ckpt_path CHECKPOINT, the trained model to draw")
+    if args in ([], ["-h"], ["--help"]):  # Lightning's help lists only its own subcommands
+        print(
+            "protos: fit / validate / test / predict (below), and bench, report, inspect:\n"
+            "  protos bench --config configs/bench/T.yaml [--report]   a table's runs over seeds\n"
+            "  protos report --config configs/bench/T.yaml             its tables from the rows so far\n"
+            "  protos inspect --config C.yaml --ckpt_path CKPT          a trained model's pictures\n"
+        )
     if args and args[0] in ("bench", "report"):
         from .bench.runner import main as bench_main
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT
@@ -212,6 +213,32 @@ def test_every_cli_trainer_checks_its_gpu(tmp_path):
 )
 def test_unsupported_architectures(capability, archs):
     assert f"sm_{capability[0]}{capability[1]}" in check_cuda_arch(capability, archs)
+
+
+def test_top_level_help_names_the_protos_subcommands_too(capsys):
+    code, out, _ = run_main(["--help"], capsys)
+    assert code == 0
+    for command in ("protos bench", "protos report", "protos inspect", "{fit,validate,test,predict}"):
+        assert command in out
+
+
+def test_fit_on_unlabelled_data_keeps_last_ckpt_and_scores_l_sp(tmp_path, capsys):
+    """A user's features without labels: no best checkpoint by val/acc (Lightning would stop at
+    the first validation), last.ckpt and the unsupervised criterion instead."""
+    x = np.random.default_rng(0).normal(size=(120, 4)).astype(np.float32)
+    np.save(tmp_path / "features.npy", x)
+    args = [
+        "fit", "--model", "lightning_protos.methods.cm.CM", "--model.init_args.n_clusters", "3",
+        "--data", "lightning_protos.data.ArrayFile", "--data.init_args.path", str(tmp_path / "features.npy"),
+        "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(tmp_path), *QUIET,
+    ]  # fmt: skip
+    with pytest.warns(UserWarning, match="no labels: no best checkpoint by val/acc"):
+        code, _, err = run_main(args, capsys)
+    assert code == 0, err
+    run = tmp_path / "lightning_logs" / "version_0"
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["last.ckpt"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["test"]) == {"epoch", "l_sp", "n_clusters_used"}
 
 
 def test_main_stops_on_a_gpu_without_kernels(monkeypatch, capsys):
