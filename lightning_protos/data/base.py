@@ -76,8 +76,8 @@ class TensorBatches(Dataset):
 
     def __getitems__(self, indices: list[int]) -> dict[str, Tensor]:
         index = torch.as_tensor(indices, dtype=torch.long)
-        # data held on a GPU: an asynchronous copy of the indices (from pageable memory CUDA
-        # stages it at once), so fetching a batch does not wait for the steps queued before it
+        # data held on a GPU: a non-blocking copy of the indices, so that PyTorch does not
+        # synchronise the stream after it (i.e. wait for the queued steps) on every batch
         batch = {"x": to_float(self.x[index.to(self.x.device, non_blocking=True)]), "index": index}
         if self.with_labels:
             batch["y"] = self.y[index]

@@ -307,9 +307,9 @@ class ClusteringMethod(L.LightningModule):
         return torch.autocast(self.device.type, enabled=False)
 
     def in_float32(self, terms_fn, *tensors: Tensor, **kwargs) -> dict[str, Tensor]:
-        """``terms_fn(*tensors, **kwargs)`` with the tensors in float32, outside autocast: the
-        loss terms of an ``ops`` function under ``--trainer.precision bf16-mixed``. Without
-        autocast no context is entered (that costs ~10 us, a CM step ~1.7 ms)."""
+        """``terms_fn(*tensors, **kwargs)`` with the tensors in float32, outside autocast: how a
+        method computes its loss terms under ``--trainer.precision bf16-mixed``. Without autocast
+        no context is entered (that costs ~10 us, a CM step ~1.7 ms)."""
         tensors = [t.float() for t in tensors]
         if not torch.is_autocast_enabled(self.device.type):
             return terms_fn(*tensors, **kwargs)

@@ -158,8 +158,7 @@ class _VariationalBaseline(ReconstructionMethod):
         z = self.reparameterise(mu, logvar)
         terms, metrics = self.reconstruction_terms(x, self.decoder(z))
         if not self.in_warmup():
-            with self.full_precision():
-                terms.update(self.regulariser(mu.float(), logvar.float(), z.float()))
+            terms.update(self.in_float32(self.regulariser, mu, logvar, z))
         self.optimize(self.check_and_log(terms, metrics=metrics), self.optimizers())
 
 
