@@ -115,11 +115,14 @@ def _rank(rank: int, port: int, out: str, names: list[str], world: int) -> None:
             default_root_dir=out,
         )  # fmt: skip
         trainer.fit(model, data())
-        # taken before validate, whose DDP wrapper would broadcast rank zero's buffers
+        # taken before validate (were DDP to broadcast rank zero's buffers, as by default, the
+        # comparison below would only cover each run's last step: ClusteringMethod.setup turns
+        # that off, so it covers the whole run)
         state = {
             "buffers": {k: v.detach().cpu().clone() for k, v in model.named_buffers()},
             "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
             "steps": trainer.global_step,
+            "broadcast_buffers": trainer.strategy._ddp_kwargs.get("broadcast_buffers"),
             "compiled": any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules()),
         }
         trainer.validate(model, data(), verbose=False)  # the trained model, scored under DDP
@@ -135,6 +138,7 @@ def run_ddp(tmp_path, names: list[str], world: int = WORLD) -> dict[str, list[di
 def check(name: str, ranks: list[dict]) -> None:
     zero, one = ranks
     assert zero["steps"] > 0
+    assert zero["broadcast_buffers"] is False
     assert zero["buffers"] or name == "protovae", f"{name} has no buffers to compare"  # ProtoVAE: V is a parameter
     for key, value in zero["state_dict"].items():  # the buffers, and the parameters DDP keeps in step
         torch.testing.assert_close(
