@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 from jsonargparse import Namespace
-from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
@@ -27,11 +26,10 @@ from .data import DATASETS, ArrayDataModule
 from .errors import ProtosError
 from .eval.callbacks import AssignmentWriter, ClusteringEvaluator, run_dir
 from .eval.images import InspectionImages
+from .eval.metrics import LABEL_SCORES
 from .eval.probes import ProbeEvaluator
-from .hardware import CudaArchCheck, check_cpu_bf16, cpu_has_native_bf16
+from .hardware import check_cpu_bf16, cpu_has_native_bf16
 from .methods.base import ClusteringMethod
-
-LABEL_SCORES = ("acc", "nmi", "ari", "homogeneity")  # what ClusteringEvaluator scores against labels
 
 
 class ProtosCLI(LightningCLI):
@@ -56,11 +54,6 @@ class ProtosCLI(LightningCLI):
             subclass_mode_data=True,
             **kwargs,
         )
-
-    def instantiate_trainer(self, **kwargs) -> Trainer:
-        trainer = super().instantiate_trainer(**kwargs)
-        trainer.callbacks.insert(0, CudaArchCheck())  # each process checks the GPU it runs on
-        return trainer
 
     def init_parser(self, **kwargs) -> LightningArgumentParser:
         # Raise instead of printing the whole usage: ``main`` reports the error in one line.

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import platform
 
-import lightning as L
 import torch
 
 from .errors import ProtosError
@@ -35,18 +34,15 @@ def check_cuda_arch(capability: tuple[int, int], arch_list: list[str]) -> str | 
     )
 
 
-class CudaArchCheck(L.Callback):
-    """:func:`check_cuda_arch` for the GPU each process runs on, in ``setup``: before any work,
-    after the strategy has picked the device, and inside the process (checking from the launcher
-    would initialise CUDA there, which ``ddp_fork`` / ``ddp_notebook`` cannot fork from, and
-    would check GPU 0 also for a CPU run). ``ProtosCLI`` adds it to every trainer."""
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        device = trainer.strategy.root_device
-        if device.type == "cuda":
-            problem = check_cuda_arch(torch.cuda.get_device_capability(device), torch.cuda.get_arch_list())
-            if problem:
-                raise ProtosError(problem)
+def check_device(device: torch.device) -> None:
+    """:func:`check_cuda_arch` for the GPU a process runs on, as a one-line error; nothing for
+    another device. Called by every method's ``setup``, inside each process (checking from the
+    launcher would initialise CUDA there, which ``ddp_fork`` / ``ddp_notebook`` cannot fork
+    from, and would check GPU 0 also for a CPU run)."""
+    if device.type == "cuda":
+        problem = check_cuda_arch(torch.cuda.get_device_capability(device), torch.cuda.get_arch_list())
+        if problem:
+            raise ProtosError(problem)
 
 
 def cpu_has_native_bf16() -> bool:

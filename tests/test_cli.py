@@ -11,20 +11,22 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, make_trainer
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from lightning_protos import cli, hardware
 from lightning_protos.cli import main
+from lightning_protos.data import Blobs
 from lightning_protos.errors import ProtosError
 from lightning_protos.hardware import (
-    CudaArchCheck,
     check_cpu_bf16,
     check_cuda_arch,
+    check_device,
     cpu_has_native_bf16,
     usable_cores,
 )
+from lightning_protos.methods.cm import CM
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
@@ -175,31 +177,31 @@ def test_supported_architectures(capability, archs):
     assert check_cuda_arch(capability, archs) is None
 
 
-class _Strategy:
-    def __init__(self, device: str) -> None:
-        self.root_device = torch.device(device)
-
-
-class _Trainer:
-    def __init__(self, device: str) -> None:
-        self.strategy = _Strategy(device)
-
-
-def test_each_process_checks_the_gpu_it_runs_on_in_setup(monkeypatch):
+def test_each_process_checks_the_gpu_it_runs_on(monkeypatch):
     asked = []
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: asked.append(device) or (7, 0))
     monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: CUDA13_ARCHS)
-    CudaArchCheck().setup(_Trainer("cpu"), None, "fit")  # a CPU run never asks CUDA
+    check_device(torch.device("cpu"))  # a CPU run never asks CUDA
     assert asked == []
     with pytest.raises(ProtosError, match="sm_70") as err:
-        CudaArchCheck().setup(_Trainer("cuda:1"), None, "fit")  # rank 1's GPU, not GPU 0
+        check_device(torch.device("cuda:1"))  # rank 1's GPU, not GPU 0
     assert asked == [torch.device("cuda:1")]
     assert "\n" not in str(err.value)
 
 
-def test_every_cli_trainer_checks_its_gpu(tmp_path):
-    built = cli.ProtosCLI(args=digits(tmp_path, "--trainer.max_epochs", "1"), run=False)
-    assert isinstance(built.trainer.callbacks[0], CudaArchCheck)
+def test_a_plain_trainer_checks_its_gpu_too(monkeypatch):
+    """The check is in every method's setup, not only behind the CLI: a Trainer built in Python
+    stops before the model moves to a GPU this PyTorch has no kernels for."""
+    monkeypatch.setattr(SingleDeviceStrategy, "root_device", property(lambda self: torch.device("cuda:0")))
+    monkeypatch.setattr(CPUAccelerator, "setup_device", lambda self, device: None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 0))
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: CUDA13_ARCHS)
+    model = CM(3, (2,), alpha=2.0)
+    trainer = make_trainer(max_epochs=1)
+    with pytest.raises(ProtosError, match="sm_70"):
+        trainer.fit(model, Blobs(n_samples=60, centers=3, batch_size=20, device_fraction=0))
+    assert trainer.global_step == 0
+    assert model.device.type == "cpu"
 
 
 @pytest.mark.parametrize(

@@ -68,6 +68,16 @@ def make(kind: str, seed: int = 0, **kwargs):
     return GMVAE(**{**SMALL, "w_dim": 2, "prior_hidden": 16, **kwargs})
 
 
+def step_terms(model, x: torch.Tensor, optimizers=None) -> dict[str, torch.Tensor]:
+    """The loss terms one ``training_step`` of ``model`` computes on ``x``, without optimising."""
+    terms = {}
+    model.check_and_log = lambda t, **kw: terms.update(t) or sum(t.values())
+    model.optimize = lambda loss, opt: None
+    model.optimizers = lambda: optimizers
+    model.training_step({"x": x, "index": torch.arange(len(x))}, 0)
+    return terms
+
+
 def fit(model, dm, epochs: int, ckpt_path=None, seed: int = 0, **kwargs) -> L.Trainer:
     L.seed_everything(seed, verbose=False)
     trainer = make_trainer(max_epochs=epochs, **kwargs)
@@ -166,12 +176,7 @@ def test_gmvae_kl_terms_are_non_negative_and_zero_where_posterior_equals_prior()
     torch.testing.assert_close(same, torch.zeros(6), atol=1e-6, rtol=0)
     torch.testing.assert_close(categorical_kl(uniform.expand(6, 4), uniform), torch.zeros(6), atol=1e-6, rtol=0)
     # the model's terms: one batch's logged KL_cond, KL_w, KL_c are >= 0
-    model = make("gmvae")
-    terms = {}
-    model.check_and_log = lambda t, **kw: terms.update(t) or sum(t.values())
-    model.optimize = lambda loss, opt: None
-    model.optimizers = lambda: None
-    model.training_step({"x": image_blobs(8, 0)[0], "index": torch.arange(8)}, 0)
+    terms = step_terms(make("gmvae"), image_blobs(8, 0)[0])
     assert set(terms) == {"L_recon", "KL_cond", "KL_w", "KL_c"}
     assert all(float(v) >= 0 for v in terms.values())
     assert float(terms["KL_c"]) >= 0.5 * 5e-3 / 4 * (1 - 1e-6)  # beta / q * lambda: the floor
@@ -184,10 +189,6 @@ def test_gmvae_step_terms_are_the_docstrings_recomputed_in_numpy():
     sample's). The draws are fixed at mu + 0.5 sigma."""
     model = make("gmvae", kl_c_floor=0.0)
     model.reparameterise = lambda mu, logvar: mu + 0.5 * torch.exp(0.5 * logvar)
-    terms = {}
-    model.check_and_log = lambda t, **kw: terms.update(t) or sum(t.values())
-    model.optimize = lambda loss, opt: None
-    model.optimizers = lambda: None
     images = image_blobs(8, 0)[0]
     with torch.no_grad():  # the step's forward pass (train mode: batch statistics)
         x = model.to_net(images)
@@ -211,8 +212,7 @@ def test_gmvae_step_terms_are_the_docstrings_recomputed_in_numpy():
     assert kl_c.min() < floors[1] < kl_c.mean()
     for floor in floors:
         model.hparams.kl_c_floor = floor
-        model.training_step({"x": images, "index": torch.arange(8)}, 0)
-        got = {k: float(v) for k, v in terms.items()}
+        got = {k: float(v) for k, v in step_terms(model, images).items()}
         assert got == pytest.approx({**want, "KL_c": weight * max(floor, kl_c.mean())}, rel=1e-5)
 
 
@@ -313,13 +313,9 @@ def test_bce_is_the_bernoulli_likelihood_per_pixel_computed_from_logits():
     assert float(loss) == pytest.approx(100.0)
     assert float(saturated.grad) == pytest.approx(1.0)
     # the pretraining step minimises the same BCE of d(z_mu)
-    terms = {}
-    model.check_and_log = lambda t, **kw: terms.update(t) or sum(t.values())
-    model.optimize = lambda loss, opt: None
-    model.optimizers = lambda: (None, None)
     model.trainer = type("Trainer", (), {"current_epoch": 0})()
     batch = torch.rand(6, 4)
-    model.training_step({"x": batch, "index": torch.arange(6)}, 0)
+    terms = step_terms(model, batch, optimizers=(None, None))
     with torch.no_grad():
         want = F.binary_cross_entropy(model.decoder(model.encode(batch)[0]), batch)
     torch.testing.assert_close(terms["L_recon"].detach(), want)

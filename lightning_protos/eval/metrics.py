@@ -10,6 +10,8 @@ from scipy.optimize import linear_sum_assignment
 from sklearn import metrics as skm
 from sklearn.metrics.cluster import contingency_matrix
 
+LABEL_SCORES = ("acc", "nmi", "ari", "homogeneity")  # the keys of clustering_scores
+
 
 def cluster_acc(y_true, y_pred) -> float:
     """Accuracy under the best one-to-one map from clusters to classes (Hungarian matching).

@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import ProtosError
+from ..hardware import check_device
 
 
 def check_positive(**values: float) -> None:
@@ -329,7 +330,8 @@ class ClusteringMethod(L.LightningModule):
         self.prepare_evaluation()
 
     def setup(self, stage: str) -> None:
-        """Checks the data against the network, and sets two of DDP's options, so that a plain
+        """Checks the GPU this process runs on (``hardware.check_device``: before the model moves
+        to it) and the data against the network, and sets two of DDP's options, so that a plain
         ``--trainer.strategy ddp``, or the DDP that ``--trainer.devices N`` picks, runs the
         methods as they need (the strategy's keyword arguments are read when the model is
         wrapped, after this hook; Lightning 2.x has no public setter):
@@ -342,6 +344,7 @@ class ClusteringMethod(L.LightningModule):
           so DDP's copy of all of rank 0's buffers before every step (AE-CM's float64 averaging
           sums alone: ~27 MB on MNIST) is not needed."""
         strategy = self.trainer.strategy
+        check_device(strategy.root_device)
         if isinstance(strategy, DDPStrategy):
             if stage == "fit" and self.ddp_unused_parameters:
                 strategy._ddp_kwargs["find_unused_parameters"] = True
