@@ -9,6 +9,7 @@ buffers and its evaluator's scores, compared afterwards in the test process."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import socket
 
@@ -72,7 +73,19 @@ CASES = {
         tiny_images,
         2,
     ),
+    # the k-means of the elbow and the GMM: rank 0's fit on both ranks
+    "vaekmeans_elbow": (lambda: VAEKMeans(4, (1, 28, 28), k_min=2, **CONV), tiny_images, 1),
+    "vade": (lambda: VaDE(2, (1, 28, 28), pretrain_epochs=1, **CONV), tiny_images, 3),
 }
+# the scikit-learn fits of the initialisations, by module: under DDP rank 0 alone runs them
+# (``on_rank0``), and every rank takes its result
+FITTERS = {
+    "lightning_protos.methods.pretrain": ("kmeans_centres",),
+    "lightning_protos.methods.cm": ("kmeans_pp_centres",),
+    "lightning_protos.methods.vae": ("kmeans_centres", "elbow_kmeans"),
+    "lightning_protos.methods.vade": ("diagonal_gmm",),
+}
+FITTED = {"cm", "aecm", "dec", "dec_skewed_kmeans", "idec", "dcn", "vaekmeans_elbow", "vade"}
 # the same fit with the conv nets compiled (``--compile.enabled``): DDP's hooks on the compiled
 # modules' parameters keep both ranks in step
 COMPILED = {"vaesim_compiled": CASES["vaesim"]}
@@ -82,7 +95,6 @@ RECONSTRUCTION = {"input_shape": (1, 28, 28), "latent_dim": 8, "channels": (4, 8
 # whatever the number of ranks (DKM and VaDE leave theirs out while they pretrain).
 OTHERS = {
     "dkm": (lambda: DKM(10, (64,), **AE), digits, 2),
-    "vade": (lambda: VaDE(2, (1, 28, 28), pretrain_epochs=1, **CONV), tiny_images, 3),
     "gmvae": (lambda: GMVAE(2, (1, 28, 28), w_dim=2, prior_hidden=8, **CONV), tiny_images, 2),
     "vaekmeans": (lambda: VAEKMeans(2, (1, 28, 28), k_min=None, **CONV), tiny_images, 2),
     "ae": (lambda: PlainAE(**RECONSTRUCTION), tiny_images, 2),
@@ -103,7 +115,14 @@ def _rank(rank: int, port: int, out: str, names: list[str], world: int) -> None:
         LOCAL_RANK=str(rank), RANK=str(rank),
     )  # fmt: skip
     torch.set_num_threads(1)
+    fits = []
+    for module_name, fitters in FITTERS.items():
+        module = importlib.import_module(module_name)
+        for fitter in fitters:
+            fn = getattr(module, fitter)
+            setattr(module, fitter, lambda *a, fn=fn, f=fitter, **k: fits.append(f) or fn(*a, **k))
     for name in names:
+        fits.clear()
         make, data, epochs = {**CASES, **OTHERS, **COMPILED}[name]
         L.seed_everything(0, verbose=False)
         model, evaluator = make(), ClusteringEvaluator()
@@ -123,6 +142,7 @@ def _rank(rank: int, port: int, out: str, names: list[str], world: int) -> None:
             "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
             "steps": trainer.global_step,
             "broadcast_buffers": trainer.strategy._ddp_kwargs.get("broadcast_buffers"),
+            "fits": list(fits),
             "compiled": any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules()),
         }
         trainer.validate(model, data(), verbose=False)  # the trained model, scored under DDP
@@ -139,6 +159,8 @@ def check(name: str, ranks: list[dict]) -> None:
     zero, one = ranks
     assert zero["steps"] > 0
     assert zero["broadcast_buffers"] is False
+    assert not one["fits"], f"{name}: rank 1 fitted {one['fits']}"  # it takes rank 0's
+    assert bool(zero["fits"]) == (name in FITTED), f"{name}: rank 0 fitted {zero['fits']}"
     assert zero["buffers"] or name == "protovae", f"{name} has no buffers to compare"  # ProtoVAE: V is a parameter
     for key, value in zero["state_dict"].items():  # the buffers, and the parameters DDP keeps in step
         torch.testing.assert_close(

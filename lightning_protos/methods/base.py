@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import lightning as L
 import numpy as np
@@ -16,6 +17,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import ProtosError
 from ..hardware import check_device
+
+T = TypeVar("T")
 
 
 def check_positive(**values: float) -> None:
@@ -32,14 +35,32 @@ def adam(params, lr: float, eps: float = 1e-8) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, eps=eps, fused=True)
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def broadcast_from_rank0(tensors) -> None:
     """Under DDP, rank 0's values of ``tensors`` (parameters or buffers) on every rank, in place;
-    nothing otherwise. For the initialisations computed on every rank (k-means, a GMM, the first
-    prototypes): multi-threaded fits may differ in their last bits between ranks, and DDP
-    synchronises the parameters only when it wraps the model, before them."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    nothing otherwise. For the initialisations each rank sets (the first prototypes, and what
+    the ranks derive from a fit shared by :func:`on_rank0`): DDP synchronises the parameters
+    only when it wraps the model, before them, and the ranks' codes, computed on their own
+    devices, need not agree to the last bit."""
+    if _distributed():
         for tensor in tensors:
             dist.broadcast(tensor.data, src=0)
+
+
+def on_rank0(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` computed by global rank 0 alone and sent, pickled, to every rank
+    under DDP (``broadcast_object_list``); a plain call otherwise. For the CPU fits of the
+    initialisations (k-means, the elbow's k-means, a GMM): called by every rank, they would
+    repeat the same fit once per process, each process on all of the node's cores, and
+    multi-threaded fits may differ in their last bits between ranks."""
+    if not _distributed():
+        return fn(*args, **kwargs)
+    box = [fn(*args, **kwargs) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def rng_state() -> dict[str, Any]:
@@ -291,7 +312,7 @@ class ClusteringMethod(L.LightningModule):
         ``--trainer.sync_batchnorm true``, averages inside the forward pass, on GPUs only; the
         mean then leaves the equal values as they are.)
         """
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if not _distributed():
             return {}
         stats = self._batchnorm_stats()
         if stats:

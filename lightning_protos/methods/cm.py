@@ -23,7 +23,7 @@ from torch import Tensor
 from ..nets import ClusteringModule, ParameterAverage
 from ..nets.mlp import BiasInit
 from ..ops import cm_terms, kmeans_pp_centres
-from .base import ClusteringMethod, adam, broadcast_from_rank0, check_positive
+from .base import ClusteringMethod, adam, check_positive, on_rank0
 
 
 class CM(ClusteringMethod):
@@ -124,9 +124,9 @@ class CM(ClusteringMethod):
         if not bool(self.initialised):  # k-means++ (checkpoints keep the flag: no re-init)
             seed = torch.initial_seed() % 2**31
             x = self.fit_features().reshape(-1, self.input_dim)
-            self.cm.init_from_centres(kmeans_pp_centres(x, self.n_clusters, seed, self.hparams.init_lloyd_steps))
+            centres = on_rank0(kmeans_pp_centres, x, self.n_clusters, seed, self.hparams.init_lloyd_steps)
+            self.cm.init_from_centres(centres)
             self.initialised.fill_(True)
-            broadcast_from_rank0(self.cm.parameters())
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         x_all = self.flat(batch["x"])

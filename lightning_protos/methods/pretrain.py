@@ -30,7 +30,7 @@ from ..errors import ProtosError
 from ..nets import MLPAutoencoder
 from ..nets.mlp import BiasInit
 from ..ops import kmeans_centres
-from .base import ClusteringMethod, adam, broadcast_from_rank0, check_positive
+from .base import ClusteringMethod, adam, broadcast_from_rank0, check_positive, on_rank0
 
 
 def reconstruction_loss(x: Tensor, x_rec: Tensor) -> Tensor:
@@ -234,9 +234,9 @@ class AutoencoderMethod(ClusteringMethod):
 
     def kmeans(self, z: Tensor) -> Tensor:
         """``(K, p)`` k-means centres of codes ``z`` (k-means++, ``kmeans_n_init`` restarts), seeded
-        by the run's seed."""
+        by the run's seed; fitted by rank 0 alone under DDP."""
         seed = torch.initial_seed() % 2**31
-        return kmeans_centres(z, self.n_clusters, seed, self._kmeans_n_init).to(z.device)
+        return on_rank0(kmeans_centres, z, self.n_clusters, seed, self._kmeans_n_init).to(z.device)
 
     def fit_data(self) -> Tensor:
         """The whole training split as ``(N, d)`` float features on this device, kept for the fit."""
@@ -334,7 +334,7 @@ class AutoencoderMethod(ClusteringMethod):
             self._save_pretrained()
             self.init_from_codes(encode_all(self.encode, self.fit_data()))
             self.initialised.fill_(True)
-            broadcast_from_rank0([*self.parameters(), *self.buffers()])  # rank 0's k-means everywhere
+            broadcast_from_rank0([*self.parameters(), *self.buffers()])  # rank 0's initialisation everywhere
 
     def on_train_batch_start(self, batch: dict[str, Tensor], batch_idx: int) -> int | None:
         super().on_train_batch_start(batch, batch_idx)

@@ -50,8 +50,18 @@ from torch import Tensor, nn
 
 from ..errors import ProtosError
 from ..ops import floored_logvar, mixture_responsibilities, raw_logvar, vade_kl_terms
-from .base import ClusteringMethod, adam, broadcast_from_rank0, check_positive
+from .base import ClusteringMethod, adam, check_positive, on_rank0
 from .vae import VADE_HIDDEN, ConvVAEMethod, Network, Reconstruction
+
+
+def diagonal_gmm(z: Tensor, k: int, seed: int, n_init: int) -> tuple[Tensor, Tensor, Tensor]:
+    """scikit-learn's GaussianMixture (diagonal covariances, ``n_init`` restarts) on ``z``
+    ``(N, q)``: its weights ``(K,)``, means and variances ``(K, q)``, float64 on the CPU."""
+    from sklearn.mixture import GaussianMixture
+
+    gmm = GaussianMixture(k, covariance_type="diag", n_init=n_init, random_state=seed).fit(z.cpu().double().numpy())
+    rank_zero_info(f"VaDE: GMM fitted on {len(z)} codes (converged: {gmm.converged_})")
+    return tuple(torch.as_tensor(a) for a in (gmm.weights_, gmm.means_, gmm.covariances_))
 
 
 class VaDE(ConvVAEMethod):
@@ -162,29 +172,17 @@ class VaDE(ConvVAEMethod):
     @torch.no_grad()
     def fit_mixture(self, z: Tensor) -> None:
         """The prior p(c), p(z|c) from a GaussianMixture (diagonal) fitted on the codes ``z``
-        ``(N, q)``, and q(z|x)'s variance head set to the components' spread; broadcast from
-        rank 0 under DDP."""
-        from sklearn.mixture import GaussianMixture
-
-        z = z.cpu().double().numpy()
-        gmm = GaussianMixture(
-            self.n_clusters,
-            covariance_type="diag",
-            n_init=self.hparams.gmm_n_init,
-            random_state=torch.initial_seed() % 2**31,
-        ).fit(z)
-        rank_zero_info(f"VaDE: GMM fitted on {len(z)} codes (converged: {gmm.converged_})")
-        weights, means, variances = (
-            torch.as_tensor(a, dtype=self.mu_c.dtype, device=self.device)
-            for a in (gmm.weights_, gmm.means_, gmm.covariances_)
-        )
+        ``(N, q)``, and q(z|x)'s variance head set to the components' spread; fitted by rank 0
+        alone under DDP."""
+        seed = torch.initial_seed() % 2**31
+        fitted = on_rank0(diagonal_gmm, z, self.n_clusters, seed, self.hparams.gmm_n_init)
+        weights, means, variances = (a.to(self.mu_c) for a in fitted)
         self.pi_logits.copy_(torch.log(weights))
         self.mu_c.copy_(means)
         self.logvar_raw.copy_(raw_logvar(variances))
         head = self.encoder.logvar  # q(z|x) starts at the components' spread, not at N(0, I)'s
         head.weight.zero_()
         head.bias.copy_(torch.log(weights @ variances))
-        broadcast_from_rank0((self.pi_logits, self.mu_c, self.logvar_raw, head.bias))
         self.initialised.fill_(True)
 
     def on_train_epoch_start(self) -> None:

@@ -41,7 +41,7 @@ from ..errors import ProtosError
 from ..nets.conv import NET_SIZE, ConvDecoder, ConvEncoder, resize
 from ..nets.mlp import MLPDecoder, MLPEncoder
 from ..ops import elbow_kmeans, gaussian_kl, kmeans_centres
-from .base import ClusteringMethod, adam, broadcast_from_rank0, check_positive
+from .base import ClusteringMethod, adam, check_positive, on_rank0
 
 IMAGE_SIZES = ((28, 28), (32, 32))
 Network = Literal["conv", "mlp"]
@@ -275,22 +275,21 @@ class VAE(ConvVAEMethod):
 
     @torch.no_grad()
     def fit_clusters(self) -> None:
-        """Step 3: k-means on z_mu of the whole training split (on every rank; rank 0's result is kept)."""
+        """Step 3: k-means on z_mu of the whole training split (fitted by rank 0 alone under DDP)."""
         z = self.embed_all(self.fit_features())
         seed = torch.initial_seed() % 2**31
         h = self.hparams
         self.centres.zero_()
         self.inertias.zero_()
         if h.k_min is None:
-            k, centres = self.n_clusters, kmeans_centres(z, self.n_clusters, seed, h.kmeans_n_init)
+            k, centres = self.n_clusters, on_rank0(kmeans_centres, z, self.n_clusters, seed, h.kmeans_n_init)
         else:
             k_values = list(range(h.k_min, self.n_clusters + 1))
-            k, centres, inertias = elbow_kmeans(z, k_values, seed, h.kmeans_n_init)
+            k, centres, inertias = on_rank0(elbow_kmeans, z, k_values, seed, h.kmeans_n_init)
             self.inertias[h.k_min - 1 :] = torch.as_tensor(inertias, dtype=self.inertias.dtype)
             rank_zero_info(f"VAE+KMeans: the elbow of the k-means inertia over K={h.k_min}..{self.n_clusters} is K={k}")
         self.centres[:k] = torch.as_tensor(centres, dtype=self.centres.dtype, device=self.centres.device)
         self.k.fill_(k)
-        broadcast_from_rank0((self.centres, self.k, self.inertias))  # rank 0's clusters everywhere, bit for bit
         self._fitted_at_step = self.global_step
 
     def _clusters_stale(self) -> bool:
