@@ -361,3 +361,22 @@ def test_fit_on_all_concatenates_once_and_shares_the_tensors(shared_data):
     train, evaluation = dm.train_dataloader().dataset.x, dm.val_dataloader().dataset.x
     assert train.data_ptr() == evaluation.data_ptr()  # one copy of the 10,992 rows, not two
     assert dm.n_train == len(train) == 10992
+
+
+def test_an_evaluation_split_smaller_than_the_processes_is_refused_in_one_line():
+    """Under DDP each process evaluates its own shard; with fewer samples than processes one
+    would have none, skip the loop and leave the others waiting in the evaluators' gathers."""
+    from types import SimpleNamespace
+
+    from lightning_protos.errors import ProtosError
+
+    x = torch.zeros(3, 2)
+    dm = TwoSplits((x, torch.tensor([0, 1, 0])), batch_size=2)
+    dm.setup("fit")
+    for world, refused in ((3, False), (4, True)):
+        dm.trainer = SimpleNamespace(world_size=world, global_rank=0)
+        if refused:
+            with pytest.raises(ProtosError, match="the eval split has 3 samples, fewer than the 4 processes"):
+                dm.val_dataloader()
+        else:
+            assert sum(len(b["x"]) for b in dm.val_dataloader()) == 1  # this rank's one sample

@@ -316,7 +316,13 @@ class ArrayDataModule(L.LightningDataModule):
             sampler = EpochShuffle(dataset, seed)
         elif self.trainer is not None and self.trainer.world_size > 1:
             # evaluation under DDP: each rank takes every world_size-th sample, none twice (the
-            # evaluators gather the shards, so every metric covers the whole set exactly once)
+            # evaluators gather the shards, so every metric covers the whole set exactly once);
+            # a rank without a sample would skip the loop and leave the others waiting for it
+            if len(dataset) < self.trainer.world_size:
+                raise ProtosError(
+                    f"the {stage} split has {len(dataset)} samples, fewer than the {self.trainer.world_size} "
+                    "processes: every process evaluates at least one (run on fewer devices)"
+                )
             sampler = UnrepeatedDistributedSampler(
                 dataset, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
             )
