@@ -9,6 +9,7 @@ buffers and its evaluator's scores, compared afterwards in the test process."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import os
 import socket
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import TwoSplits
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_protos.compile import Compile
 from lightning_protos.data import Digits
@@ -211,3 +213,61 @@ def test_compiled_conv_nets_agree_across_ranks(tmp_path):
     ranks = run_ddp(tmp_path, ["vaesim_compiled"])["vaesim_compiled"]
     assert all(rank["compiled"] for rank in ranks)
     check("vaesim_compiled", ranks)
+
+
+class RandomStream(L.Callback):
+    """A digest of torch's generator after each training batch (its draws included), by step."""
+
+    def __init__(self) -> None:
+        self.digests: dict[int, str] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.digests[trainer.global_step] = hashlib.sha1(torch.get_rng_state().numpy().tobytes()).hexdigest()
+
+
+class StopAfterFirstEpoch(L.Callback):
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        trainer.should_stop = True
+
+
+def _resume_rank(rank: int, port: int, out: str, world: int) -> None:
+    """VAESim (reparameterisation noise, multinomial draws) fitted for 2 epochs without a stop,
+    then stopped after its first epoch and resumed from that epoch's checkpoint."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), NODE_RANK="0",
+        LOCAL_RANK=str(rank), RANK=str(rank),
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    make, data, _ = CASES["vaesim"]
+    runs = {}
+    for run, ckpt_path in (("whole", None), ("stopped", None), ("resumed", f"{out}/stopped/epoch=0.ckpt")):
+        L.seed_everything(0, verbose=False)
+        model, stream = make(), RandomStream()
+        every_epoch = ModelCheckpoint(dirpath=f"{out}/{run}", save_top_k=-1, filename="{epoch}")
+        trainer = L.Trainer(
+            accelerator="cpu", devices=world, strategy="ddp", max_epochs=2, logger=False,
+            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+            callbacks=[stream, every_epoch, *([StopAfterFirstEpoch()] if run == "stopped" else [])],
+        )  # fmt: skip
+        trainer.fit(model, data(), ckpt_path=ckpt_path)
+        runs[run] = {"digests": stream.digests, "state_dict": {k: v.clone() for k, v in model.state_dict().items()}}
+    torch.save(runs, os.path.join(out, f"resume.rank{rank}.pt"))
+
+
+@pytest.mark.slow
+def test_each_rank_draws_its_own_stream_and_resumes_it(tmp_path):
+    """The ranks draw different noise (seed_everything seeds them alike; rank > 0 takes a
+    stream of its own), and a resumed DDP run continues every rank's stream where the
+    checkpoint left it: the resumed epoch's draws and the final weights are the whole run's."""
+    mp.spawn(_resume_rank, args=(_free_port(), str(tmp_path), WORLD), nprocs=WORLD, join=True)
+    zero, one = (torch.load(tmp_path / f"resume.rank{r}.pt", weights_only=False) for r in range(WORLD))
+    steps = sorted(zero["whole"]["digests"])
+    assert steps == sorted(one["whole"]["digests"])
+    assert len(steps) == 6
+    assert all(zero["whole"]["digests"][s] != one["whole"]["digests"][s] for s in steps)
+    for rank in (zero, one):
+        resumed = rank["resumed"]["digests"]
+        assert sorted(resumed) == steps[3:]  # the second epoch's steps
+        assert resumed == {s: rank["whole"]["digests"][s] for s in steps[3:]}
+        for key, value in rank["whole"]["state_dict"].items():
+            torch.testing.assert_close(rank["resumed"]["state_dict"][key], value, rtol=0, atol=0, msg=key)

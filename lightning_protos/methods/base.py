@@ -75,6 +75,23 @@ def rng_state() -> dict[str, Any]:
     }
 
 
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, by rank, under DDP (a collective: every rank calls it); ``[obj]``
+    otherwise."""
+    if not _distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def seed_rank_stream(seed: int, rank: int, step: int) -> None:
+    """Seeds torch's generators (CPU and CUDA) of a process of rank ``rank`` > 0 with a stream of
+    its own, derived from the run's ``seed``, the rank and the optimizer step it starts at
+    (numpy's ``SeedSequence``: streams independent of each other and of rank 0's)."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> 1))
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restores what :func:`rng_state` returned (CUDA only onto as many devices)."""
     torch.set_rng_state(state["torch"])
@@ -128,6 +145,8 @@ class ClusteringMethod(L.LightningModule):
         self._first_bad: Tensor | None = None  # the first step whose loss was not finite, or -1
         self._grad_stats: dict[str, Tensor] = {}  # this epoch's gradient norms under max_grad_norm
         self._resumed: dict[str, Any] | None = None  # what on_load_checkpoint read, until the next batch
+        self._run_seed: int | None = None  # torch's seed when the trainer set the method up
+        self._own_stream = False  # a rank > 0 of a DDP fit, before its first batch: see setup
 
     # -- the contract -----------------------------------------------------------------
     def embed(self, x: Tensor) -> Tensor:
@@ -162,6 +181,13 @@ class ClusteringMethod(L.LightningModule):
         validation starts and by the evaluation callbacks before they read the contract during
         ``fit``."""
         self.average_batchnorm_stats()
+
+    @property
+    def run_seed(self) -> int:
+        """The run's seed (``seed_everything``'s) as every rank had it when the trainer set the
+        method up: the seed of the initialisations' fits and of the pretraining cache's key.
+        (From its first training batch on, a DDP rank > 0 draws from a stream of its own.)"""
+        return torch.initial_seed() if self._run_seed is None else self._run_seed
 
     # -- helpers for subclasses -------------------------------------------------------
     def flat(self, x: Tensor) -> Tensor:
@@ -249,8 +275,10 @@ class ClusteringMethod(L.LightningModule):
         # a mid-epoch checkpoint holds the ranks' mean statistics too (its state dict is taken
         # before this hook, so the averaged values are written into it)
         checkpoint["state_dict"].update({k: v.detach().clone() for k, v in self.average_batchnorm_stats().items()})
+        state = rng_state()
         checkpoint["protos_resume"] = {
-            "rng": rng_state(),
+            "rng": state,  # this rank's (rank 0's in the file)
+            "rng_ranks": gather_objects(state),  # every rank's, by rank
             "epoch": self.current_epoch,
             "term_sums": {k: v.detach().cpu() for k, v in self._term_sums.items()},
             "term_steps": self._term_steps,
@@ -279,17 +307,25 @@ class ClusteringMethod(L.LightningModule):
         self._resumed = checkpoint.get("protos_resume")
 
     def on_train_batch_start(self, batch: dict[str, Tensor], batch_idx: int) -> int | None:
-        """The first batch after a resume restores the generators (here, not at load time:
-        Lightning's sanity check and loader set-up run in between) and, within the same epoch,
-        the loss sums and gradient-norm statistics of the steps before the checkpoint."""
+        """The first batch after a resume restores each rank's generators (here, not at load
+        time: Lightning's sanity check and loader set-up run in between) and, within the same
+        epoch, the loss sums and gradient-norm statistics of the steps before the checkpoint.
+        The first batch of a DDP fit gives each rank > 0 its own random stream (see :meth:`setup`);
+        so does a resume onto more ranks than the checkpoint's."""
         resumed, self._resumed = self._resumed, None
+        own_stream, self._own_stream = self._own_stream, False
         if resumed is not None:
-            set_rng_state(resumed["rng"])
-            if resumed["epoch"] == self.current_epoch:
-                self._term_sums = {k: v.to(self.device) for k, v in resumed["term_sums"].items()}
-                self._term_steps = resumed["term_steps"]
-                self._loss_keys = dict.fromkeys(resumed.get("loss_keys", ()))
-                self._grad_stats = {k: v.to(self.device) for k, v in resumed.get("grad_stats", {}).items()}
+            states = resumed.get("rng_ranks") or [resumed["rng"]]  # before 2026-12-07: rank 0's only
+            own_stream = self.global_rank >= len(states)
+            if not own_stream:
+                set_rng_state(states[self.global_rank])
+        if own_stream:
+            seed_rank_stream(self.run_seed, self.global_rank, self.global_step)
+        if resumed is not None and resumed["epoch"] == self.current_epoch:
+            self._term_sums = {k: v.to(self.device) for k, v in resumed["term_sums"].items()}
+            self._term_steps = resumed["term_steps"]
+            self._loss_keys = dict.fromkeys(resumed.get("loss_keys", ()))
+            self._grad_stats = {k: v.to(self.device) for k, v in resumed.get("grad_stats", {}).items()}
         return None
 
     def _batchnorm_stats(self) -> list[tuple[str, Tensor]]:
@@ -352,7 +388,12 @@ class ClusteringMethod(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Checks the GPU this process runs on (``hardware.check_device``: before the model moves
-        to it) and the data against the network, and sets two of DDP's options, so that a plain
+        to it) and the data against the network, records the run's seed (:attr:`run_seed`),
+        and, on a DDP rank > 0 of a fit, asks for a random stream of its own from the first batch
+        on: ``seed_everything`` seeds every rank alike, and the ranks would otherwise draw the
+        same noise (reparameterisation, augmentation, MMD samples) for the samples at the same
+        place of their batches; rank 0 draws as a single process does. It also sets two of
+        DDP's options, so that a plain
         ``--trainer.strategy ddp``, or the DDP that ``--trainer.devices N`` picks, runs the
         methods as they need (the strategy's keyword arguments are read when the model is
         wrapped, after this hook; Lightning 2.x has no public setter):
@@ -366,6 +407,8 @@ class ClusteringMethod(L.LightningModule):
           sums alone: ~27 MB on MNIST) is not needed."""
         strategy = self.trainer.strategy
         check_device(strategy.root_device)
+        self._run_seed = torch.initial_seed()
+        self._own_stream = stage == "fit" and self.trainer.global_rank > 0
         if isinstance(strategy, DDPStrategy):
             if stage == "fit" and self.ddp_unused_parameters:
                 strategy._ddp_kwargs["find_unused_parameters"] = True

@@ -122,7 +122,7 @@ class CM(ClusteringMethod):
 
     def on_fit_start(self) -> None:
         if not bool(self.initialised):  # k-means++ (checkpoints keep the flag: no re-init)
-            seed = torch.initial_seed() % 2**31
+            seed = self.run_seed % 2**31
             x = self.fit_features().reshape(-1, self.input_dim)
             centres = on_rank0(kmeans_pp_centres, x, self.n_clusters, seed, self.hparams.init_lloyd_steps)
             self.cm.init_from_centres(centres)

@@ -235,7 +235,7 @@ class AutoencoderMethod(ClusteringMethod):
     def kmeans(self, z: Tensor) -> Tensor:
         """``(K, p)`` k-means centres of codes ``z`` (k-means++, ``kmeans_n_init`` restarts), seeded
         by the run's seed; fitted by rank 0 alone under DDP."""
-        seed = torch.initial_seed() % 2**31
+        seed = self.run_seed % 2**31
         return on_rank0(kmeans_centres, z, self.n_clusters, seed, self._kmeans_n_init).to(z.device)
 
     def fit_data(self) -> Tensor:
@@ -286,7 +286,7 @@ class AutoencoderMethod(ClusteringMethod):
         self._cache_key_of_fit = {
             "architecture": self._architecture,
             "data": {"name": getattr(dm, "name", type(dm).__name__), "n": len(x), "sha1": data_digest(x)},
-            "seed": torch.initial_seed(),
+            "seed": self.run_seed,
             "epochs": self._pretrain_epochs,
             "batch_size": getattr(dm, "batch_size", None),
             "optimizer": {"name": "adam", **self._adam},

@@ -174,7 +174,7 @@ class VaDE(ConvVAEMethod):
         """The prior p(c), p(z|c) from a GaussianMixture (diagonal) fitted on the codes ``z``
         ``(N, q)``, and q(z|x)'s variance head set to the components' spread; fitted by rank 0
         alone under DDP."""
-        seed = torch.initial_seed() % 2**31
+        seed = self.run_seed % 2**31
         fitted = on_rank0(diagonal_gmm, z, self.n_clusters, seed, self.hparams.gmm_n_init)
         weights, means, variances = (a.to(self.mu_c) for a in fitted)
         self.pi_logits.copy_(torch.log(weights))

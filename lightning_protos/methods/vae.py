@@ -277,7 +277,7 @@ class VAE(ConvVAEMethod):
     def fit_clusters(self) -> None:
         """Step 3: k-means on z_mu of the whole training split (fitted by rank 0 alone under DDP)."""
         z = self.embed_all(self.fit_features())
-        seed = torch.initial_seed() % 2**31
+        seed = self.run_seed % 2**31
         h = self.hparams
         self.centres.zero_()
         self.inertias.zero_()
