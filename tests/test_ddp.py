@@ -13,6 +13,7 @@ import hashlib
 import importlib
 import os
 import socket
+from datetime import timedelta
 
 import lightning as L
 import pytest
@@ -21,6 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import TwoSplits
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import DDPStrategy
 
 from lightning_protos.compile import Compile
 from lightning_protos.data import Digits
@@ -32,6 +34,7 @@ from lightning_protos.methods.dcn import DCN
 from lightning_protos.methods.dec import DEC, IDEC
 from lightning_protos.methods.dkm import DKM
 from lightning_protos.methods.gmvae import GMVAE
+from lightning_protos.methods.pretrain import PretrainCache
 from lightning_protos.methods.protovae import AE as PlainAE
 from lightning_protos.methods.protovae import VAEKL, InfoVAE, ProtoVAE
 from lightning_protos.methods.vade import VaDE
@@ -271,3 +274,39 @@ def test_each_rank_draws_its_own_stream_and_resumes_it(tmp_path):
         assert resumed == {s: rank["whole"]["digests"][s] for s in steps[3:]}
         for key, value in rank["whole"]["state_dict"].items():
             torch.testing.assert_close(rank["resumed"]["state_dict"][key], value, rtol=0, atol=0, msg=key)
+
+
+def _cache_rank(rank: int, port: int, out: str, world: int) -> None:
+    """DEC fitted twice with one pretraining cache; in the second fit rank 1 cannot read it (as
+    on a node without the file)."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), NODE_RANK="0",
+        LOCAL_RANK=str(rank), RANK=str(rank),
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    runs = {}
+    for run in ("fill", "hit"):
+        if run == "hit" and rank == 1:
+            PretrainCache.load = lambda *args, **kwargs: None  # a miss, were it asked
+        L.seed_everything(0, verbose=False)
+        model = DEC(10, (64,), update_interval=3, **{**AE, "pretrain_cache": f"{out}/cache"})
+        trainer = L.Trainer(  # a rank left waiting in a collective fails in a minute, not never
+            accelerator="cpu", devices=world, strategy=DDPStrategy(timeout=timedelta(seconds=60)), max_epochs=2,
+            logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        )  # fmt: skip
+        trainer.fit(model, digits())
+        runs[run] = {"hit": model.pretrain_cache_hit is not None, "state_dict": model.state_dict()}
+    torch.save(runs, os.path.join(out, f"cache.rank{rank}.pt"))
+
+
+@pytest.mark.slow
+def test_rank_zero_decides_a_pretraining_cache_hit_for_every_rank(tmp_path):
+    """Rank 0 looks the cache up and sends the pretrained weights: a rank that would miss (no
+    file on its node) skips the pretraining with the others instead of training alone."""
+    mp.spawn(_cache_rank, args=(_free_port(), str(tmp_path), WORLD), nprocs=WORLD, join=True)
+    zero, one = (torch.load(tmp_path / f"cache.rank{r}.pt", weights_only=False) for r in range(WORLD))
+    assert (zero["fill"]["hit"], one["fill"]["hit"]) == (False, False)
+    assert (zero["hit"]["hit"], one["hit"]["hit"]) == (True, True)
+    for key, value in zero["hit"]["state_dict"].items():
+        torch.testing.assert_close(one["hit"]["state_dict"][key], value, rtol=0, atol=0, equal_nan=True, msg=key)

@@ -298,9 +298,14 @@ class AutoencoderMethod(ClusteringMethod):
         return self._cache_key_of_fit
 
     def _load_pretrained(self) -> None:
+        """Rank 0 looks the key up and, on a hit, sends the weights to every rank: the ranks must
+        agree on skipping the pretraining (a node without the file, or an entry written by
+        another run between two ranks' look-ups, would otherwise leave one rank training alone)."""
         cache = self._cache()
-        path = cache.load(self._cache_key(), self.ae) if cache is not None else None
+        key = self._cache_key()
+        path = on_rank0(cache.load, key, self.ae) if cache is not None else None
         if path is not None:
+            broadcast_from_rank0([*self.ae.parameters(), *self.ae.buffers()])
             self.pretrain_cache_hit = path
             rank_zero_info(f"pretrained autoencoder loaded from {path}: pretraining epochs skipped")
 
