@@ -114,12 +114,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank(rank: int, port: int, out: str, names: list[str], world: int) -> None:
+def _as_launched(rank: int, port: int, world: int) -> None:
+    """The environment an external launcher gives rank ``rank``, and one thread."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), NODE_RANK="0",
         LOCAL_RANK=str(rank), RANK=str(rank),
     )  # fmt: skip
     torch.set_num_threads(1)
+
+
+def _rank(rank: int, port: int, out: str, names: list[str], world: int) -> None:
+    _as_launched(rank, port, world)
     fits = []
     for module_name, fitters in FITTERS.items():
         module = importlib.import_module(module_name)
@@ -236,11 +241,7 @@ class StopAfterFirstEpoch(L.Callback):
 def _resume_rank(rank: int, port: int, out: str, world: int) -> None:
     """VAESim (reparameterisation noise, multinomial draws) fitted for 2 epochs without a stop,
     then stopped after its first epoch and resumed from that epoch's checkpoint."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), NODE_RANK="0",
-        LOCAL_RANK=str(rank), RANK=str(rank),
-    )  # fmt: skip
-    torch.set_num_threads(1)
+    _as_launched(rank, port, world)
     make, data, _ = CASES["vaesim"]
     runs = {}
     for run, ckpt_path in (("whole", None), ("stopped", None), ("resumed", f"{out}/stopped/epoch=0.ckpt")):
@@ -279,11 +280,7 @@ def test_each_rank_draws_its_own_stream_and_resumes_it(tmp_path):
 def _cache_rank(rank: int, port: int, out: str, world: int) -> None:
     """DEC fitted twice with one pretraining cache; in the second fit rank 1 cannot read it (as
     on a node without the file)."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), NODE_RANK="0",
-        LOCAL_RANK=str(rank), RANK=str(rank),
-    )  # fmt: skip
-    torch.set_num_threads(1)
+    _as_launched(rank, port, world)
     runs = {}
     for run in ("fill", "hit"):
         if run == "hit" and rank == 1:
