@@ -324,7 +324,7 @@ class InspectionImages(L.Callback):
 
     def _run(self, stage: str, trainer: L.Trainer, pl_module) -> None:
         if stage == "fit":
-            pl_module.prepare_evaluation()  # every rank: VAE+KMeans all-reduces its k-means
+            pl_module.prepare_evaluation()  # every rank: collectives (BatchNorm means, VAE+KMeans' k-means)
         writers = [lg.experiment for lg in trainer.loggers if hasattr(lg.experiment, "add_embedding")]
         png = self.save_png and stage == "test"
         dm = getattr(trainer, "datamodule", None)
