@@ -185,8 +185,9 @@ class ClusteringMethod(L.LightningModule):
     @property
     def run_seed(self) -> int:
         """The run's seed (``seed_everything``'s) as every rank had it when the trainer set the
-        method up: the seed of the initialisations' fits and of the pretraining cache's key.
-        (From its first training batch on, a DDP rank > 0 draws from a stream of its own.)"""
+        method up, or as the checkpoint a run resumes from holds it: the seed of the scikit-learn
+        fits (k-means, the GMM) and of the pretraining cache's key. (From its first training
+        batch on, a DDP rank > 0 draws from a stream of its own.)"""
         return torch.initial_seed() if self._run_seed is None else self._run_seed
 
     # -- helpers for subclasses -------------------------------------------------------
@@ -266,11 +267,12 @@ class ClusteringMethod(L.LightningModule):
 
     # -- exact resume -----------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Beside the parameters and buffers: the random generators (VAESim's draws, the noise of
-        the VAEs and the MMD) and the loss sums and gradient-norm statistics of the epoch so far,
-        so that a run resumed from a checkpoint, even one taken mid-epoch, continues as the
-        uninterrupted run. A loss that was not finite since the last check stops the run here,
-        before the checkpoint is written."""
+        """Beside the parameters and buffers: every rank's random generators (VAESim's draws, the
+        noise of the VAEs and the MMD), the run's seed (:attr:`run_seed`: a resumed run seeds its
+        later k-means with it, whatever its own seed) and the loss sums and gradient-norm
+        statistics of the epoch so far, so that a run resumed from a checkpoint, even one taken
+        mid-epoch, continues as the uninterrupted run. A loss that was not finite since the last
+        check stops the run here, before the checkpoint is written."""
         self.check_finite()
         # a mid-epoch checkpoint holds the ranks' mean statistics too (its state dict is taken
         # before this hook, so the averaged values are written into it)
@@ -279,6 +281,7 @@ class ClusteringMethod(L.LightningModule):
         checkpoint["protos_resume"] = {
             "rng": state,  # this rank's (rank 0's in the file)
             "rng_ranks": gather_objects(state),  # every rank's, by rank
+            "run_seed": self.run_seed,
             "epoch": self.current_epoch,
             "term_sums": {k: v.detach().cpu() for k, v in self._term_sums.items()},
             "term_steps": self._term_steps,
@@ -305,6 +308,8 @@ class ClusteringMethod(L.LightningModule):
                 "method or another configuration"
             )
         self._resumed = checkpoint.get("protos_resume")
+        if self._resumed is not None and "run_seed" in self._resumed:  # the seeds of fits still to come
+            self._run_seed = self._resumed["run_seed"]
 
     def on_train_batch_start(self, batch: dict[str, Tensor], batch_idx: int) -> int | None:
         """The first batch after a resume restores each rank's generators (here, not at load
