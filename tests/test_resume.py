@@ -19,7 +19,7 @@ from lightning_protos.methods.dcn import DCN
 from lightning_protos.methods.dec import DEC, IDEC
 from lightning_protos.methods.dkm import DKM
 from lightning_protos.methods.gmvae import GMVAE
-from lightning_protos.methods.protovae import ProtoVAE
+from lightning_protos.methods.protovae import InfoVAE, ProtoVAE
 from lightning_protos.methods.vade import VaDE
 from lightning_protos.methods.vae import VAEKMeans
 from lightning_protos.methods.vaesim import VAESim
@@ -30,7 +30,8 @@ def _decoded_prototypes(model) -> torch.Tensor:
     one-hot assignments), the decoded centroids / prototypes for AE-CM and VAESim."""
     model.eval()
     with torch.no_grad():
-        return model.decode(model.prototypes())
+        protos = model.prototypes()
+        return torch.empty(0) if protos is None else model.decode(protos)  # InfoVAE: no prototypes
 
 
 def _fit(tmp_path, model, epochs: int, ckpt_path=None) -> L.Trainer:
@@ -183,6 +184,12 @@ MID_EPOCH = {
         tiny_images,
         3,
         6,
+    ),
+    "infovae": (  # the MMD's prior samples
+        lambda: InfoVAE(input_shape=(1, 28, 28), latent_dim=8, channels=(4, 8), bottleneck_dim=16),
+        tiny_images,
+        3,
+        4,
     ),
 }
 
