@@ -9,6 +9,7 @@ protos bench --config configs/bench/smoke.yaml [--jobs N] [--report]
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 import zipfile
@@ -132,12 +133,18 @@ class ProtosCLI(LightningCLI):
                 print(f"final evaluation: {shown}\nrun directory: {run_dir(self.trainer)}")
 
 
+# The checkpoint ``--ckpt_path last`` chose, for the DDP processes launched after the choice.
+CONTINUED = "PROTOS_CONTINUED_CKPT"
+
+
 def continue_last_run(config) -> None:
     """``fit --ckpt_path last``: continue the newest run under the logger's folder that has a
     ``checkpoints/last.ckpt`` (or the run the logger's ``version`` names), in that same run
     directory, so its TensorBoard curves, checkpoints and ``metrics.json`` carry on. Lightning's
     own ``last`` looks in the new run's directory, where nothing is yet. For the default logger
-    and a configured TensorBoardLogger / CSVLogger."""
+    and a configured TensorBoardLogger / CSVLogger. The processes Lightning launches for DDP
+    run this again: they take the first process's choice from the environment they inherit
+    (:data:`CONTINUED`), not a newer ``last.ckpt`` another run may have written since."""
     trainer, logger = config.trainer, config.trainer.get("logger")
     if logger in (None, True):
         init_args = Namespace(save_dir=trainer.get("default_root_dir") or ".", name="lightning_logs", version=None)
@@ -147,7 +154,9 @@ def continue_last_run(config) -> None:
     else:
         raise ProtosError("--ckpt_path last needs the default logger or one TensorBoardLogger / CSVLogger")
     folder = Path(init_args.get("save_dir") or ".", init_args.get("name") or "")
-    if init_args.get("version") not in (None, ""):
+    if os.environ.get("LOCAL_RANK", "0") != "0" and CONTINUED in os.environ:  # a launched DDP process
+        last = Path(os.environ[CONTINUED])
+    elif init_args.get("version") not in (None, ""):
         last = folder / str(init_args.version) / "checkpoints" / "last.ckpt"
     else:
         found = sorted(folder.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
@@ -155,7 +164,7 @@ def continue_last_run(config) -> None:
     if not last.is_file():
         raise ProtosError(f"--ckpt_path last: no {last} to continue")
     init_args.version = last.parents[1].name
-    config.ckpt_path = str(last)
+    config.ckpt_path = os.environ[CONTINUED] = str(last)
     print(f"continuing {last.parents[1]} from {last.name}", file=sys.stderr)
 
 

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, make_trainer
+from jsonargparse import Namespace
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from lightning_protos import cli, hardware
-from lightning_protos.cli import main
+from lightning_protos.cli import CONTINUED, continue_last_run, main
 from lightning_protos.data import Blobs
 from lightning_protos.errors import ProtosError
 from lightning_protos.hardware import (
@@ -346,7 +347,8 @@ def test_last_ckpt_is_written_at_the_end_of_every_epoch(tmp_path):
     assert names <= {"last.ckpt", "best.ckpt"}  # one rolling file
 
 
-def test_fit_ckpt_path_last_continues_the_newest_run_in_its_own_directory(tmp_path, capsys):
+def test_fit_ckpt_path_last_continues_the_newest_run_in_its_own_directory(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv(CONTINUED, "unset")  # what the fit sets there is removed after the test
     code, _, err = run_main(["fit", *digits(tmp_path, "--ckpt_path", "last")], capsys)
     assert code == 1
     assert "last.ckpt to continue" in protos_error(err)
@@ -361,6 +363,36 @@ def test_fit_ckpt_path_last_continues_the_newest_run_in_its_own_directory(tmp_pa
     assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0"]
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 3
     assert "test" in json.loads((run / "metrics.json").read_text())
+
+
+def test_ckpt_path_last_is_chosen_once_for_the_processes_launched_for_ddp(tmp_path, monkeypatch):
+    """Lightning's DDP launcher starts the other ranks by running the command again: they take
+    the first process's checkpoint, not a newer ``last.ckpt`` another run wrote in between."""
+    runs = tmp_path / "lightning_logs"
+    older, newer = (runs / v / "checkpoints" / "last.ckpt" for v in ("version_0", "version_1"))
+    for i, path in enumerate((older, newer)):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"")
+        os.utime(path, (1000 + i, 1000 + i))
+
+    def config() -> Namespace:
+        return Namespace(trainer=Namespace(logger=None, default_root_dir=str(tmp_path)), ckpt_path="last")
+
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv(CONTINUED, "unset")  # restored (removed) after the test
+    first = config()
+    continue_last_run(first)
+    assert first.ckpt_path == os.environ[CONTINUED] == str(newer)
+    os.utime(older, (2000, 2000))  # another run saves its last.ckpt meanwhile
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    launched = config()
+    continue_last_run(launched)
+    assert launched.ckpt_path == str(newer)
+    assert launched.trainer.logger.init_args.version == "version_1"
+    monkeypatch.setenv("LOCAL_RANK", "0")  # a new command chooses again
+    again = config()
+    continue_last_run(again)
+    assert again.ckpt_path == str(older)
 
 
 def test_bad_picture_or_probe_settings_are_one_line_errors(tmp_path, capsys):

@@ -14,6 +14,7 @@ import importlib
 import os
 import socket
 from datetime import timedelta
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -29,6 +30,7 @@ from lightning_protos.data import Digits
 from lightning_protos.eval.callbacks import ClusteringEvaluator
 from lightning_protos.eval.metrics import clustering_scores
 from lightning_protos.methods.aecm import AECM
+from lightning_protos.methods.base import on_rank0
 from lightning_protos.methods.cm import CM
 from lightning_protos.methods.dcn import DCN
 from lightning_protos.methods.dec import DEC, IDEC
@@ -307,3 +309,30 @@ def test_rank_zero_decides_a_pretraining_cache_hit_for_every_rank(tmp_path):
     assert (zero["hit"]["hit"], one["hit"]["hit"]) == (True, True)
     for key, value in zero["hit"]["state_dict"].items():
         torch.testing.assert_close(one["hit"]["state_dict"][key], value, rtol=0, atol=0, equal_nan=True, msg=key)
+
+
+def _failing_fit_rank(rank: int, port: int, out: str, world: int) -> None:
+    _as_launched(rank, port, world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=30))
+
+    def fit() -> None:  # run by rank 0 alone
+        raise ValueError("n_samples=3 should be >= n_clusters=10")
+
+    try:
+        on_rank0(fit)
+    except Exception as error:
+        (Path(out) / f"raised.rank{rank}").write_text(f"{type(error).__name__}: {error}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_fit_that_fails_on_rank_zero_stops_every_rank(tmp_path):
+    """An initialisation's fit that raises on rank 0 raises on the other ranks too, naming it,
+    instead of leaving them waiting for its result."""
+    mp.spawn(_failing_fit_rank, args=(_free_port(), str(tmp_path), WORLD), nprocs=WORLD, join=True)
+    assert (tmp_path / "raised.rank0").read_text() == "ValueError: n_samples=3 should be >= n_clusters=10"
+    assert (tmp_path / "raised.rank1").read_text() == (
+        "RuntimeError: rank 0 failed in _failing_fit_rank.<locals>.fit: "
+        "ValueError: n_samples=3 should be >= n_clusters=10"
+    )

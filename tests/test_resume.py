@@ -273,3 +273,42 @@ def test_a_nan_stops_the_run_naming_term_and_step_and_keeps_the_last_good_checkp
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
     resumed = CM.load_from_checkpoint(tmp_path / "last.ckpt")
     assert torch.isfinite(resumed.centroids()).all()
+
+
+class FirstDraws(L.Callback):
+    """torch's generator state after the first training batch (its draws included)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            self.state = torch.get_rng_state()
+
+
+def _first_draws(model, ckpt=None) -> torch.Tensor:
+    """A fresh 1-epoch fit (seed 5) of ``model``, after a validation that reads ``ckpt``."""
+    if ckpt is not None:
+        make_trainer(limit_val_batches=1.0).validate(model, tiny_images(), ckpt_path=ckpt, verbose=False)
+    L.seed_everything(5, verbose=False)
+    draws = FirstDraws()
+    make_trainer(max_epochs=1, callbacks=[draws]).fit(model, tiny_images())
+    return draws.state
+
+
+def test_a_checkpoint_read_for_evaluation_leaves_a_later_fit_alone_and_old_checkpoints_resume(tmp_path):
+    """Only a fit resumed from a checkpoint takes its generators: a ``validate(ckpt_path=...)``
+    before a fresh ``fit`` does not hand them to that fit. A checkpoint written before the
+    per-rank generators and the run's seed were stored still resumes, exactly."""
+    make, dm, epochs, kill_at = MID_EPOCH["vaesim"]
+    _run(tmp_path, make, dm, epochs, kill_at=kill_at)
+    ckpt = tmp_path / f"step={kill_at}.ckpt"
+    weights = torch.load(ckpt, weights_only=False)["state_dict"]
+    plain = make()
+    plain.load_state_dict(weights)
+    assert torch.equal(_first_draws(make(), ckpt), _first_draws(plain))
+
+    old = torch.load(ckpt, weights_only=False)
+    for key in ("rng_ranks", "run_seed"):
+        del old["protos_resume"][key]
+    torch.save(old, tmp_path / "old.ckpt")
+    straight, _ = _run(None, make, dm, epochs)
+    resumed, _ = _run(None, make, dm, epochs, ckpt_path=tmp_path / "old.ckpt")  # the same seed: run_seed unknown
+    _assert_same_state(resumed, straight)

@@ -58,9 +58,18 @@ def on_rank0(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     multi-threaded fits may differ in their last bits between ranks."""
     if not _distributed():
         return fn(*args, **kwargs)
-    box = [fn(*args, **kwargs) if dist.get_rank() == 0 else None]
+    box: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [(True, fn(*args, **kwargs))]
+        except Exception as error:  # the others learn of it, instead of waiting for the result
+            dist.broadcast_object_list([(False, f"{type(error).__name__}: {error}")], src=0)
+            raise
     dist.broadcast_object_list(box, src=0)
-    return box[0]
+    ok, value = box[0]
+    if not ok:
+        raise RuntimeError(f"rank 0 failed in {getattr(fn, '__qualname__', fn)}: {value}")
+    return value
 
 
 def rng_state() -> dict[str, Any]:
@@ -85,22 +94,26 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def seed_rank_stream(seed: int, rank: int, step: int) -> None:
-    """Seeds torch's generators (CPU and CUDA) of a process of rank ``rank`` > 0 with a stream of
-    its own, derived from the run's ``seed``, the rank and the optimizer step it starts at
-    (numpy's ``SeedSequence``: streams independent of each other and of rank 0's)."""
-    torch.manual_seed(int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> 1))
+def rank_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of the random stream of a process of rank ``rank`` > 0 from the optimizer step
+    ``step`` on, derived from the run's ``seed`` (numpy's ``SeedSequence``: streams independent
+    of each other and of rank 0's)."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restores what :func:`rng_state` returned (CUDA only onto as many devices)."""
+def set_rng_state(state: dict[str, Any]) -> bool:
+    """Restores what :func:`rng_state` returned; ``False`` where CUDA's generators could not be
+    restored (a checkpoint from another number of visible GPUs, or without them)."""
     torch.set_rng_state(state["torch"])
+    cuda_restored = not torch.cuda.is_available()
     if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+        cuda_restored = True
     name, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
+    return cuda_restored
 
 
 class ClusteringMethod(L.LightningModule):
@@ -320,18 +333,22 @@ class ClusteringMethod(L.LightningModule):
         resumed, self._resumed = self._resumed, None
         own_stream, self._own_stream = self._own_stream, False
         if resumed is not None:
+            rank = self.global_rank
             states = resumed.get("rng_ranks") or [resumed["rng"]]  # before 2026-12-07: rank 0's only
-            own_stream = self.global_rank >= len(states)
-            if not own_stream:
-                set_rng_state(states[self.global_rank])
+            own_stream = rank >= len(states)
+            if not own_stream and not set_rng_state(states[rank]) and rank > 0:
+                torch.cuda.manual_seed_all(self._rank_seed())  # at least not rank 0's CUDA stream
         if own_stream:
-            seed_rank_stream(self.run_seed, self.global_rank, self.global_step)
+            torch.manual_seed(self._rank_seed())  # CPU and CUDA
         if resumed is not None and resumed["epoch"] == self.current_epoch:
             self._term_sums = {k: v.to(self.device) for k, v in resumed["term_sums"].items()}
             self._term_steps = resumed["term_steps"]
             self._loss_keys = dict.fromkeys(resumed.get("loss_keys", ()))
             self._grad_stats = {k: v.to(self.device) for k, v in resumed.get("grad_stats", {}).items()}
         return None
+
+    def _rank_seed(self) -> int:
+        return rank_seed(self.run_seed, self.global_rank, self.global_step)
 
     def _batchnorm_stats(self) -> list[tuple[str, Tensor]]:
         return [
@@ -412,6 +429,7 @@ class ClusteringMethod(L.LightningModule):
           sums alone: ~27 MB on MNIST) is not needed."""
         strategy = self.trainer.strategy
         check_device(strategy.root_device)
+        self._resumed = None  # what an earlier call's checkpoint left (this call's loads after setup)
         self._run_seed = torch.initial_seed()
         self._own_stream = stage == "fit" and self.trainer.global_rank > 0
         if isinstance(strategy, DDPStrategy):

@@ -23,7 +23,7 @@ from torch import Tensor
 from ..nets import ClusteringModule, ParameterAverage
 from ..nets.mlp import BiasInit
 from ..ops import cm_terms, kmeans_pp_centres
-from .base import ClusteringMethod, adam, check_positive, on_rank0
+from .base import ClusteringMethod, adam, broadcast_from_rank0, check_positive, on_rank0
 
 
 class CM(ClusteringMethod):
@@ -127,6 +127,7 @@ class CM(ClusteringMethod):
             centres = on_rank0(kmeans_pp_centres, x, self.n_clusters, seed, self.hparams.init_lloyd_steps)
             self.cm.init_from_centres(centres)
             self.initialised.fill_(True)
+            broadcast_from_rank0(self.cm.parameters())  # the pseudo-inverse each rank computed
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         x_all = self.flat(batch["x"])

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 
 from ..errors import ProtosError
 from ..ops import floored_logvar, mixture_responsibilities, raw_logvar, vade_kl_terms
-from .base import ClusteringMethod, adam, check_positive, on_rank0
+from .base import ClusteringMethod, adam, broadcast_from_rank0, check_positive, on_rank0
 from .vae import VADE_HIDDEN, ConvVAEMethod, Network, Reconstruction
 
 
@@ -183,6 +183,7 @@ class VaDE(ConvVAEMethod):
         head = self.encoder.logvar  # q(z|x) starts at the components' spread, not at N(0, I)'s
         head.weight.zero_()
         head.bias.copy_(torch.log(weights @ variances))
+        broadcast_from_rank0((self.pi_logits, self.mu_c, self.logvar_raw, head.bias))  # what each rank derived
         self.initialised.fill_(True)
 
     def on_train_epoch_start(self) -> None:
