@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import warnings
 from pathlib import Path
@@ -18,6 +19,16 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 # Tiny tensors: one thread is faster than contending for the 2 shared cores.
 torch.set_num_threads(1)
+
+
+class RandomStream(L.Callback):
+    """A digest of torch's generator after each training batch (its draws included), by step."""
+
+    def __init__(self) -> None:
+        self.digests: dict[int, str] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.digests[trainer.global_step] = hashlib.sha1(torch.get_rng_state().numpy().tobytes()).hexdigest()
 
 
 @pytest.fixture(autouse=True)

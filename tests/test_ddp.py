@@ -9,7 +9,6 @@ buffers and its evaluator's scores, compared afterwards in the test process."""
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import os
 import socket
@@ -21,7 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import TwoSplits
+from conftest import RandomStream, TwoSplits, make_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 
@@ -225,16 +224,6 @@ def test_compiled_conv_nets_agree_across_ranks(tmp_path):
     check("vaesim_compiled", ranks)
 
 
-class RandomStream(L.Callback):
-    """A digest of torch's generator after each training batch (its draws included), by step."""
-
-    def __init__(self) -> None:
-        self.digests: dict[int, str] = {}
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.digests[trainer.global_step] = hashlib.sha1(torch.get_rng_state().numpy().tobytes()).hexdigest()
-
-
 class StopAfterFirstEpoch(L.Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         trainer.should_stop = True
@@ -250,9 +239,8 @@ def _resume_rank(rank: int, port: int, out: str, world: int) -> None:
         L.seed_everything(0, verbose=False)
         model, stream = make(), RandomStream()
         every_epoch = ModelCheckpoint(dirpath=f"{out}/{run}", save_top_k=-1, filename="{epoch}")
-        trainer = L.Trainer(
-            accelerator="cpu", devices=world, strategy="ddp", max_epochs=2, logger=False,
-            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        trainer = make_trainer(
+            devices=world, strategy="ddp", max_epochs=2, enable_checkpointing=True,
             callbacks=[stream, every_epoch, *([StopAfterFirstEpoch()] if run == "stopped" else [])],
         )  # fmt: skip
         trainer.fit(model, data(), ckpt_path=ckpt_path)
@@ -289,11 +277,8 @@ def _cache_rank(rank: int, port: int, out: str, world: int) -> None:
             PretrainCache.load = lambda *args, **kwargs: None  # a miss, were it asked
         L.seed_everything(0, verbose=False)
         model = DEC(10, (64,), update_interval=3, **{**AE, "pretrain_cache": f"{out}/cache"})
-        trainer = L.Trainer(  # a rank left waiting in a collective fails in a minute, not never
-            accelerator="cpu", devices=world, strategy=DDPStrategy(timeout=timedelta(seconds=60)), max_epochs=2,
-            logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-        )  # fmt: skip
+        # a rank left waiting in a collective fails in a minute, not never
+        trainer = make_trainer(devices=world, strategy=DDPStrategy(timeout=timedelta(seconds=60)), max_epochs=2)
         trainer.fit(model, digits())
         runs[run] = {"hit": model.pretrain_cache_hit is not None, "state_dict": model.state_dict()}
     torch.save(runs, os.path.join(out, f"cache.rank{rank}.pt"))

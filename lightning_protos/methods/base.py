@@ -290,10 +290,8 @@ class ClusteringMethod(L.LightningModule):
         # a mid-epoch checkpoint holds the ranks' mean statistics too (its state dict is taken
         # before this hook, so the averaged values are written into it)
         checkpoint["state_dict"].update({k: v.detach().clone() for k, v in self.average_batchnorm_stats().items()})
-        state = rng_state()
         checkpoint["protos_resume"] = {
-            "rng": state,  # this rank's (rank 0's in the file)
-            "rng_ranks": gather_objects(state),  # every rank's, by rank
+            "rng_ranks": gather_objects(rng_state()),  # every rank's generators, by rank
             "run_seed": self.run_seed,
             "epoch": self.current_epoch,
             "term_sums": {k: v.detach().cpu() for k, v in self._term_sums.items()},
@@ -334,7 +332,7 @@ class ClusteringMethod(L.LightningModule):
         own_stream, self._own_stream = self._own_stream, False
         if resumed is not None:
             rank = self.global_rank
-            states = resumed.get("rng_ranks") or [resumed["rng"]]  # before 2026-12-07: rank 0's only
+            states = resumed["rng_ranks"] if "rng_ranks" in resumed else [resumed["rng"]]  # before 2026-12-07
             own_stream = rank >= len(states)
             if not own_stream and not set_rng_state(states[rank]) and rank > 0:
                 torch.cuda.manual_seed_all(self._rank_seed())  # at least not rank 0's CUDA stream
@@ -386,15 +384,16 @@ class ClusteringMethod(L.LightningModule):
         networks run in bf16; sums over a batch and Gram matrices need float32)."""
         return torch.autocast(self.device.type, enabled=False)
 
-    def in_float32(self, terms_fn, *tensors: Tensor, **kwargs) -> dict[str, Tensor]:
-        """``terms_fn(*tensors, **kwargs)`` with the tensors in float32, outside autocast: how a
-        method computes its loss terms under ``--trainer.precision bf16-mixed``. Without autocast
-        no context is entered (that costs ~10 us, a CM step ~1.7 ms)."""
+    def in_float32(self, fn: Callable[..., T], *tensors: Tensor, **kwargs) -> T:
+        """``fn(*tensors, **kwargs)`` with the tensors in float32, outside autocast: how a method
+        computes its loss terms (and other sums a bf16 rounding would spoil) under
+        ``--trainer.precision bf16-mixed``. Without autocast no context is entered (that costs
+        ~10 us, a CM step ~1.7 ms)."""
         tensors = [t.float() for t in tensors]
         if not torch.is_autocast_enabled(self.device.type):
-            return terms_fn(*tensors, **kwargs)
+            return fn(*tensors, **kwargs)
         with self.full_precision():
-            return terms_fn(*tensors, **kwargs)
+            return fn(*tensors, **kwargs)
 
     def fit_features(self) -> Tensor:
         """The whole training split as float features on this device (for initialisations)."""

@@ -302,8 +302,7 @@ class AutoencoderMethod(ClusteringMethod):
         agree on skipping the pretraining (a node without the file, or an entry written by
         another run between two ranks' look-ups, would otherwise leave one rank training alone)."""
         cache = self._cache()
-        key = self._cache_key()
-        path = on_rank0(cache.load, key, self.ae) if cache is not None else None
+        path = on_rank0(lambda: cache.load(self._cache_key(), self.ae)) if cache is not None else None
         if path is not None:
             broadcast_from_rank0([*self.ae.parameters(), *self.ae.buffers()])
             self.pretrain_cache_hit = path
@@ -311,10 +310,10 @@ class AutoencoderMethod(ClusteringMethod):
 
     def _save_pretrained(self) -> None:
         cache = self._cache()
-        if cache is None or self.pretrain_cache_hit is not None:
-            return
+        if cache is None or self.pretrain_cache_hit is not None or not self.trainer.is_global_zero:
+            return  # the key (a hash of the whole data set) is computed by rank 0 alone
         key = self._cache_key()
-        if self.trainer.is_global_zero and not cache.path(key).is_file():
+        if not cache.path(key).is_file():
             rank_zero_info(f"pretrained autoencoder cached in {cache.save(key, self.ae)}")
 
     # -- Lightning hooks --------------------------------------------------------------

@@ -274,11 +274,12 @@ class ProtoVAE(ReconstructionMethod):
     def scores(self, z: Tensor) -> Tensor:
         """``(B, K)`` S = z^T v_k (cosines with ``normalize``), in float32: the codes and P scale
         S by 1 / eps and 1 / tau, which would magnify a bf16 product's rounding."""
-        with self.full_precision():
-            z = z.float()
-            if self.hparams.normalize:
-                return F.normalize(z, dim=1) @ F.normalize(self.V, dim=0)
-            return z @ self.V
+        return self.in_float32(self._scores, z)
+
+    def _scores(self, z: Tensor) -> Tensor:
+        if self.hparams.normalize:
+            return F.normalize(z, dim=1) @ F.normalize(self.V, dim=0)
+        return z @ self.V
 
     def cluster_probs(self, x: Tensor) -> Tensor:
         """P = softmax(z V / tau), ``(B, K)``."""
