@@ -34,7 +34,8 @@ from .methods.base import ClusteringMethod
 
 
 class ProtosCLI(LightningCLI):
-    """LightningCLI with the evaluation callbacks always on, the input shape linked from the
+    """LightningCLI with the clustering evaluation and the assignment export always on (probes,
+    reconstruction and pictures are the configs' callbacks), the input shape linked from the
     data to the model, and a final test pass on the trained model after ``fit``.
 
     Every run directory (``lightning_logs/version_N`` by default, TensorBoard) holds
@@ -168,21 +169,25 @@ def continue_last_run(config) -> None:
     print(f"continuing {last.parents[1]} from {last.name}", file=sys.stderr)
 
 
-# Lines of jsonargparse's nested union-type report that say nothing about the mistake.
+# Lines of jsonargparse's nested union-type report, and of the parser's usage printed before it
+# (``protos bench`` reads that from stderr), that say nothing about the mistake.
 _NOISE = (
     "Expected a path but",
-    "Does not validate against any of the Union subtypes",
+    "Does not validate",
     "Subtypes:",
     "Errors:",
     "Given value",
     "Expected a <class 'NoneType'>",
+    "usage:",
+    "tip:",
+    "[",
 )
 
 
 def one_line(message: str) -> str:
     """jsonargparse's multi-line report of a bad argument, reduced to its informative lines."""
-    lines = (line.strip().lstrip("- ").strip() for line in message.splitlines())
-    text = " ".join(line for line in lines if line and not line.startswith(_NOISE))
+    lines = (line.strip().lstrip("- ").strip().removeprefix("error: ") for line in message.splitlines())
+    text = " ".join(dict.fromkeys(line for line in lines if line and not line.startswith(_NOISE)))
     if text.startswith('Parser key "data"') and ("class_path" in text or "import path" in text):
         known = ", ".join(sorted({c.__name__ for c in DATASETS.values()}))
         text += f" (data sets in lightning_protos.data: {known}; ArrayFile or ImageFolder)"

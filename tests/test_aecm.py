@@ -115,7 +115,7 @@ def test_the_pretraining_cache_key_holds_the_world_size_under_ddp(tmp_path, monk
 
 
 def test_unknown_cm_init_is_refused_before_training():
-    with pytest.raises(ValueError, match="cm_init must be 'pinv' or 'posterior', got 'pca'"):
+    with pytest.raises(ValueError, match="cm_init must be one of pinv, posterior; got 'pca'"):
         _small("pretrained", cm_init="pca")
 
 

@@ -219,6 +219,13 @@ def test_image_folder_without_classes_and_size_errors(tmp_path):
         ImageFolder(str(tmp_path / "empty")).splits  # noqa: B018
 
 
+def test_image_folder_with_images_beside_class_subfolders_is_a_one_line_error(tmp_path):
+    _write_images(tmp_path, {"cat": [(5, 5)]})
+    write_png(torch.zeros(3, 5, 5, dtype=torch.uint8), str(tmp_path / "loose.png"))
+    with pytest.raises(DataError, match=r"both in class sub-folders and at the top \(loose.png\)"):
+        ImageFolder(str(tmp_path)).splits  # noqa: B018
+
+
 def test_image_folder_missing(tmp_path):
     with pytest.raises(DataError, match="no such folder"):
         ImageFolder(str(tmp_path / "nope")).splits  # noqa: B018

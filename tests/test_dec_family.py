@@ -195,7 +195,7 @@ def test_batch_target_is_each_batchs_own_target_distribution(name, tmp_path):
     (grad,) = torch.autograd.grad(got, z)
     fixed = model.kl_loss(z, torch.as_tensor(p, dtype=torch.float32))  # the same P as a constant
     torch.testing.assert_close(grad, torch.autograd.grad(fixed, z)[0])
-    with pytest.raises(ProtosError, match="target must be 'dataset' or 'batch'"):
+    with pytest.raises(ProtosError, match="target must be one of dataset, batch"):
         small(name, tmp_path, target="sample")
 
 

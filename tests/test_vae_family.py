@@ -57,8 +57,9 @@ def image_blobs(n: int, seed: int, k: int = 3, size: int = 28) -> tuple[torch.Te
     return x, y
 
 
-def blobs_data(n_train: int = 60, batch_size: int = 20) -> TwoSplits:
-    return TwoSplits(image_blobs(n_train, 0), image_blobs(30, 1), batch_size=batch_size, eval_batch_size=30)
+def blobs_data(n_train: int = 60, batch_size: int = 20, fit_on: str = "all") -> TwoSplits:
+    train, test = image_blobs(n_train, 0), image_blobs(30, 1)
+    return TwoSplits(train, test, batch_size=batch_size, eval_batch_size=30, fit_on=fit_on)
 
 
 def make(kind: str, seed: int = 0, **kwargs):
@@ -455,7 +456,7 @@ def test_the_paper_config_rejects_a_bad_network_or_likelihood_in_one_line(extra,
 
 @pytest.mark.parametrize("kind", ["vade", "gmvae"])
 def test_probes_and_clustering_evaluation_run_on_a_short_fit(kind, tmp_path):
-    dm = blobs_data()
+    dm = blobs_data(fit_on="train")  # the probes score held-out samples
     callbacks = [ClusteringEvaluator(), ProbeEvaluator(knn_k=3, linear_epochs=5)]
     trainer = fit(make(kind), dm, 4, limit_val_batches=1.0, default_root_dir=tmp_path, callbacks=callbacks)
     trainer.test(trainer.lightning_module, dm, verbose=False)

@@ -24,10 +24,10 @@ from lightning_protos.eval.probes import ProbeEvaluator, knn_accuracy, linear_pr
 from lightning_protos.methods.vae import VAE, VAEKMeans
 from lightning_protos.methods.vaesim import VAESim
 from lightning_protos.ops.elbow import elbow_kmeans, kneedle_elbow
+from lightning_protos.ops.mixture import gaussian_kl
 from lightning_protos.ops.vaesim import (
     draw_assignments,
     ema_prototype_update,
-    gaussian_kl,
     ortho_loss,
     similarity,
     temperature,
@@ -167,6 +167,32 @@ def test_knn_and_linear_probes_on_separable_embeddings():
     assert linear_probe_accuracy(*t, lr=1e-3, epochs=10, n_outputs=10) == linear_probe_accuracy(
         *t, lr=1e-3, epochs=10, n_outputs=10
     )
+    # fewer outputs than labels (the code's 10 on a data set of 12 classes): one output a class
+    many = [t[0], torch.arange(80) % 12, t[2], torch.arange(40) % 12]
+    assert 0 <= linear_probe_accuracy(*many, epochs=1, n_outputs=10) <= 1
+
+
+def test_probes_hold_out_a_share_of_data_with_one_split():
+    # scored on its own training samples, a 1-NN vote finds each sample itself: accuracy 1 on
+    # labels that nothing predicts; held out, it is at chance
+    dm = tiny_images(n_train=64, n_test=16)
+    splits = dm.splits
+    one_split = TwoSplits(splits["train"], splits["test"], batch_size=16, eval_batch_size=80, fit_on="all")
+    probes = ProbeEvaluator(knn_k=1, linear_epochs=1, stages=("val",))
+    trainer = make_trainer(max_epochs=1, limit_val_batches=1.0, callbacks=[probes])
+    with pytest.warns(UserWarning, match="fit on a random 80% and score on the other 20%"):
+        trainer.fit(vaesim(), one_split)
+    assert probes.results["val"]["knn_acc"] < 0.8
+    with pytest.raises(ProtosError, match="holdout must be in"):
+        ProbeEvaluator(holdout=1.0)
+
+
+def test_too_few_linear_outputs_are_refused_before_training():
+    probes = ProbeEvaluator(linear_outputs=1)
+    trainer = make_trainer(max_epochs=1, callbacks=[probes])
+    with pytest.raises(ProtosError, match="linear_outputs=1 is fewer than the 2 classes"):
+        trainer.fit(vaesim(), tiny_images())
+    assert trainer.global_step == 0
 
 
 # -- VAESim -----------------------------------------------------------------------------

@@ -143,11 +143,6 @@ class Bench:
         keys = [k for m in self.methods for k in m if k not in ENTRY_KEYS]
         return list(dict.fromkeys(keys))
 
-    @property
-    def id_columns(self) -> list[str]:
-        """The columns that identify a row's cell (in the table's default results file)."""
-        return self.ids_of(self.columns)
-
     def ids_of(self, columns: list[str] | tuple[str, ...]) -> list[str]:
         """The columns among ``columns`` that identify a row's cell."""
         return [c for c in columns if c in CELL_KEYS or c in self.label_keys]
@@ -353,7 +348,7 @@ class _Parsed(Exception):
 def _parse_fit_args(cell: Cell) -> Any:
     """Parses the cell's ``protos fit`` arguments with the CLI's own parser, without building
     anything; returns the data class, or raises BenchError naming the first bad override."""
-    from ..cli import ProtosCLI
+    from ..cli import ProtosCLI, one_line
 
     class _ParseOnly(ProtosCLI):
         def parse_arguments(self, parser, args) -> None:
@@ -383,24 +378,7 @@ def _parse_fit_args(cell: Cell) -> Any:
                 if parse(base + list(cell.overrides[:n]))[1]:
                     culprit = f"override {cell.overrides[n - 1].removeprefix('--')}"
                     break
-        raise BenchError(f"cell {cell.name}: {culprit} rejected by {cell.config}: {_one_line(message)}")
+        reason = (one_line(message) or message.strip())[:300]
+        raise BenchError(f"cell {cell.name}: {culprit} rejected by {cell.config}: {reason}")
     module, _, name = class_path.rpartition(".")
     return getattr(importlib.import_module(module), name, class_path)
-
-
-def _one_line(message: str) -> str:
-    """jsonargparse's multi-line error, shortened to its informative lines."""
-    noise = (
-        "Does not validate",
-        "Subtypes:",
-        "Errors:",
-        "Given value",
-        "usage:",
-        "tip:",
-        "[",
-        "Expected a <class 'NoneType'>",
-        "Problem with given class_path",
-    )
-    lines = [line.strip().removeprefix("- ").removeprefix("error: ") for line in message.splitlines()]
-    kept = [line for line in lines if line and not line.startswith(noise)]
-    return " ".join(dict.fromkeys(kept))[:300] or message.strip()[:300]

@@ -224,7 +224,7 @@ class ArrayDataModule(L.LightningDataModule):
 
     def _split(self, stage: Literal["fit", "eval"]) -> tuple[Tensor, Tensor | None]:
         splits = self.splits
-        if self.fit_on == "all" or "test" not in splits:
+        if not self.held_out:
             if self._all is None:  # concatenated once: training and evaluation share the tensors
                 parts = list(splits.values())
                 x = torch.cat([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
@@ -292,6 +292,12 @@ class ArrayDataModule(L.LightningDataModule):
     def n_classes(self) -> int | None:
         y = self._split("eval")[1]
         return None if y is None else int(y.max()) + 1
+
+    @property
+    def held_out(self) -> bool:
+        """Whether the evaluation split is distinct from the training one (``fit_on: train`` on a
+        data set with a test split)."""
+        return self.fit_on == "train" and "test" in self.splits
 
     @property
     def n_train(self) -> int:

@@ -127,6 +127,10 @@ class ImageFolder(ArrayDataModule):
         if not files:
             raise DataError(f"{self.path}: no images ({', '.join(self.EXTENSIONS)}) found")
         classes = sorted({p.parent.name for p in files if p.parent != self.path})
+        if classes and any(p.parent == self.path for p in files):
+            loose = next(p.name for p in files if p.parent == self.path)
+            where = "both in class sub-folders and at the top"
+            raise DataError(f"{self.path}: images {where} ({loose}): put every image in a class folder")
         mode = ImageReadMode.GRAY if self.grayscale else ImageReadMode.RGB
         images = []
         for p in files:

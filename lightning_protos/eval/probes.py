@@ -1,6 +1,6 @@
 """Probes of a learnt representation (VAESim J §3.5; METHODS 1.1): statistical accuracy of the
 clusters, kNN accuracy and linear-probe accuracy of the embedding, fitted on the training split
-and scored on the evaluation split.
+and scored on the evaluation split (on data with one split, on a random share held out of it).
 
 Functions first (numpy / torch in, a fraction out), then :class:`ProbeEvaluator`, the callback
 that reads a method through its contract (``embed``, ``predict_clusters``) only.
@@ -11,13 +11,16 @@ from __future__ import annotations
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from sklearn.model_selection import train_test_split
 from sklearn.neighbors import KNeighborsClassifier
 from torch import Tensor
 
 from ..errors import ProtosError
 from .callbacks import record_metrics
 
-# The authors' code's linear probe (REFERENCE_CODE 1.2): Adam 1e-3, 10 epochs, batch 512, 10 outputs.
+# The authors' code's linear probe (REFERENCE_CODE 1.2): Adam 1e-3, 10 epochs, batch 512, 10 outputs
+# (one a class where a data set has more).
 REFERENCE_LINEAR = {"lr": 1e-3, "epochs": 10, "batch_size": 512, "n_outputs": 10}
 
 
@@ -67,10 +70,11 @@ def linear_probe_accuracy(
     Args:
         fit_x: ``(N, p)`` embeddings; fit_labels: ``(N,)`` integer labels.
         eval_x: ``(M, p)``; eval_labels: ``(M,)``.
-        n_outputs: logits of the layer; default the number of labels (the code used 10).
+        n_outputs: logits of the layer (the code used 10); never fewer than the number of labels,
+            the default.
     """
     device = fit_x.device
-    n_out = n_outputs or int(max(fit_labels.max(), eval_labels.max())) + 1
+    n_out = max(n_outputs or 0, int(max(fit_labels.max(), eval_labels.max())) + 1)
     fork = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
     with fork, torch.inference_mode(False), torch.enable_grad():  # also inside Lightning's evaluation loops
         fit_x, eval_x = fit_x.float().clone(), eval_x.float().clone()  # clone: no inference tensors
@@ -109,6 +113,11 @@ class ProbeEvaluator(L.Callback):
     ``linear_acc`` (and ``linear_acc_reference``) and merged into ``metrics.json``. Computed on
     global rank zero; a data set without labels gets no probes.
 
+    Where the data module trains and evaluates on the same samples (``fit_on: all``, or a
+    user's file with one split), scoring on them would let kNN find each sample at distance 0:
+    the probes then fit on a random ``1 - holdout`` of the samples and score on the rest, and
+    say so in one warning.
+
     Args:
         knn_k: neighbours of the kNN vote (the authors: 5 on MNIST, 10 on PneumoniaMNIST).
         linear_lr: Adam learning rate of the linear probe (J: 3e-4).
@@ -116,9 +125,11 @@ class ProbeEvaluator(L.Callback):
         linear_batch_size: its batch size (ours: 512, as the code).
         linear_outputs: its outputs; default the number of classes.
         reference_linear: also report ``linear_acc_reference``, the authors' code's probe
-            (Adam 1e-3, 10 epochs, batch 512, 10 outputs; REFERENCE_CODE 1.2).
+            (Adam 1e-3, 10 epochs, batch 512, 10 outputs or one a class where there are more;
+            REFERENCE_CODE 1.2).
         stages: ``val`` and / or ``test``.
-        seed: seed of the linear probe's initialisation and shuffling.
+        holdout: the share scored on data with one split (scikit-learn's ``train_test_split``).
+        seed: seed of the linear probe's initialisation and shuffling, and of that split.
     """
 
     def __init__(
@@ -130,17 +141,36 @@ class ProbeEvaluator(L.Callback):
         linear_outputs: int | None = None,
         reference_linear: bool = False,
         stages: tuple[str, ...] = ("val", "test"),
+        holdout: float = 0.2,
         seed: int = 0,
     ) -> None:
         if knn_k < 1 or linear_epochs < 1 or linear_batch_size < 1 or not linear_lr > 0:
             raise ProtosError("knn_k, linear_epochs, linear_batch_size and linear_lr must be positive")
+        if not 0 < holdout < 1:
+            raise ProtosError(f"holdout must be in (0, 1), got {holdout}")
         self.knn_k = knn_k
         self.linear = {"lr": linear_lr, "epochs": linear_epochs, "batch_size": linear_batch_size}
         self.linear["n_outputs"] = linear_outputs
         self.reference_linear = reference_linear
         self.stages = tuple(stages)
-        self.seed = seed
+        self.holdout, self.seed = holdout, seed
         self.results: dict[str, dict[str, float]] = {}
+
+    def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        """Before any training: a one-line error for fewer linear outputs than classes, and the
+        warning for data with one split."""
+        dm = trainer.datamodule
+        if dm is None or dm.labels("fit") is None:
+            return
+        if not getattr(dm, "held_out", True):
+            rank_zero_warn(
+                f"ProbeEvaluator: {type(dm).__name__} trains and evaluates on the same samples (fit_on: all, "
+                f"or one split): the probes fit on a random {1 - self.holdout:.0%} and score on the other "
+                f"{self.holdout:.0%}"
+            )
+        n_outputs, n_classes = self.linear["n_outputs"], dm.n_classes
+        if n_outputs is not None and n_classes is not None and n_outputs < n_classes:
+            raise ProtosError(f"ProbeEvaluator: linear_outputs={n_outputs} is fewer than the {n_classes} classes")
 
     def scores(self, pl_module, datamodule) -> dict[str, float]:
         """The probes' accuracies for ``pl_module`` on ``datamodule`` (empty without labels)."""
@@ -149,8 +179,15 @@ class ProbeEvaluator(L.Callback):
             return {}
         batch_size = getattr(datamodule, "eval_batch_size", 1024)
         fit_z, fit_k = embed_and_assign(pl_module, datamodule.features("fit"), batch_size)
-        eval_z, eval_k = embed_and_assign(pl_module, datamodule.features("eval"), batch_size)
         fit_y, eval_y, k = fit_y.cpu(), eval_y.cpu(), self.knn_k
+        if getattr(datamodule, "held_out", True):
+            eval_z, eval_k = embed_and_assign(pl_module, datamodule.features("eval"), batch_size)
+        else:  # one split: score on a random share of it, held out of the fits
+            fit_i, eval_i = map(
+                torch.as_tensor, train_test_split(range(len(fit_y)), test_size=self.holdout, random_state=self.seed)
+            )
+            eval_z, eval_k, eval_y = fit_z[eval_i], fit_k[eval_i], fit_y[eval_i]
+            fit_z, fit_k, fit_y = fit_z[fit_i], fit_k[fit_i], fit_y[fit_i]
         out = {
             "stat_acc": statistical_accuracy(fit_k.numpy(), fit_y.numpy(), eval_k.numpy(), eval_y.numpy()),
             "knn_acc": knn_accuracy(fit_z.cpu().numpy(), fit_y.numpy(), eval_z.cpu().numpy(), eval_y.numpy(), k),

@@ -38,7 +38,7 @@ from torch import Tensor
 from ..nets import ClusteringModule, ParameterAverage
 from ..nets.mlp import BiasInit
 from ..ops import aecm_terms, cm_terms
-from .base import check_positive
+from .base import check_choices, check_positive
 from .pretrain import AutoencoderMethod
 
 
@@ -97,8 +97,7 @@ class AECM(AutoencoderMethod):
         check_positive(alpha=alpha)
         if beta < 0 or lam < 0:
             raise ValueError(f"beta and lam must be >= 0, got {beta}, {lam}")
-        if cm_init not in ("pinv", "posterior"):
-            raise ValueError(f"cm_init must be 'pinv' or 'posterior', got {cm_init!r}")
+        check_choices(cm_init=(cm_init, ("pinv", "posterior")))
         super().__init__(
             n_clusters, input_shape, latent_dim, hidden, slope, lr, adam_eps, init, pretrain_epochs,
             kmeans_n_init, pretrain_cache, init_from_codes=init == "pretrained", bias_init=bias_init,

@@ -28,6 +28,13 @@ def check_positive(**values: float) -> None:
             raise ProtosError(f"{name} must be > 0, got {value}")
 
 
+def check_choices(**choices: tuple[object, tuple[str, ...]]) -> None:
+    """One-line error for an option outside its choices: ``name=(value, allowed)``."""
+    for name, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ProtosError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
 def adam(params, lr: float, eps: float = 1e-8) -> torch.optim.Adam:
     """``torch.optim.Adam`` with its fused kernel, the optimizer of every method: the same update
     as the default multi-tensor step, in one pass over each parameter (the MNIST DAE encoder's
@@ -135,6 +142,9 @@ class ClusteringMethod(L.LightningModule):
     # pretraining epochs before the clustering parameters, DEC's unused decoder, ProtoVAE's
     # three optimisers): under DDP such a method gets ``find_unused_parameters`` (see :meth:`setup`).
     ddp_unused_parameters: bool = False
+    # Buffers with a row per training sample, sized by the data (``AutoencoderMethod``'s
+    # ``register_per_sample_buffer``): a checkpoint gives them its own shape.
+    _per_sample: tuple[str, ...] | list[str] = ()
     # Steps between the reads of the non-finite-loss flag (:meth:`check_and_log`); ``None``: every
     # step on a CPU, where reading a tensor is free, every 50 on an accelerator, where each read
     # is a host round trip that stops the host from queuing the next steps ahead of the device.
@@ -191,8 +201,7 @@ class ClusteringMethod(L.LightningModule):
         """Brings state that evaluation reads, and that training only refreshes when asked, up
         to date: under DDP the BatchNorm running statistics (:meth:`average_batchnorm_stats`);
         VAE+KMeans adds its k-means on the current latents. Called on every rank when a
-        validation starts and by the evaluation callbacks before they read the contract during
-        ``fit``."""
+        validation starts, and by ``InspectionImages`` before it draws during ``fit``."""
         self.average_batchnorm_stats()
 
     @property
@@ -304,7 +313,7 @@ class ClusteringMethod(L.LightningModule):
         """Refuses, in one line, a checkpoint whose weights are not this model's (another method,
         or another configuration), before Lightning loads them."""
         stored, own = checkpoint.get("state_dict", {}), self.state_dict()
-        per_sample = set(getattr(self, "_per_sample", ()))  # sized from the checkpoint (methods/pretrain.py)
+        per_sample = set(self._per_sample)
         missing = [k for k in own if k not in stored]
         unexpected = [k for k in stored if k not in own]
         reshaped = [k for k in own if k in stored and k not in per_sample and stored[k].shape != own[k].shape]

@@ -54,7 +54,7 @@ from torch import Tensor
 
 from ..errors import ProtosError
 from ..ops import cluster_sums, running_mean_update, squared_distances
-from .base import check_positive
+from .base import check_choices, check_positive
 from .pretrain import AutoencoderMethod, encode_all, reconstruction_loss
 
 
@@ -107,10 +107,10 @@ class DCN(AutoencoderMethod):
             raise ProtosError(f"lam must be >= 0, got {lam}")
         if initial_count < 1:
             raise ProtosError(f"initial_count must be >= 1, got {initial_count}")
-        if centroid_update not in ("batch", "epoch"):
-            raise ProtosError(f"centroid_update must be 'batch' or 'epoch', got {centroid_update!r}")
-        if code_precision not in ("float32", "autocast"):
-            raise ProtosError(f"code_precision must be 'float32' or 'autocast', got {code_precision!r}")
+        check_choices(
+            centroid_update=(centroid_update, ("batch", "epoch")),
+            code_precision=(code_precision, ("float32", "autocast")),
+        )
         if max_grad_norm is not None:
             check_positive(max_grad_norm=max_grad_norm)
         super().__init__(
@@ -188,10 +188,8 @@ class DCN(AutoencoderMethod):
         """Steps (b) and (c) on a batch, with the codes of the updated network."""
         z = self.encode(x).float()
         s = self.nearest(z)  # (b)
-        sums, sizes = cluster_sums(z, s, self.n_clusters)
-        if dist.is_available() and dist.is_initialized():  # the union of every rank's batch
-            dist.all_reduce(sums)
-            dist.all_reduce(sizes)
+        sums, sizes = cluster_sums(z, s, self.n_clusters, over_ranks=True)  # the union of every rank's batch
+        if dist.is_available() and dist.is_initialized():
             index, s = self.all_gather(index).reshape(-1), self.all_gather(s).reshape(-1)
         centroids, counts = running_mean_update(self.centroids, self.counts, sums, sizes)  # (c)
         self.centroids.copy_(centroids)

@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from ..errors import ProtosError
 from ..ops import kl_clustering_loss, student_t_assign, student_t_logits, target_distribution
+from .base import check_choices
 from .pretrain import AutoencoderMethod, encode_all, reconstruction_loss
 
 
@@ -100,8 +101,7 @@ class DEC(AutoencoderMethod):
     ) -> None:
         if update_interval < 1:
             raise ProtosError(f"update_interval must be >= 1, got {update_interval}")
-        if target not in ("dataset", "batch"):
-            raise ProtosError(f"target must be 'dataset' or 'batch', got {target!r}")
+        check_choices(target=(target, ("dataset", "batch")))
         if tol is not None and not 0 <= tol < 1:
             raise ProtosError(f"tol must be in [0, 1) or null, got {tol}")
         if not dof > 0:

@@ -142,9 +142,6 @@ class GMVAE(ConvVAEMethod):
         with torch.no_grad():
             return self.components(torch.zeros(1, self.hparams.w_dim, device=self.device))[0][0]
 
-    def decode(self, z: Tensor) -> Tensor:
-        return self.from_net(self.decoder(z))
-
     # -- training -----------------------------------------------------------------------
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         h = self.hparams

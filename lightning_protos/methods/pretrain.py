@@ -9,7 +9,8 @@ Every such method is an :class:`AutoencoderMethod`. Its phases run by epoch insi
    once per seed; a run that finds its entry loads it and skips these epochs.
 2. once, at the first clustering epoch: :meth:`AutoencoderMethod.init_from_codes` with the codes
    of the whole training set, e.g. k-means on the pretrained codes (``init: pretrained``) or on
-   the codes of the random network (``init: random``, the ^r variants of the AE-CM paper).
+   the codes of the random network (``init: random``: DEC, IDEC, DCN, DKM^r; AE-CM^r starts
+   from its random clustering module instead and skips this step).
 3. the method's own :meth:`AutoencoderMethod.clustering_step` until the end.
 """
 
@@ -30,7 +31,7 @@ from ..errors import ProtosError
 from ..nets import MLPAutoencoder
 from ..nets.mlp import BiasInit
 from ..ops import kmeans_centres
-from .base import ClusteringMethod, adam, broadcast_from_rank0, check_positive, on_rank0
+from .base import ClusteringMethod, adam, broadcast_from_rank0, check_choices, check_positive, on_rank0
 
 
 def reconstruction_loss(x: Tensor, x_rec: Tensor) -> Tensor:
@@ -158,8 +159,7 @@ class AutoencoderMethod(ClusteringMethod):
     ) -> None:
         super().__init__(n_clusters, input_shape)
         check_positive(lr=lr, latent_dim=latent_dim, kmeans_n_init=kmeans_n_init)
-        if init not in ("random", "pretrained"):
-            raise ProtosError(f"init must be 'random' or 'pretrained', got {init!r}")
+        check_choices(init=(init, ("random", "pretrained")))
         if pretrain_epochs < 0:
             raise ProtosError(f"pretrain_epochs must be >= 0, got {pretrain_epochs}")
         self.ae = MLPAutoencoder(self.input_dim, hidden, latent_dim, slope, bias_init)

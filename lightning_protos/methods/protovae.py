@@ -44,10 +44,11 @@ from torch import Tensor, nn
 
 from ..errors import ProtosError
 from ..nets.protovae import ProtoDecoder, ProtoEncoder
+from ..ops.mixture import gaussian_kl
 from ..ops.mmd import grouped_mmd, mmd
 from ..ops.sinkhorn import sinkhorn
-from ..ops.vaesim import gaussian_kl
-from .base import ClusteringMethod, adam, check_positive
+from ..ops.vaesim import similarity
+from .base import ClusteringMethod, adam, check_choices, check_positive
 from .vae import ConvVAEMethod
 
 
@@ -261,10 +262,10 @@ class ProtoVAE(ReconstructionMethod):
             raise ProtosError(f"sinkhorn_iters must be >= 1, got {sinkhorn_iters}")
         if warmup_epochs < 0:
             raise ProtosError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
-        if reg_assign not in ("argmax", "softmax"):
-            raise ProtosError(f"reg_assign must be 'argmax' or 'softmax', got {reg_assign!r}")
-        if head_activation not in ("linear", "relu"):
-            raise ProtosError(f"head_activation must be 'linear' or 'relu', got {head_activation!r}")
+        check_choices(
+            reg_assign=(reg_assign, ("argmax", "softmax")),
+            head_activation=(head_activation, ("linear", "relu")),
+        )
         self.save_hyperparameters()
         if head_activation == "relu":
             self.head.append(nn.ReLU())
@@ -274,12 +275,7 @@ class ProtoVAE(ReconstructionMethod):
     def scores(self, z: Tensor) -> Tensor:
         """``(B, K)`` S = z^T v_k (cosines with ``normalize``), in float32: the codes and P scale
         S by 1 / eps and 1 / tau, which would magnify a bf16 product's rounding."""
-        return self.in_float32(self._scores, z)
-
-    def _scores(self, z: Tensor) -> Tensor:
-        if self.hparams.normalize:
-            return F.normalize(z, dim=1) @ F.normalize(self.V, dim=0)
-        return z @ self.V
+        return self.in_float32(similarity, z, self.V.T, kind="cos" if self.hparams.normalize else "dot")
 
     def cluster_probs(self, x: Tensor) -> Tensor:
         """P = softmax(z V / tau), ``(B, K)``."""

@@ -147,9 +147,6 @@ class VaDE(ConvVAEMethod):
         """The component means mu_c, ``(K, q)``."""
         return self.mu_c.detach().clone()
 
-    def decode(self, z: Tensor) -> Tensor:
-        return self.from_net(self.decoder(z))
-
     # -- phases -------------------------------------------------------------------------
     def pretraining(self) -> bool:
         return self.current_epoch < self.hparams.pretrain_epochs

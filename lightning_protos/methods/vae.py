@@ -41,7 +41,8 @@ from ..errors import ProtosError
 from ..nets.conv import NET_SIZE, ConvDecoder, ConvEncoder, resize
 from ..nets.mlp import MLPDecoder, MLPEncoder
 from ..ops import elbow_kmeans, gaussian_kl, kmeans_centres
-from .base import ClusteringMethod, adam, check_positive, on_rank0
+from .base import ClusteringMethod, adam, check_choices, check_positive, on_rank0
+from .pretrain import encode_all
 
 IMAGE_SIZES = ((28, 28), (32, 32))
 Network = Literal["conv", "mlp"]
@@ -92,10 +93,7 @@ class ConvVAEMethod(ClusteringMethod):
         reconstruction: Reconstruction = "mse",
     ) -> None:
         super().__init__(n_clusters, input_shape)
-        choices = {"network": (network, ("conv", "mlp")), "reconstruction": (reconstruction, ("mse", "bce"))}
-        for name, (value, allowed) in choices.items():
-            if value not in allowed:
-                raise ProtosError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+        check_choices(network=(network, ("conv", "mlp")), reconstruction=(reconstruction, ("mse", "bce")))
         if network == "conv" and (len(self.input_shape) != 3 or tuple(self.input_shape[1:]) not in IMAGE_SIZES):
             raise ProtosError(
                 f"the conv network takes images (C, 28, 28) or (C, 32, 32), got input shape {self.input_shape}"
@@ -104,8 +102,7 @@ class ConvVAEMethod(ClusteringMethod):
         check_positive(lr=lr, latent_dim=latent_dim, prior_std=prior_std)
         if beta < 0:
             raise ProtosError(f"beta must be >= 0, got {beta}")
-        if encoder not in ("bn_relu", "linear"):
-            raise ProtosError(f"encoder must be 'bn_relu' or 'linear', got {encoder!r}")
+        check_choices(encoder=(encoder, ("bn_relu", "linear")))
         if lr_step_epochs is not None:
             check_positive(lr_step_epochs=lr_step_epochs, lr_step_gamma=lr_step_gamma)
         self.network, self.reconstruction = network, reconstruction
@@ -166,13 +163,17 @@ class ConvVAEMethod(ClusteringMethod):
         """z_mu, the posterior mean (deterministic)."""
         return self.encode(x)[0]
 
+    def decode(self, z: Tensor) -> Tensor:
+        """The decoder's images of latents ``z`` ``(B, q)`` (VAESim adds its condition c)."""
+        return self.from_net(self.decoder(z))
+
     @torch.no_grad()
     def embed_all(self, x: Tensor, batch_size: int = 1024) -> Tensor:
         """``(N, *input_shape)`` -> ``(N, q)`` z_mu in eval mode (BatchNorm running statistics)."""
         was_training = self.training
         self.eval()
         try:
-            return torch.cat([self.embed(x[i : i + batch_size]).float() for i in range(0, len(x), batch_size)])
+            return encode_all(lambda xb: self.embed(xb).float(), x, batch_size)
         finally:
             self.train(was_training)
 
@@ -261,9 +262,6 @@ class VAE(ConvVAEMethod):
         """The ``k`` fitted k-means centres ``(k, q)``, or ``None`` before k-means."""
         k = int(self.k)
         return self.centres[:k].clone() if k else None
-
-    def decode(self, z: Tensor) -> Tensor:
-        return self.from_net(self.decoder(z))
 
     # -- training ---------------------------------------------------------------------
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:

@@ -20,6 +20,7 @@ from .mixture import (
     diag_gaussian_kl,
     expected_gaussian_kl,
     floored_logvar,
+    gaussian_kl,
     mixture_log_responsibilities,
     mixture_responsibilities,
     raw_logvar,
@@ -30,7 +31,6 @@ from .sinkhorn import sinkhorn
 from .vaesim import (
     draw_assignments,
     ema_prototype_update,
-    gaussian_kl,
     ortho_loss,
     similarity,
     soft_assign,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from sklearn.cluster import KMeans, kmeans_plusplus
 from torch import Tensor
 
@@ -37,11 +38,16 @@ def squared_distances(x: Tensor, c: Tensor) -> Tensor:
     return (x.unsqueeze(1) - c.unsqueeze(0)).pow(2).sum(dim=-1)
 
 
-def cluster_sums(z: Tensor, assign: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def cluster_sums(z: Tensor, assign: Tensor, k: int, over_ranks: bool = False) -> tuple[Tensor, Tensor]:
     """Per-cluster sums ``(K, p)`` and sizes ``(K,)`` (long) of codes ``z`` ``(B, p)`` under hard
-    assignments ``assign`` ``(B,)``: the sufficient statistics of :func:`running_mean_update`."""
+    assignments ``assign`` ``(B,)``: the sufficient statistics of :func:`running_mean_update`.
+    With ``over_ranks``, under ``torch.distributed``, both are all-reduced: the statistics of the
+    union of every rank's batch."""
     sums = z.new_zeros(k, z.shape[1]).index_add_(0, assign, z)
     sizes = torch.zeros(k, dtype=torch.long, device=z.device).index_add_(0, assign, torch.ones_like(assign))
+    if over_ranks and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sums)
+        dist.all_reduce(sizes)
     return sums, sizes  # index_add_, not bincount: no device-to-host sync on a GPU
 
 

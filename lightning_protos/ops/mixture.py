@@ -44,6 +44,16 @@ def diag_gaussian_kl(mu_q: Tensor, logvar_q: Tensor, mu_p: Tensor, logvar_p: Ten
     return 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p).pow(2)) / logvar_p.exp() - 1.0)
 
 
+def gaussian_kl(mu: Tensor, logvar: Tensor, prior_std: float = 1.0) -> Tensor:
+    """Element-wise KL( N(mu, exp(logvar)) || N(0, prior_std^2) ), the VAE's KL term: for
+    ``prior_std`` 1 the usual -1/2 (1 + log sigma^2 - mu^2 - sigma^2).
+
+    >>> float(gaussian_kl(torch.zeros(1, 1), torch.zeros(1, 1)))
+    0.0
+    """
+    return diag_gaussian_kl(mu, logvar, 0.0, logvar.new_tensor(2 * math.log(prior_std)))
+
+
 def component_log_densities(z: Tensor, mu_c: Tensor, logvar_c: Tensor) -> Tensor:
     """log N(z_i; mu_c, diag exp(logvar_c)) for every sample i and component c, ``(B, K)``.
 

@@ -1,12 +1,11 @@
-"""VAESim's operations (Ferrante et al., J §3, Alg. 1-2): the Gaussian KL, the tempered soft
-assignment to prototypes, the EMA prototype update, the temperature schedule and L_ortho."""
+"""VAESim's operations (Ferrante et al., J §3, Alg. 1-2): the tempered soft assignment to
+prototypes, the EMA prototype update, the temperature schedule and L_ortho."""
 
 from __future__ import annotations
 
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -14,19 +13,6 @@ from .kmeans import cluster_sums
 
 Similarity = Literal["cos", "dot"]
 Schedule = Literal["paper", "quarter_hot", "code"]
-
-
-def gaussian_kl(mu: Tensor, logvar: Tensor, prior_std: float = 1.0) -> Tensor:
-    """Element-wise KL( N(mu, exp(logvar)) || N(0, prior_std^2) ), ``(B, q)``.
-
-    KL = log(s / sigma) + (sigma^2 + mu^2) / (2 s^2) - 1/2, with s = ``prior_std``; for s = 1 the
-    usual -1/2 (1 + log sigma^2 - mu^2 - sigma^2).
-
-    >>> float(gaussian_kl(torch.zeros(1, 1), torch.zeros(1, 1)))
-    0.0
-    """
-    var_ratio = logvar.exp() / prior_std**2
-    return 0.5 * (var_ratio + mu.pow(2) / prior_std**2 - 1.0 - torch.log(var_ratio))
 
 
 def similarity(z: Tensor, prototypes: Tensor, kind: Similarity = "cos") -> Tensor:
@@ -72,10 +58,7 @@ def ema_prototype_update(prototypes: Tensor, z: Tensor, assign: Tensor, eta: flo
     Returns:
         ``(K, q)`` the updated Q.
     """
-    sums, counts = cluster_sums(z.to(prototypes.dtype), assign, len(prototypes))
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(sums)
-        dist.all_reduce(counts)
+    sums, counts = cluster_sums(z.to(prototypes.dtype), assign, len(prototypes), over_ranks=True)
     mean = sums / counts.clamp_min(1).to(sums.dtype).unsqueeze(1)
     moved = eta * mean + (1.0 - eta) * prototypes
     return torch.where((counts > 0).unsqueeze(1), moved, prototypes)
