@@ -24,7 +24,8 @@ the orthonormal sparsity term plus L_orth instead).
 
 Deviations from the paper, each a documented choice (METHODS 3.4, REFERENCE_CODE 3):
 the paper prints mu^T mu for the K x K Gram matrix mu mu^T; Adam epsilon is 1e-8 unless
-``adam_eps`` is set (the authors' code: 1e-3); pretraining uses Adam (paper config).
+``adam_eps`` is set (the authors' code: 1e-3); pretraining uses Adam (paper config), at the
+data module's batch size (the authors' code pretrains with SGD at batch 256, REFERENCE_CODE 4).
 """
 
 from __future__ import annotations

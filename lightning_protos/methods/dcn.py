@@ -21,7 +21,10 @@ Choices (METHODS 2 and 3.5, REFERENCE_CODE 5):
 - The counts start at 100, as in the DCN authors' code (a k-means centroid weighs as 100 samples).
 - The centroids, counts and assignments are buffers; their batch updates are all-reduced across
   ranks, so that every rank holds the same M, c and s.
-- Adam (lr 1e-3) as in the AE-CM paper's runs.
+- Adam (lr 1e-3) as in the AE-CM paper's runs, epsilon 1e-8 (the AE-CM authors' code: 1e-3,
+  ``adam_eps``).
+- Random init starts the centroids from k-means on the untrained network's codes (step 1); the
+  AE-CM authors' code draws them Glorot-uniform instead (REFERENCE_CODE 5).
 - ``centroid_update: epoch`` replaces steps (b) and (c) by what the AE-CM authors' code does (their
   Table 5 numbers come from it; REFERENCE_CODE 5): after each clustering epoch, every sample is
   reassigned to its nearest centroid with the trained network, and each centroid becomes the

@@ -29,6 +29,10 @@ Choices where the papers are silent or differ (METHODS 2 and 3.5, REFERENCE_CODE
   phase alone (their DAE pretraining is a separate SGD run), and it damps the small late
   gradients of L_c (REFERENCE_CODE 5; on USPS it is worth ~2.5 ARI points to DEC^p).
 - ``tol`` defaults to the DEC paper's 0.1%; the AE-CM authors' code has no stop (``tol: null``).
+- Random init starts the centroids from k-means on the untrained network's codes (step 1); the
+  AE-CM authors' code, behind Table 5's ^r rows, draws them Glorot-uniform instead (REFERENCE_CODE
+  5). The same code runs IDEC with Adam epsilon 1e-3 too; our IDEC configs keep 1e-8 (IDEC^p meets
+  Table 5 with it, BENCHMARKS.md), ``cluster_adam_eps`` sets it.
 - The centroids are parameters trained by gradient (DDP averages their gradients), not buffers.
 - ``target: batch`` is not in either paper: it is what ClustPy's DEC and IDEC do (f_j summed
   over the batch; under DDP over each rank's part of it), kept so that
