@@ -207,7 +207,8 @@ class VAE(ConvVAEMethod):
         lr_step_gamma: see :class:`ConvVAEMethod`.
         k_min: ``None`` for k-means with K = ``n_clusters``; else K is chosen by the elbow of
             the inertia over K = k_min..n_clusters.
-        kmeans_n_init: k-means restarts per K (1: scikit-learn's and yellowbrick's default).
+        kmeans_n_init: k-means restarts per K (1: scikit-learn's default since 1.4; the
+            authors' 2022 code, through yellowbrick's ``KMeans()``, got that release's 10).
         network, hidden, reconstruction: see :class:`ConvVAEMethod` (ours: conv, MSE).
 
     The k-means centres are a ``(n_clusters, q)`` buffer of which the first ``k`` rows are used
