@@ -310,6 +310,11 @@ class ArrayDataModule(L.LightningDataModule):
     def labels(self, stage: Literal["fit", "eval"] = "eval") -> Tensor | None:
         return self._split(stage)[1]
 
+    def sample_names(self, stage: Literal["fit", "eval"] = "eval") -> list[str] | None:
+        """A name per sample of the split (a user's image files), or ``None`` where samples are
+        known by index alone."""
+        return None
+
     def n_of(self, stage: Literal["fit", "eval"]) -> int:
         return len(self._split(stage)[0])
 

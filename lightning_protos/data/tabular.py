@@ -116,6 +116,7 @@ class ImageFolder(ArrayDataModule):
         super().__init__(**kwargs)
         self.path, self.image_size, self.grayscale = Path(path).expanduser(), image_size, grayscale
         self.name = self.path.name
+        self._names: list[str] = []
 
     def load(self) -> dict[str, tuple[Tensor, Tensor | None]]:
         from torchvision.io import ImageReadMode, decode_image
@@ -141,4 +142,10 @@ class ImageFolder(ArrayDataModule):
         if len({tuple(i.shape) for i in images}) > 1:
             raise DataError(f"{self.path}: images differ in size; set image_size")
         y = torch.tensor([classes.index(p.parent.name) for p in files]) if classes else None
+        self._names = [p.relative_to(self.path).as_posix() for p in files]
         return {"train": (torch.stack(images), y)}
+
+    def sample_names(self, stage: str = "eval") -> list[str]:
+        """Each image's path relative to the folder, in sample order (one split: any stage)."""
+        self.splits  # noqa: B018
+        return self._names
