@@ -3,3 +3,17 @@
 
 class ProtosError(ValueError):
     """A bad argument, data set or shape; its message is one line."""
+
+
+def check_positive(**values: float) -> None:
+    """One-line error for a non-positive learning rate, temperature, weight ..."""
+    for name, value in values.items():
+        if not value > 0:
+            raise ProtosError(f"{name} must be > 0, got {value}")
+
+
+def check_choices(**choices: tuple[object, tuple[str, ...]]) -> None:
+    """One-line error for an option outside its choices: ``name=(value, allowed)``."""
+    for name, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ProtosError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")

@@ -20,7 +20,13 @@ from torch.distributions import Normal, kl_divergence
 from lightning_protos.errors import ProtosError
 from lightning_protos.eval.callbacks import AssignmentWriter, ClusteringEvaluator
 from lightning_protos.eval.images import InspectionImages
-from lightning_protos.eval.probes import ProbeEvaluator, knn_accuracy, linear_probe_accuracy, statistical_accuracy
+from lightning_protos.eval.probes import (
+    ProbeEvaluator,
+    holdout_split,
+    knn_accuracy,
+    linear_probe_accuracy,
+    statistical_accuracy,
+)
 from lightning_protos.methods.vae import VAE, VAEKMeans
 from lightning_protos.methods.vaesim import VAESim
 from lightning_protos.ops.elbow import elbow_kmeans, kneedle_elbow
@@ -185,6 +191,26 @@ def test_probes_hold_out_a_share_of_data_with_one_split():
     assert probes.results["val"]["knn_acc"] < 0.8
     with pytest.raises(ProtosError, match="holdout must be in"):
         ProbeEvaluator(holdout=1.0)
+
+
+def test_holdout_split_keeps_every_class_where_it_can():
+    y = np.array([0] * 16 + [1] * 4)  # a rare class: a random 20% could miss it
+    for seed in range(10):
+        fit, held = holdout_split(y, 0.2, seed)
+        assert sorted([*fit, *held]) == list(range(20))
+        assert np.bincount(y[held]).tolist() == [3, 1]
+    fit, held = holdout_split(np.array([0] * 9 + [1]), 0.2, 0)  # a class of one: at random
+    assert len(held) == 2
+    assert len(fit) == 8
+
+
+def test_probes_of_a_small_one_split_set_ask_no_more_neighbours_than_it_holds():
+    dm = tiny_images(n_train=8, n_test=4)
+    splits = dm.splits
+    one_split = TwoSplits(splits["train"], splits["test"], batch_size=4, fit_on="all")  # 9 samples fit
+    one_split.setup("fit")
+    scores = ProbeEvaluator(knn_k=10, linear_epochs=1).scores(vaesim(), one_split)
+    assert 0 <= scores["knn_acc"] <= 1
 
 
 def test_too_few_linear_outputs_are_refused_before_training():

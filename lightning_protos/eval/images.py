@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.utils.data import default_collate
 from torchvision.utils import make_grid
 
-from ..errors import ProtosError
+from ..errors import ProtosError, check_choices
 from ..ops import around, interpolate, nearest
 from .callbacks import run_dir
 from .probes import embed_and_assign
@@ -209,8 +209,7 @@ class InspectionImages(L.Callback):
     ) -> None:
         if min(n_points, n_images, n_samples, steps, n_nearest, max_rows) < 1 or every_n_epochs < 0 or noise < 0:
             raise ProtosError("picture sizes must be >= 1, every_n_epochs and noise >= 0")
-        if latent_map not in ("tsne", "pca"):
-            raise ProtosError(f"latent_map must be 'tsne' or 'pca', got {latent_map!r}")
+        check_choices(latent_map=(latent_map, ("tsne", "pca")))
         self.every_n_epochs, self.n_points, self.n_images = every_n_epochs, n_points, n_images
         self.n_samples, self.noise, self.steps, self.n_nearest = n_samples, noise, steps, n_nearest
         self.max_rows, self.latent_map, self.projector_points = max_rows, latent_map, projector_points

@@ -1,6 +1,7 @@
 """Probes of a learnt representation (VAESim J §3.5; METHODS 1.1): statistical accuracy of the
 clusters, kNN accuracy and linear-probe accuracy of the embedding, fitted on the training split
-and scored on the evaluation split (on data with one split, on a random share held out of it).
+and scored on the evaluation split (where training and evaluation share their samples, on a
+random share held out of them).
 
 Functions first (numpy / torch in, a fraction out), then :class:`ProbeEvaluator`, the callback
 that reads a method through its contract (``embed``, ``predict_clusters``) only.
@@ -92,6 +93,18 @@ def linear_probe_accuracy(
             return float((layer(eval_x).argmax(1) == eval_labels).float().mean())
 
 
+def holdout_split(labels: np.ndarray, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (fit, held out) of a random split of the samples with ``share`` held out, by class
+    (scikit-learn's stratified ``train_test_split``) where every class has two samples and the
+    held-out share has room for each, else at random."""
+    idx = np.arange(len(labels))
+    try:
+        fit, held = train_test_split(idx, test_size=share, random_state=seed, stratify=labels)
+    except ValueError:  # a class of one sample, or fewer held-out samples than classes
+        fit, held = train_test_split(idx, test_size=share, random_state=seed)
+    return fit, held
+
+
 @torch.no_grad()
 def embed_and_assign(pl_module, x: Tensor, batch_size: int) -> tuple[Tensor, Tensor]:
     """``embed`` ``(N, p)`` float32 on the method's device and ``predict_clusters`` ``(N,)`` on
@@ -160,7 +173,7 @@ class ProbeEvaluator(L.Callback):
         """Before any training: a one-line error for fewer linear outputs than classes, and the
         warning for data with one split."""
         dm = trainer.datamodule
-        if dm is None or dm.labels("fit") is None:
+        if dm is None or stage == "predict" or dm.labels("fit") is None:
             return
         if not getattr(dm, "held_out", True):
             rank_zero_warn(
@@ -179,15 +192,14 @@ class ProbeEvaluator(L.Callback):
             return {}
         batch_size = getattr(datamodule, "eval_batch_size", 1024)
         fit_z, fit_k = embed_and_assign(pl_module, datamodule.features("fit"), batch_size)
-        fit_y, eval_y, k = fit_y.cpu(), eval_y.cpu(), self.knn_k
+        fit_y, eval_y = fit_y.cpu(), eval_y.cpu()
         if getattr(datamodule, "held_out", True):
             eval_z, eval_k = embed_and_assign(pl_module, datamodule.features("eval"), batch_size)
-        else:  # one split: score on a random share of it, held out of the fits
-            fit_i, eval_i = map(
-                torch.as_tensor, train_test_split(range(len(fit_y)), test_size=self.holdout, random_state=self.seed)
-            )
+        else:  # one split: score on a random share of it, held out of the fits, by class where it can
+            fit_i, eval_i = map(torch.as_tensor, holdout_split(fit_y.numpy(), self.holdout, self.seed))
             eval_z, eval_k, eval_y = fit_z[eval_i], fit_k[eval_i], fit_y[eval_i]
             fit_z, fit_k, fit_y = fit_z[fit_i], fit_k[fit_i], fit_y[fit_i]
+        k = min(self.knn_k, len(fit_y))  # a small held-out set: at most every fitting sample
         out = {
             "stat_acc": statistical_accuracy(fit_k.numpy(), fit_y.numpy(), eval_k.numpy(), eval_y.numpy()),
             "knn_acc": knn_accuracy(fit_z.cpu().numpy(), fit_y.numpy(), eval_z.cpu().numpy(), eval_y.numpy(), k),

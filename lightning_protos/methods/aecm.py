@@ -36,10 +36,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ..errors import check_choices, check_positive
 from ..nets import ClusteringModule, ParameterAverage
 from ..nets.mlp import BiasInit
 from ..ops import aecm_terms, cm_terms
-from .base import check_choices, check_positive
 from .pretrain import AutoencoderMethod
 
 

@@ -21,20 +21,6 @@ from ..hardware import check_device
 T = TypeVar("T")
 
 
-def check_positive(**values: float) -> None:
-    """One-line error for a non-positive learning rate, temperature, weight ..."""
-    for name, value in values.items():
-        if not value > 0:
-            raise ProtosError(f"{name} must be > 0, got {value}")
-
-
-def check_choices(**choices: tuple[object, tuple[str, ...]]) -> None:
-    """One-line error for an option outside its choices: ``name=(value, allowed)``."""
-    for name, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise ProtosError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
-
-
 def adam(params, lr: float, eps: float = 1e-8) -> torch.optim.Adam:
     """``torch.optim.Adam`` with its fused kernel, the optimizer of every method: the same update
     as the default multi-tensor step, in one pass over each parameter (the MNIST DAE encoder's

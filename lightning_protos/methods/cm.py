@@ -20,10 +20,11 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ..errors import check_positive
 from ..nets import ClusteringModule, ParameterAverage
 from ..nets.mlp import BiasInit
 from ..ops import cm_terms, kmeans_pp_centres
-from .base import ClusteringMethod, adam, broadcast_from_rank0, check_positive, on_rank0
+from .base import ClusteringMethod, adam, broadcast_from_rank0, on_rank0
 
 
 class CM(ClusteringMethod):

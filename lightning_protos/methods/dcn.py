@@ -55,9 +55,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..errors import ProtosError
+from ..errors import ProtosError, check_choices, check_positive
 from ..ops import cluster_sums, running_mean_update, squared_distances
-from .base import check_choices, check_positive
 from .pretrain import AutoencoderMethod, encode_all, reconstruction_loss
 
 

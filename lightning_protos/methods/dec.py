@@ -50,9 +50,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from ..errors import ProtosError
+from ..errors import ProtosError, check_choices
 from ..ops import kl_clustering_loss, student_t_assign, student_t_logits, target_distribution
-from .base import check_choices
 from .pretrain import AutoencoderMethod, encode_all, reconstruction_loss
 
 

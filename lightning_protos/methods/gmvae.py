@@ -38,7 +38,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ..errors import ProtosError
+from ..errors import ProtosError, check_positive
 from ..nets.mlp import mlp
 from ..ops import (
     categorical_kl,
@@ -48,7 +48,6 @@ from ..ops import (
     mixture_log_responsibilities,
     mixture_responsibilities,
 )
-from .base import check_positive
 from .vae import VADE_HIDDEN, ConvVAEMethod, Network, Reconstruction
 
 

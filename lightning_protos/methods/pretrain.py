@@ -27,11 +27,11 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from ..errors import ProtosError
+from ..errors import ProtosError, check_choices, check_positive
 from ..nets import MLPAutoencoder
 from ..nets.mlp import BiasInit
 from ..ops import kmeans_centres
-from .base import ClusteringMethod, adam, broadcast_from_rank0, check_choices, check_positive, on_rank0
+from .base import ClusteringMethod, adam, broadcast_from_rank0, on_rank0
 
 
 def reconstruction_loss(x: Tensor, x_rec: Tensor) -> Tensor:

@@ -42,13 +42,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ProtosError
+from ..errors import ProtosError, check_choices, check_positive
 from ..nets.protovae import ProtoDecoder, ProtoEncoder
 from ..ops.mixture import gaussian_kl
 from ..ops.mmd import grouped_mmd, mmd
 from ..ops.sinkhorn import sinkhorn
 from ..ops.vaesim import similarity
-from .base import ClusteringMethod, adam, check_choices, check_positive
+from .base import ClusteringMethod, adam
 from .vae import ConvVAEMethod
 
 

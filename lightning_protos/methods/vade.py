@@ -50,9 +50,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from ..errors import ProtosError
+from ..errors import ProtosError, check_positive
 from ..ops import floored_logvar, mixture_responsibilities, raw_logvar, vade_kl_terms
-from .base import ClusteringMethod, adam, broadcast_from_rank0, check_positive, on_rank0
+from .base import ClusteringMethod, adam, broadcast_from_rank0, on_rank0
 from .vae import VADE_HIDDEN, ConvVAEMethod, Network, Reconstruction
 
 

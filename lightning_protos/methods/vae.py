@@ -37,11 +37,11 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from ..errors import ProtosError
+from ..errors import ProtosError, check_choices, check_positive
 from ..nets.conv import NET_SIZE, ConvDecoder, ConvEncoder, resize
 from ..nets.mlp import MLPDecoder, MLPEncoder
 from ..ops import elbow_kmeans, gaussian_kl, kmeans_centres
-from .base import ClusteringMethod, adam, check_choices, check_positive, on_rank0
+from .base import ClusteringMethod, adam, on_rank0
 from .pretrain import encode_all
 
 IMAGE_SIZES = ((28, 28), (32, 32))

@@ -38,7 +38,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ..errors import ProtosError
+from ..errors import ProtosError, check_choices, check_positive
 from ..ops import (
     draw_assignments,
     ema_prototype_update,
@@ -50,7 +50,7 @@ from ..ops import (
     temperature,
 )
 from ..ops.vaesim import Schedule, Similarity
-from .base import broadcast_from_rank0, check_choices, check_positive
+from .base import broadcast_from_rank0
 from .vae import VADE_HIDDEN, ConvVAEMethod, Network, Reconstruction
 
 
@@ -151,7 +151,7 @@ class VAESim(ConvVAEMethod):
 
     def cluster_probs(self, x: Tensor) -> Tensor:
         """c = softmax(s(z_mu, Q) / tau) at the current tau, ``(B, K)`` (Eq. 1)."""
-        return self.condition(self.embed(x), self.tau)
+        return torch.softmax(self.similarities(x) / self.tau, dim=-1)  # as predict_step: z_mu in float32
 
     def prototypes(self) -> Tensor:
         return self.Q.clone()
