@@ -128,6 +128,12 @@ def test_pick_ignores_empty_values_and_keeps_the_first_tie():
     assert pick([{"ari": ""}], "ari", highest=True) is None
 
 
+def test_a_nan_score_neither_wins_nor_averages():
+    rows = [{"seed": "0", "ari": "nan", "l_sp": "nan"}, {"seed": "1", "ari": "0.5", "l_sp": "3"}]
+    assert pick(rows, "ari", highest=True)["seed"] == "1"
+    assert pick(rows, "l_sp", highest=False)["seed"] == "1"
+
+
 def test_summary_rows_are_fractions_with_best_and_selected_runs():
     flat = summary_rows(summarize(ROWS, ["method", "dataset"], ["acc", "ari"]), ["acc", "ari"], True)
     assert flat[0]["acc_mean"] == pytest.approx(0.8)
@@ -168,6 +174,15 @@ def test_results_csv_header_is_the_columns_then_note(tmp_path):
     assert lines == [",".join(bench.columns), "cm,digits,0,3,0.123457,,,12.5,4.3,"]
     with pytest.raises(BenchError, match="has columns"):
         ResultsFile(bench.results, [c for c in bench.columns if c != "l_sp"])
+
+
+def test_a_row_appended_after_a_hand_edit_that_lost_the_last_newline_stays_a_row(tmp_path):
+    bench = load_bench(write_table(tmp_path))
+    results = ResultsFile(bench.results, bench.columns)
+    results.append(make_row({"method": "cm", "dataset": "digits", "seed": "0"}, bench.columns, {"acc": 0.5}, 1.0))
+    bench.results.write_text(bench.results.read_text().rstrip("\n"))  # a failed row deleted by hand
+    results.append(make_row({"method": "cm", "dataset": "digits", "seed": "1"}, bench.columns, {"acc": 0.6}, 1.0))
+    assert [(r["seed"], r["acc"], r["note"]) for r in results.rows()] == [("0", "0.5", ""), ("1", "0.6", "")]
 
 
 # -- skip and resume with a fake launcher -------------------------------------------------
@@ -487,6 +502,22 @@ def test_method_entry_can_write_its_own_results_file(tmp_path):
     ]
     assert Runner(bench, FakeLaunch()).pending(bench.cells()) == []  # both files count as done
     assert set(report(bench)) == {f"{p.stem}/{k}" for p in (bench.results, own) for k in ("table", "summary", "chart")}
+
+
+def test_report_keeps_apart_rows_that_another_table_labelled(tmp_path):
+    # two tables share a file; the rows of the one that sets a label (here `clip`) must not be
+    # averaged with the other's when the other reports
+    columns = ["method", "dataset", "clip", "seed", "acc"]
+    shared = tmp_path / "results" / "shared.csv"
+    entry = {"method": "cm", "config": str(ROOT / "configs" / "cm_{dataset}.yaml"), "results": str(shared)}
+    bench = load_bench(write_table(tmp_path, methods=[{**entry, "columns": columns}]), root=tmp_path / "runs")
+    results = ResultsFile(shared, [*columns, "note"])
+    for clip, seed, acc in (("", 0, 0.2), ("", 1, 0.4), ("100", 0, 0.8), ("100", 1, 0.9)):
+        results.append({"method": "cm", "dataset": "digits", "clip": clip, "seed": str(seed), "acc": str(acc)})
+    report(bench)
+    with open(shared.with_name("shared_summary.csv")) as f:
+        means = {r["clip"]: float(r["acc_mean"]) for r in csv.DictReader(f)}
+    assert means == pytest.approx({"": 0.3, "100": 0.85})
 
 
 def test_method_entry_can_keep_to_some_data_sets(tmp_path):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TwoSplits
+from PIL import Image
 from sklearn.metrics import adjusted_rand_score
 from torchvision.io import write_png
 
@@ -25,6 +26,7 @@ from lightning_protos.data import (
     resolve_root,
 )
 from lightning_protos.data.base import TensorBatches
+from lightning_protos.data.medmnist import MedMNIST
 from lightning_protos.data.synthetic import FIVE_GAUSSIANS_RADIUS, five_gaussians
 
 # -- the in-memory batches ----------------------------------------------------------------
@@ -164,6 +166,17 @@ def test_array_file_csv_without_header(tmp_path):
     assert y is None
 
 
+def test_array_file_csv_with_a_byte_order_mark_or_a_header_of_numbers(tmp_path):
+    excel = tmp_path / "excel.csv"  # a spreadsheet's UTF-8 export starts with a byte-order mark
+    excel.write_bytes("1,2,3\n4,5,6\n".encode("utf-8-sig"))
+    assert ArrayFile(str(excel)).splits["train"][0].tolist() == [[1, 2, 3], [4, 5, 6]]
+    pandas = tmp_path / "pandas.csv"  # DataFrame(X).to_csv(index=False) names the columns 0, 1, 2
+    pandas.write_text("0,1,2\n0.5,2.0,1\n1.5,3.0,0\n")
+    x, y = ArrayFile(str(pandas), header=True, label_column="2").splits["train"]
+    assert x.tolist() == [[0.5, 2.0], [1.5, 3.0]]
+    assert y.tolist() == [1, 0]
+
+
 @pytest.mark.parametrize(
     ("name", "content", "match"),
     [
@@ -219,11 +232,40 @@ def test_image_folder_without_classes_and_size_errors(tmp_path):
         ImageFolder(str(tmp_path / "empty")).splits  # noqa: B018
 
 
+def test_image_folder_classes_are_the_top_folders_and_16_bit_images_are_scaled(tmp_path):
+    for cls, value in (("cat", 65535), ("dog", 257)):  # 16-bit, as X-ray PNGs often are
+        for patient in ("p1", "p2"):
+            (tmp_path / cls / patient).mkdir(parents=True)
+            write_png(torch.full((1, 4, 4), 0, dtype=torch.uint8), str(tmp_path / cls / patient / "8bit.png"))
+            Image.fromarray(np.full((4, 4), value, dtype=np.uint16)).save(tmp_path / cls / patient / "16bit.png")
+    dm = ImageFolder(str(tmp_path), grayscale=True)
+    x, y = dm.splits["train"]
+    names = dm.sample_names()
+    assert y.tolist() == [int(n.startswith("dog")) for n in names] == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert x.dtype == torch.uint8
+    assert [int(x[i].max()) for i, n in enumerate(names) if n.endswith("16bit.png")] == [255, 255, 1, 1]
+
+
 def test_image_folder_with_images_beside_class_subfolders_is_a_one_line_error(tmp_path):
     _write_images(tmp_path, {"cat": [(5, 5)]})
     write_png(torch.zeros(3, 5, 5, dtype=torch.uint8), str(tmp_path / "loose.png"))
     with pytest.raises(DataError, match=r"both in class sub-folders and at the top \(loose.png\)"):
         ImageFolder(str(tmp_path)).splits  # noqa: B018
+
+
+def test_multi_label_or_3d_medmnist_sets_are_one_line_errors(tmp_path):
+    import medmnist
+
+    imgs = np.zeros((4, 28, 28), dtype=np.uint8)
+    np.savez(
+        tmp_path / "chestmnist.npz",
+        **{f"{s}_images": imgs for s in ("train", "val", "test")},
+        **{f"{s}_labels": np.zeros((4, 14), dtype=np.uint8) for s in ("train", "val", "test")},
+    )
+    assert "chestmnist" in medmnist.INFO
+    with pytest.raises(DataError, match=r"chestmnist: images \(28, 28\) with labels \(14,\) per image") as err:
+        MedMNIST(flag="chestmnist", data_dir=str(tmp_path), download=False).splits  # noqa: B018
+    assert "\n" not in str(err.value)
 
 
 def test_image_folder_missing(tmp_path):

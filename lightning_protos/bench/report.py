@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import csv
+import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ ERRORS = ("train_mse", "test_mse")
 METRICS = SCORES + ERRORS
 CURVE_KEYS = ("tag", "epoch", "value")  # columns of <stem>_curves.csv after the cell's fields
 CRITERION = "l_sp"  # label-free model selection: the run with the lowest L_sp (AE-CM paper)
+VALUE_COLUMNS = ("epochs", "seconds", "note", CRITERION, *METRICS)  # the other columns label a row
 
 
 @dataclass
@@ -46,9 +48,11 @@ class Summary:
 
 
 def value(row: dict[str, str], column: str) -> float | None:
-    """The row's number in ``column``, or ``None`` where it is empty or absent."""
+    """The row's number in ``column``, or ``None`` where it is empty, absent or not finite (a
+    run's NaN score neither wins nor averages)."""
     text = row.get(column) or ""
-    return float(text) if text.strip() else None
+    number = float(text) if text.strip() else math.nan
+    return number if math.isfinite(number) else None
 
 
 def failed(row: dict[str, str], metrics: tuple[str, ...] | list[str] = METRICS) -> bool:

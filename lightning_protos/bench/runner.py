@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ..hardware import check_cpu_bf16, cpu_has_native_bf16, usable_cores
-from .report import write_curves, write_report
-from .spec import Bench, BenchError, Cell, check_cells, load_bench, row_key
+from .report import VALUE_COLUMNS, write_curves, write_report
+from .spec import CELL_KEYS, Bench, BenchError, Cell, check_cells, load_bench, row_key
 
 LOG, TIMES, METRICS_FILE = "log.txt", "bench.json", "metrics.json"
 Launch = Callable[[Cell, list[str], Path, dict[str, str]], int]
@@ -70,6 +70,11 @@ class ResultsFile:
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             new = not self.path.is_file() or not self.path.stat().st_size
+            if not new:  # a last row edited by hand may have lost its newline
+                with open(self.path, "rb+") as f:
+                    f.seek(-1, os.SEEK_END)
+                    if f.read(1) != b"\n":
+                        f.write(b"\n")
             with open(self.path, "a", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=self.columns)
                 if new:
@@ -234,6 +239,8 @@ class Runner:
                 return Outcome(None, ran, 0.0)
             run_dir.mkdir(parents=True, exist_ok=True)
             with self._device() as env:
+                if self.stop.is_set():  # stopped while this cell waited for a GPU
+                    return Outcome(None, ran, 0.0)
                 started = start_attempt(run_dir)
                 try:
                     code = self.launch(cell, cell.command(last_checkpoint(run_dir)), run_dir / LOG, env)
@@ -341,7 +348,9 @@ def report(bench: Bench) -> dict[str, Path]:
         ids = bench.ids_of(columns)
         order = {row_key(c.fields(), ids): i for i, c in enumerate(bench.cells()) if c.results == path}
         rows.sort(key=lambda r: order.get(row_key(r, ids), len(order)))
-        labels = [c for c in ids if c not in ("method", "dataset", "seed")]
+        # every label column of the file, also those only another table sharing it sets (its rows
+        # must not be averaged with this table's)
+        labels = [c for c in columns if c not in (*CELL_KEYS, *VALUE_COLUMNS)]
         group_by = ["method", *labels, "dataset"]
         paths = write_report(rows, group_by, columns, path, bench.name)
         if bench.curves:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
@@ -47,6 +48,11 @@ def missing_files_error(name: str, root: Path, files: list[str], cause: Exceptio
         f"{name}: expected {', '.join(files)} under {root}{why}; set --data.data_dir or "
         "PROTOS_DATA_DIR to the folder holding them, or allow the download"
     )
+
+
+def from_numpy(a: np.ndarray) -> Tensor:
+    """A stored array as held in memory: ``uint8`` images stay ``uint8``, the rest float32."""
+    return torch.as_tensor(a) if a.dtype == np.uint8 else torch.as_tensor(a, dtype=torch.float32)
 
 
 def to_float(x: Tensor) -> Tensor:

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .base import ArrayDataModule, missing_files_error
+from .base import ArrayDataModule, DataError, missing_files_error
 
 
 class MedMNIST(ArrayDataModule):
@@ -34,7 +34,7 @@ class MedMNIST(ArrayDataModule):
         import medmnist
 
         if self.flag not in medmnist.INFO:
-            raise ValueError(f"unknown MedMNIST data set {self.flag!r}")
+            raise DataError(f"unknown MedMNIST data set {self.flag!r}")
         reader = getattr(medmnist, medmnist.INFO[self.flag]["python_class"])
         # A file already there is read as it is: medmnist's download=True would fetch it again
         # when its checksum differs from the official one (a rebuilt offline copy, say).
@@ -43,9 +43,15 @@ class MedMNIST(ArrayDataModule):
             ds = reader(split=split, root=str(self.root), download=download)
         except Exception as err:
             raise missing_files_error(self.name, self.root, [f"{self.flag}.npz"], err) from None
-        x = torch.as_tensor(np.asarray(ds.imgs))
+        imgs, labels = np.asarray(ds.imgs), np.asarray(ds.labels)
+        if labels.shape[1:] not in ((), (1,)) or not (imgs.ndim == 3 or (imgs.ndim == 4 and imgs.shape[3] == 3)):
+            raise DataError(
+                f"{self.flag}: images {imgs.shape[1:]} with labels {labels.shape[1:]} per image; only the 2-D "
+                "single-label MedMNIST sets load here (not the multi-label ChestMNIST or the 3-D sets)"
+            )
+        x = torch.as_tensor(imgs)
         x = x.permute(0, 3, 1, 2) if x.ndim == 4 else x.unsqueeze(1)
-        return x.contiguous(), torch.as_tensor(np.asarray(ds.labels).reshape(-1), dtype=torch.long)
+        return x.contiguous(), torch.as_tensor(labels.reshape(-1), dtype=torch.long)
 
     def load(self) -> dict[str, tuple[Tensor, Tensor]]:
         self.root.mkdir(parents=True, exist_ok=True) if self.download else None

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .base import ArrayDataModule, DataError, missing_files_error
+from .base import ArrayDataModule, DataError, from_numpy, missing_files_error
 
 PENDIGITS_URL = "https://archive.ics.uci.edu/ml/machine-learning-databases/pendigits/"
 
@@ -49,18 +49,20 @@ class ArrayFile(ArrayDataModule):
     * ``.npz``: array ``X`` (any shape ``(N, ...)``) and optional labels ``y``;
     * ``.npy``: the array ``X`` alone;
     * ``.csv``: one row per sample of numeric features; ``label_column`` names an optional
-      label column; a header line is detected.
+      label column; a header line is detected (or set by ``header``).
 
     Args:
         path: the file.
         label_column: CSV column holding labels (name, or index as a string).
+        header: whether the CSV's first line names its columns; ``None``: a first line that is
+            not all numbers does (a header of numbers, as pandas writes ``0,1,2``, needs ``true``).
         **kwargs: see :class:`ArrayDataModule`.
     """
 
-    def __init__(self, path: str, label_column: str | None = None, **kwargs) -> None:
+    def __init__(self, path: str, label_column: str | None = None, header: bool | None = None, **kwargs) -> None:
         kwargs.setdefault("download", False)
         super().__init__(**kwargs)
-        self.path, self.label_column = Path(path).expanduser(), label_column
+        self.path, self.label_column, self.header = Path(path).expanduser(), label_column, header
         self.name = self.path.stem
 
     def load(self) -> dict[str, tuple[Tensor, Tensor | None]]:
@@ -78,21 +80,26 @@ class ArrayFile(ArrayDataModule):
             x, y = self._read_csv()
         else:
             raise DataError(f"{self.path}: unsupported file type {suffix!r}; use .npz, .npy or .csv")
-        xt = torch.as_tensor(x) if x.dtype == np.uint8 else torch.as_tensor(x, dtype=torch.float32)
+        xt = from_numpy(x)
         yt = None if y is None else torch.as_tensor(np.asarray(y).reshape(-1), dtype=torch.long)
         if yt is not None and len(yt) != len(xt):
             raise DataError(f"{self.path}: {len(xt)} samples but {len(yt)} labels")
         return {"train": (xt, yt)}
 
     def _read_csv(self) -> tuple[np.ndarray, np.ndarray | None]:
-        with open(self.path) as f:
+        with open(self.path, encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
             first = f.readline().strip().split(",")
-        try:
-            [float(v) for v in first]
-            header = None
-        except ValueError:
-            header = [h.strip() for h in first]
-        a = np.loadtxt(self.path, delimiter=",", skiprows=1 if header else 0, dtype=np.float64, ndmin=2)
+        names = self.header
+        if names is None:
+            try:
+                [float(v) for v in first]
+                names = False
+            except ValueError:
+                names = True
+        header = [h.strip() for h in first] if names else None
+        a = np.loadtxt(
+            self.path, delimiter=",", skiprows=1 if names else 0, dtype=np.float64, ndmin=2, encoding="utf-8-sig"
+        )
         if self.label_column is None:
             return a.astype(np.float32), None
         col = header.index(self.label_column) if header and self.label_column in header else int(self.label_column)
@@ -120,28 +127,32 @@ class ImageFolder(ArrayDataModule):
 
     def load(self) -> dict[str, tuple[Tensor, Tensor | None]]:
         from torchvision.io import ImageReadMode, decode_image
-        from torchvision.transforms.v2.functional import resize
+        from torchvision.transforms.v2.functional import resize, to_dtype
 
         if not self.path.is_dir():
             raise DataError(f"{self.path}: no such folder")
         files = sorted(p for p in self.path.rglob("*") if p.suffix.lower() in self.EXTENSIONS)
         if not files:
             raise DataError(f"{self.path}: no images ({', '.join(self.EXTENSIONS)}) found")
-        classes = sorted({p.parent.name for p in files if p.parent != self.path})
-        if classes and any(p.parent == self.path for p in files):
-            loose = next(p.name for p in files if p.parent == self.path)
+        # the class is the top folder (cat/2020/x.png is a cat), so patients' sub-folders may stay
+        top = [p.relative_to(self.path).parts for p in files]
+        classes = sorted({parts[0] for parts in top if len(parts) > 1})
+        if classes and any(len(parts) == 1 for parts in top):
+            loose = next(parts[0] for parts in top if len(parts) == 1)
             where = "both in class sub-folders and at the top"
             raise DataError(f"{self.path}: images {where} ({loose}): put every image in a class folder")
         mode = ImageReadMode.GRAY if self.grayscale else ImageReadMode.RGB
         images = []
         for p in files:
             img = decode_image(str(p), mode=mode)
+            if img.dtype != torch.uint8:  # 16-bit PNGs (X-rays often are): scaled to 0-255
+                img = to_dtype(img, torch.uint8, scale=True)
             if self.image_size:
                 img = resize(img, [self.image_size, self.image_size], antialias=True)
             images.append(img)
         if len({tuple(i.shape) for i in images}) > 1:
             raise DataError(f"{self.path}: images differ in size; set image_size")
-        y = torch.tensor([classes.index(p.parent.name) for p in files]) if classes else None
+        y = torch.tensor([classes.index(parts[0]) for parts in top]) if classes else None
         self._names = [p.relative_to(self.path).as_posix() for p in files]
         return {"train": (torch.stack(images), y)}
 

@@ -7,7 +7,7 @@ import torch
 import torchvision
 from torch import Tensor
 
-from .base import ArrayDataModule, missing_files_error
+from .base import ArrayDataModule, from_numpy, missing_files_error
 
 
 class _TorchvisionImages(ArrayDataModule):
@@ -87,7 +87,7 @@ class USPS(ArrayDataModule):
             d = np.load(npz)
             return {
                 s: (
-                    torch.as_tensor(d[f"X_{s}"], dtype=torch.float32).reshape(-1, 1, 16, 16),
+                    from_numpy(d[f"X_{s}"]).reshape(-1, 1, 16, 16),
                     torch.as_tensor(d[f"y_{s}"], dtype=torch.long),
                 )
                 for s in ("train", "test")
