@@ -100,8 +100,8 @@ class ProtosCLI(LightningCLI):
             problem = check_cpu_bf16(trainer.get("precision"), on_cpu, cpu_has_native_bf16())
             if problem:
                 rank_zero_warn(problem)
-        if self.subcommand == "fit" and config is not None and config.get("ckpt_path") == "last":
-            continue_last_run(config)
+        if config is not None and config.get("ckpt_path") == "last":
+            continue_last_run(config, fit=self.subcommand == "fit")
 
     def before_fit(self) -> None:
         # best.ckpt is picked by a score against the labels (val/acc by default): data without
@@ -138,14 +138,16 @@ class ProtosCLI(LightningCLI):
 CONTINUED = "PROTOS_CONTINUED_CKPT"
 
 
-def continue_last_run(config) -> None:
-    """``fit --ckpt_path last``: continue the newest run under the logger's folder that has a
-    ``checkpoints/last.ckpt`` (or the run the logger's ``version`` names), in that same run
-    directory, so its TensorBoard curves, checkpoints and ``metrics.json`` carry on. Lightning's
-    own ``last`` looks in the new run's directory, where nothing is yet. For the default logger
-    and a configured TensorBoardLogger / CSVLogger. The processes Lightning launches for DDP
-    run this again: they take the first process's choice from the environment they inherit
-    (:data:`CONTINUED`), not a newer ``last.ckpt`` another run may have written since."""
+def continue_last_run(config, fit: bool = True) -> None:
+    """``--ckpt_path last``: the newest run under the logger's folder that has a
+    ``checkpoints/last.ckpt`` (or the run the logger's ``version`` names). ``fit`` continues it
+    in that same run directory, so its TensorBoard curves, checkpoints and ``metrics.json`` carry
+    on; ``test`` / ``validate`` / ``predict`` / ``inspect`` load it and write a new run directory.
+    Lightning's own ``last`` looks in the new run's directory, where nothing is yet (outside
+    ``fit`` it then evaluates the untrained model). For the default logger and a configured
+    TensorBoardLogger / CSVLogger. The processes Lightning launches for DDP run this again: they
+    take the first process's choice from the environment they inherit (:data:`CONTINUED`), not a
+    newer ``last.ckpt`` another run may have written since."""
     trainer, logger = config.trainer, config.trainer.get("logger")
     if logger in (None, True):
         init_args = Namespace(save_dir=trainer.get("default_root_dir") or ".", name="lightning_logs", version=None)
@@ -158,15 +160,17 @@ def continue_last_run(config) -> None:
     if os.environ.get("LOCAL_RANK", "0") != "0" and CONTINUED in os.environ:  # a launched DDP process
         last = Path(os.environ[CONTINUED])
     elif init_args.get("version") not in (None, ""):
-        last = folder / str(init_args.version) / "checkpoints" / "last.ckpt"
+        version = init_args.version  # an int names version_<int>, as the loggers write it
+        last = folder / (version if isinstance(version, str) else f"version_{version}") / "checkpoints" / "last.ckpt"
     else:
         found = sorted(folder.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
         last = found[-1] if found else folder / "*" / "checkpoints" / "last.ckpt"
     if not last.is_file():
-        raise ProtosError(f"--ckpt_path last: no {last} to continue")
-    init_args.version = last.parents[1].name
+        raise ProtosError(f"--ckpt_path last: no {last} to {'continue' if fit else 'load'}")
     config.ckpt_path = os.environ[CONTINUED] = str(last)
-    print(f"continuing {last.parents[1]} from {last.name}", file=sys.stderr)
+    if fit:
+        init_args.version = last.parents[1].name
+    print(f"{'continuing' if fit else 'loading'} {last.parents[1]} from {last.name}", file=sys.stderr)
 
 
 # Lines of jsonargparse's nested union-type report, and of the parser's usage printed before it
@@ -207,13 +211,15 @@ def _protos_cause(err: BaseException) -> BaseException | None:
 
 def check_checkpoint(args: list[str]) -> str | None:
     """``None`` if the ``--ckpt_path`` among ``args`` (if any) is a readable checkpoint file or one
-    of Lightning's names (``last``, ``best``, ...), else a one-line reason: a missing file, or a
-    truncated or foreign one (a checkpoint is a zip archive; its members are checked whole)."""
+    of Lightning's names (``last``, ...), else a one-line reason: a missing file, a truncated or
+    foreign one (a checkpoint is a zip archive; its members are checked whole), or ``best``."""
     values = [a.split("=", 1)[1] for a in args if a.startswith("--ckpt_path=")]
     values += [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--ckpt_path"]
     for value in values:
         path = Path(value).expanduser()
-        if value in ("last", "best", "hpc", "registry") or "://" in value:
+        if value == "best":  # Lightning knows it only inside the fit that saved it
+            return "--ckpt_path best: name the file, RUN/checkpoints/best.ckpt (or use last)"
+        if value in ("last", "hpc", "registry") or "://" in value:
             continue
         if not path.is_file():
             return f"checkpoint {path}: no such file"

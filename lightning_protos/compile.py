@@ -64,6 +64,11 @@ class Compile(Callback):
     """
 
     def __init__(self, enabled: bool = False, modules: list[str] | None = None, mode: str | None = None) -> None:
+        if mode is not None:  # a typo would otherwise stop the run after the data are loaded
+            from torch._inductor import list_mode_options
+
+            if mode not in list_mode_options():
+                raise ProtosError(f"compile.mode must be one of {', '.join(list_mode_options())}; got {mode!r}")
         self.enabled, self.modules, self.mode = enabled, modules, mode
         self._targets: list[tuple[str, nn.Module]] = []
 

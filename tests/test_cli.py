@@ -64,7 +64,8 @@ def digits(tmp_path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def test_fit_test_predict_round_trip_on_digits(tmp_path, capsys):
+def test_fit_test_predict_round_trip_on_digits(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv(CONTINUED, "unset")  # what `--ckpt_path last` sets there is removed after the test
     code, out, err = run_main(
         ["fit", *digits(tmp_path, "--trainer.max_epochs", "2", "--trainer.check_val_every_n_epoch", "1")],
         capsys,
@@ -86,10 +87,20 @@ def test_fit_test_predict_round_trip_on_digits(tmp_path, capsys):
     assert code == 0, err
     tested = json.loads((tmp_path / "lightning_logs" / "version_1" / "metrics.json").read_text())
     assert tested["test"]["acc"] == pytest.approx(metrics["test"]["acc"])
+    assert tested["test"]["epoch"] == torch.load(last, weights_only=False)["epoch"] > 0  # not Lightning's 0
+
+    code, _, err = run_main(["test", *digits(tmp_path, "--ckpt_path", "last")], capsys)  # the newest run's
+    assert code == 0, err
+    assert f"loading {run} from last.ckpt" in err
+    by_name = json.loads((tmp_path / "lightning_logs" / "version_2" / "metrics.json").read_text())
+    assert by_name["test"] == tested["test"]  # the trained model, not Lightning's untrained one
+    code, _, err = run_main(["test", *digits(tmp_path, "--ckpt_path", "best")], capsys)
+    assert code != 0
+    assert "--ckpt_path best: name the file" in protos_error(err)
 
     code, out, err = run_main(["predict", *digits(tmp_path, "--ckpt_path", last)], capsys)
     assert code == 0, err
-    path = tmp_path / "lightning_logs" / "version_2" / "predictions.csv"
+    path = tmp_path / "lightning_logs" / "version_3" / "predictions.csv"
     with open(path) as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["index", "label", "cluster", *(f"p_{k}" for k in range(10))]
@@ -389,6 +400,14 @@ def test_ckpt_path_last_is_chosen_once_for_the_processes_launched_for_ddp(tmp_pa
     continue_last_run(launched)
     assert launched.ckpt_path == str(newer)
     assert launched.trainer.logger.init_args.version == "version_1"
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    by_int = config()  # a logger's `version: 0`, as Lightning names the folder: version_0
+    by_int.trainer.logger = Namespace(
+        class_path="lightning.pytorch.loggers.TensorBoardLogger",
+        init_args=Namespace(save_dir=str(tmp_path), name="lightning_logs", version=0),
+    )
+    continue_last_run(by_int)
+    assert by_int.ckpt_path == str(older)
     monkeypatch.setenv("LOCAL_RANK", "0")  # a new command chooses again
     again = config()
     continue_last_run(again)

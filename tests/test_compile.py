@@ -31,6 +31,9 @@ def test_targets_are_the_named_modules_or_the_methods_conv_nets():
     assert [n for n, _ in compile_targets(plain, None)] == ["0"]  # no compile_modules: the conv children
     with pytest.raises(ProtosError, match=r"names no submodule ae\.encodr \(the method has ae, cm, average\)"):
         compile_targets(model, ["ae.encodr"])
+    with pytest.raises(ProtosError, match=r"compile.mode must be one of default, .*max-autotune; got 'max_autotune'"):
+        Compile(mode="max_autotune")  # before any data is loaded
+    assert Compile(mode="max-autotune").mode == "max-autotune"
 
 
 @pytest.mark.parametrize(

@@ -184,6 +184,7 @@ def test_array_file_csv_with_a_byte_order_mark_or_a_header_of_numbers(tmp_path):
         ("wrong.npz", {"A": np.zeros(3)}, "named 'X'"),
         ("data.txt", "1 2 3", "unsupported file type"),
         ("uneven.npz", {"X": np.zeros((4, 2)), "y": np.zeros(3)}, "4 samples but 3 labels"),
+        ("unlabelled.npz", {"X": np.zeros((3, 2)), "y": np.array([0, -1, 1])}, "labels must be >= 0, found -1"),
     ],
 )
 def test_array_file_errors(tmp_path, name, content, match):

@@ -15,8 +15,8 @@ from sklearn.decomposition import PCA
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_cli import QUIET, run_main
 
-from lightning_protos.data import Digits
-from lightning_protos.eval.images import InspectionImages, as_images, image_grid, latent_map
+from lightning_protos.data import ArrayFile, Digits
+from lightning_protos.eval.images import InspectionImages, as_images, image_grid, latent_map, square
 from lightning_protos.methods.aecm import AECM
 from lightning_protos.methods.cm import CM
 from lightning_protos.ops import nearest
@@ -84,6 +84,20 @@ def test_tsne_map_shapes_and_low_dimensional_latents_drawn_as_they_are():
     assert none is None
     with pytest.raises(ValueError, match="tsne"):
         latent_map(z, None, "umap")
+
+
+def test_pictures_of_one_channel_hw_arrays_portrait_thumbnails_and_a_collapsed_encoder(tmp_path):
+    x = np.zeros((6, 16, 8), dtype=np.uint8)  # (N, H, W) grayscale, portrait, as users store them
+    np.savez(tmp_path / "xrays.npz", X=x)
+    dm = ArrayFile(str(tmp_path / "xrays.npz"))
+    assert dm.image_shape == (1, 16, 8)
+    assert as_images(torch.zeros(2, 16, 8), dm.image_shape).shape == (2, 1, 16, 8)
+    assert square(torch.ones(2, 1, 16, 8)).shape == (2, 1, 16, 16)  # the projector's sprite tiles squares
+    assert square(torch.ones(2, 3, 8, 8)).shape == (2, 3, 8, 8)
+    same = np.ones((40, 5))  # every latent one point: t-SNE would crash the process, PCA draws it
+    coords, protos = latent_map(same, same[:2], "tsne")
+    assert coords.shape == (40, 2)
+    assert protos.shape == (2, 2)
 
 
 def test_as_images_unflattens_decoder_outputs_and_rejects_vectors():

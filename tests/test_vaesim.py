@@ -178,14 +178,14 @@ def test_knn_and_linear_probes_on_separable_embeddings():
     assert 0 <= linear_probe_accuracy(*many, epochs=1, n_outputs=10) <= 1
 
 
-def test_probes_hold_out_a_share_of_data_with_one_split():
+def test_probes_hold_out_a_share_of_data_with_one_split(tmp_path):
     # scored on its own training samples, a 1-NN vote finds each sample itself: accuracy 1 on
     # labels that nothing predicts; held out, it is at chance
     dm = tiny_images(n_train=64, n_test=16)
     splits = dm.splits
     one_split = TwoSplits(splits["train"], splits["test"], batch_size=16, eval_batch_size=80, fit_on="all")
     probes = ProbeEvaluator(knn_k=1, linear_epochs=1, stages=("val",))
-    trainer = make_trainer(max_epochs=1, limit_val_batches=1.0, callbacks=[probes])
+    trainer = make_trainer(max_epochs=1, limit_val_batches=1.0, callbacks=[probes], default_root_dir=tmp_path)
     with pytest.warns(UserWarning, match="fit on a random 80% and score on the other 20%"):
         trainer.fit(vaesim(), one_split)
     assert probes.results["val"]["knn_acc"] < 0.8

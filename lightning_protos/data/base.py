@@ -285,9 +285,12 @@ class ArrayDataModule(L.LightningDataModule):
 
     @property
     def image_shape(self) -> tuple[int, int, int] | None:
-        """``(C, H, W)`` of one sample as read, before ``flatten``, for image data; else ``None``."""
+        """``(C, H, W)`` of one sample as read, before ``flatten``, for image data (``uint8``
+        ``(H, W)`` samples are one-channel images); else ``None``."""
         self.splits  # noqa: B018
         shape = self._sample_shape
+        if len(shape) == 2 and self._split("fit")[0].dtype == torch.uint8:
+            return (1, *shape)
         return shape if len(shape) == 3 and shape[0] in (1, 3) else None
 
     @property

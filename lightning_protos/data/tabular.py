@@ -84,6 +84,8 @@ class ArrayFile(ArrayDataModule):
         yt = None if y is None else torch.as_tensor(np.asarray(y).reshape(-1), dtype=torch.long)
         if yt is not None and len(yt) != len(xt):
             raise DataError(f"{self.path}: {len(xt)} samples but {len(yt)} labels")
+        if yt is not None and len(yt) and int(yt.min()) < 0:
+            raise DataError(f"{self.path}: labels must be >= 0, found {int(yt.min())}; leave y out if unlabelled")
         return {"train": (xt, yt)}
 
     def _read_csv(self) -> tuple[np.ndarray, np.ndarray | None]:

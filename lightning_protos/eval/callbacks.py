@@ -12,6 +12,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
 from .metrics import clustering_scores
@@ -26,6 +27,15 @@ def run_dir(trainer: L.Trainer) -> Path:
     logger = trainer.loggers[0] if trainer.loggers else None
     folder = (getattr(logger, "log_dir", None) or logger.save_dir) if logger is not None else None
     return Path(folder or trainer.default_root_dir)
+
+
+def evaluated_epoch(trainer: L.Trainer, pl_module) -> int:
+    """The epoch of the weights being evaluated: the fit's, or, for a ``test`` / ``validate`` of
+    a checkpoint, the checkpoint's (Lightning does not restore the epoch outside ``fit``)."""
+    loaded = getattr(pl_module, "checkpoint_epoch", None)
+    if trainer.state.fn != TrainerFn.FITTING and trainer.ckpt_path and loaded is not None:
+        return loaded
+    return trainer.current_epoch
 
 
 def record_metrics(trainer: L.Trainer, stage: str, scores: dict[str, float]) -> None:
@@ -134,7 +144,7 @@ class ClusteringEvaluator(EvaluationCallback):
             scores[name] = float(pl_module.all_gather(value.to(pl_module.device)).sum())
         scores["n_clusters_used"] = int(preds.unique().numel())
         pl_module.log_dict({f"{stage}/{k}": float(v) for k, v in scores.items()}, sync_dist=False, rank_zero_only=True)
-        self.results[stage] = {"epoch": trainer.current_epoch, **scores}
+        self.results[stage] = {"epoch": evaluated_epoch(trainer, pl_module), **scores}
         record_metrics(trainer, stage, self.results[stage])
         self._reset()
 

@@ -37,8 +37,8 @@ def as_images(x: Tensor | None, image_shape: tuple[int, ...] | None) -> Tensor |
     ``(B, C*H*W)`` inputs / decoder outputs; ``None`` for ``None`` or non-image data."""
     if x is None:
         return None
-    if x.ndim == 2 and image_shape is not None and x.shape[1] == math.prod(image_shape):
-        x = x.reshape(len(x), *image_shape)
+    if x.ndim in (2, 3) and image_shape is not None and math.prod(x.shape[1:]) == math.prod(image_shape):
+        x = x.reshape(len(x), *image_shape)  # flattened, or one-channel (H, W) samples
     if x.ndim != 4:
         return None
     return x.detach().float().clamp(0, 1).cpu()
@@ -65,6 +65,8 @@ def latent_map(
         raise ValueError(f"latent_map must be 'tsne' or 'pca', got {how!r}")
     both = z if prototypes is None else np.concatenate([z, prototypes])
     both = both.astype(np.float64)
+    if how == "tsne" and np.ptp(both, axis=0).max() == 0:  # all one point (a collapsed encoder):
+        how = "pca"  # scikit-learn's t-SNE crashes the process on it, PCA draws the point
     if both.shape[1] <= 2:
         coords = np.pad(both, ((0, 0), (0, 2 - both.shape[1])))
     elif how == "pca":
@@ -79,6 +81,15 @@ def latent_map(
             both
         )
     return coords[: len(z)], (None if prototypes is None else coords[len(z) :])
+
+
+def square(images: Tensor | None) -> Tensor | None:
+    """``(N, C, H, W)`` images padded with black to square: TensorBoard's projector tiles its
+    sprite as if they were (portrait ones overflow it)."""
+    if images is None or images.shape[2] == images.shape[3]:
+        return images
+    h, w = images.shape[2:]
+    return torch.nn.functional.pad(images, (0, max(0, h - w), 0, max(0, w - h)))
 
 
 def latent_map_figure(
@@ -306,7 +317,7 @@ class InspectionImages(L.Callback):
                 pictures.embedding,
                 metadata=metadata,
                 metadata_header=header,
-                label_img=pictures.thumbnails,
+                label_img=square(pictures.thumbnails),
                 global_step=step,
                 tag=f"{stage}_latent",
             )

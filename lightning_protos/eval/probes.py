@@ -18,7 +18,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from torch import Tensor
 
 from ..errors import ProtosError
-from .callbacks import record_metrics
+from .callbacks import evaluated_epoch, record_metrics
 
 # The authors' code's linear probe (REFERENCE_CODE 1.2): Adam 1e-3, 10 epochs, batch 512, 10 outputs
 # (one a class where a data set has more).
@@ -216,7 +216,7 @@ class ProbeEvaluator(L.Callback):
         scores = self.scores(pl_module, trainer.datamodule)
         if not scores:
             return
-        self.results[stage] = {"epoch": trainer.current_epoch, **scores}
+        self.results[stage] = {"epoch": evaluated_epoch(trainer, pl_module), **scores}
         pl_module.log_dict({f"{stage}/{k}": v for k, v in scores.items()}, rank_zero_only=True)
         record_metrics(trainer, stage, self.results[stage])
 

@@ -6,7 +6,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from .callbacks import EvaluationCallback, record_metrics
+from .callbacks import EvaluationCallback, evaluated_epoch, record_metrics
 
 
 @torch.no_grad()
@@ -70,6 +70,6 @@ class ReconstructionEvaluator(EvaluationCallback):
             sync_dist=False,
             rank_zero_only=True,
         )
-        self.results[stage] = {"epoch": trainer.current_epoch, **scores}
+        self.results[stage] = {"epoch": evaluated_epoch(trainer, pl_module), **scores}
         record_metrics(trainer, stage, self.results[stage])
         self._reset()

@@ -131,6 +131,10 @@ class ClusteringMethod(L.LightningModule):
     # Buffers with a row per training sample, sized by the data (``AutoencoderMethod``'s
     # ``register_per_sample_buffer``): a checkpoint gives them its own shape.
     _per_sample: tuple[str, ...] | list[str] = ()
+    # The epoch of the checkpoint the weights were last loaded from (``None`` until one is):
+    # what the evaluators record for a ``test`` / ``predict`` of a checkpoint, where Lightning
+    # leaves ``current_epoch`` at 0.
+    checkpoint_epoch: int | None = None
     # Steps between the reads of the non-finite-loss flag (:meth:`check_and_log`); ``None``: every
     # step on a CPU, where reading a tensor is free, every 50 on an accelerator, where each read
     # is a host round trip that stops the host from queuing the next steps ahead of the device.
@@ -298,6 +302,7 @@ class ClusteringMethod(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuses, in one line, a checkpoint whose weights are not this model's (another method,
         or another configuration), before Lightning loads them."""
+        self.checkpoint_epoch = checkpoint.get("epoch")
         stored, own = checkpoint.get("state_dict", {}), self.state_dict()
         per_sample = set(self._per_sample)
         missing = [k for k in own if k not in stored]
