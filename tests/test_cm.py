@@ -9,6 +9,7 @@ from sklearn.metrics import adjusted_rand_score
 
 import lightning_protos.methods.cm as cm_module
 from lightning_protos.data import Blobs
+from lightning_protos.eval.callbacks import ClusteringEvaluator
 from lightning_protos.methods.cm import CM
 
 
@@ -112,6 +113,16 @@ def test_the_averaging_epoch_sets_the_parameters_to_their_mean(average):
             assert not np.allclose(mean, last)  # the mean really differs from the last step
         else:
             np.testing.assert_array_equal(p.detach().numpy(), last)
+
+
+def test_the_last_validation_scores_the_averaged_model(tmp_path):
+    dm = blobs(n_samples=96)
+    model = CM(n_clusters=3, input_shape=(2,), alpha=2.0, lr=0.05)
+    evaluator = ClusteringEvaluator()
+    trainer = fit(model, dm, max_epochs=2, callbacks=[evaluator], limit_val_batches=1.0, default_root_dir=tmp_path)
+    val = dict(evaluator.results["val"])
+    trainer.test(model, dm, verbose=False)  # the same samples, after the fit
+    assert evaluator.results["test"]["l_sp"] == pytest.approx(val["l_sp"], rel=1e-6)
 
 
 def test_no_averaging_keeps_the_last_step():

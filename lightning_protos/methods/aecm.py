@@ -166,7 +166,7 @@ class AECM(AutoencoderMethod):
         if h.average_last_epoch and self.is_last_epoch():  # step 5
             self.average.accumulate(list(self.parameters()))
 
-    def on_train_epoch_end(self) -> None:
-        super().on_train_epoch_end()
-        if self.hparams.average_last_epoch and self.is_last_epoch():
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # after the callbacks' hooks have seen the last step, before the epoch's validation
+        if self.hparams.average_last_epoch and self.is_last_epoch() and self.trainer.is_last_batch:
             self.average.apply(list(self.parameters()))

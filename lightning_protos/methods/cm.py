@@ -141,7 +141,7 @@ class CM(ClusteringMethod):
             if self.hparams.average_last_epoch and self.is_last_epoch():
                 self.average.accumulate(self._averaged_params())
 
-    def on_train_epoch_end(self) -> None:
-        super().on_train_epoch_end()
-        if self.hparams.average_last_epoch and self.is_last_epoch():
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # after the callbacks' hooks have seen the last step, before the epoch's validation
+        if self.hparams.average_last_epoch and self.is_last_epoch() and self.trainer.is_last_batch:
             self.average.apply(self._averaged_params())
