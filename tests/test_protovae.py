@@ -346,3 +346,11 @@ def test_bad_input_one_line_errors(kwargs, match):
 def test_k_equal_1_is_allowed():
     model = protovae(n_clusters=1)
     assert model.cluster_probs(torch.rand(2, 1, 28, 28)).eq(1).all()
+
+
+def test_infovae_takes_an_epoch_s_last_batch_of_one_sample():
+    model = InfoVAE(input_shape=(1, 28, 28), latent_dim=4, channels=(4, 8), bottleneck_dim=8)
+    z = torch.randn(1, 4, requires_grad=True)
+    mmd_term = model.regulariser(z, z, z)["MMD"]  # the unbiased MMD needs two samples a side
+    assert float(mmd_term) == 0.0
+    mmd_term.backward()  # still part of the graph

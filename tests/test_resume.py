@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_protos.data import Digits
 from lightning_protos.data.base import EpochShuffle, ResumableLoader, TensorBatches, collate_batch
+from lightning_protos.errors import ProtosError
 from lightning_protos.eval.metrics import clustering_scores
 from lightning_protos.methods.aecm import AECM
 from lightning_protos.methods.cm import CM
@@ -306,3 +307,42 @@ def test_a_checkpoint_read_for_evaluation_leaves_a_later_fit_alone_and_old_check
     straight, _ = _run(None, make, dm, epochs)
     resumed, _ = _run(None, make, dm, epochs, ckpt_path=tmp_path / "old.ckpt")  # the same seed: run_seed unknown
     _assert_same_state(resumed, straight)
+
+
+def test_a_checkpoint_of_another_method_or_other_data_is_refused_in_one_line(tmp_path):
+    def dec(cls):
+        return cls(
+            n_clusters=10,
+            input_shape=(64,),
+            latent_dim=5,
+            hidden=(16,),
+            init="pretrained",
+            pretrain_epochs=1,
+            pretrain_cache=False,
+        )
+
+    _fit(tmp_path, dec(DEC), 2)
+    ckpt = tmp_path / "ckpt" / "epoch=1.ckpt"
+    with pytest.raises(ProtosError, match="the checkpoint holds a DEC, not a IDEC"):
+        _fit(tmp_path / "idec", dec(IDEC), 3, ckpt_path=ckpt)  # the same weights' names
+    fewer = TwoSplits((torch.rand(50, 64), None), batch_size=64)
+    trainer = make_trainer(max_epochs=3)
+    with pytest.raises(ProtosError, match=r"buffers \(.*target_p.*\) hold 1797 training samples, the data 50"):
+        trainer.fit(dec(DEC), fewer, ckpt_path=ckpt)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: DEC(10, (1, 28, 28), latent_dim=5, hidden=(16,), init="pretrained", pretrain_epochs=3),
+        lambda: AECM(10, (1, 28, 28), latent_dim=5, hidden=(16,), init="pretrained", pretrain_epochs=1, cm_epochs=2),
+        lambda: VaDE(4, (1, 28, 28), latent_dim=4, channels=(4, 8, 8), pretrain_epochs=3),
+        lambda: ProtoVAE(4, (1, 28, 28), latent_dim=4, channels=(4, 8), bottleneck_dim=8, warmup_epochs=3),
+    ],
+    ids=["dec", "aecm", "vade", "protovae"],
+)
+def test_a_fit_that_ends_before_clustering_says_so_before_training(make):
+    # a warning, not an error: a run may be trained in parts, each resumed from the last
+    trainer = make_trainer(max_epochs=3, limit_train_batches=1)
+    with pytest.warns(UserWarning, match=r"max_epochs \(3\) ends within the 3 epochs of pretraining / warm-up"):
+        trainer.fit(make(), tiny_images())

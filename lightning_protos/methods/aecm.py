@@ -114,6 +114,9 @@ class AECM(AutoencoderMethod):
         h = self.hparams
         return 0 if h.init == "random" else h.pretrain_epochs + h.cm_epochs
 
+    def clustering_start(self) -> int:
+        return self.joint_start
+
     def phase(self, epoch: int) -> str:
         if super().phase(epoch) == "pretrain":
             return "pretrain"

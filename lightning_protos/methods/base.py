@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -290,6 +291,7 @@ class ClusteringMethod(L.LightningModule):
         # before this hook, so the averaged values are written into it)
         checkpoint["state_dict"].update({k: v.detach().clone() for k, v in self.average_batchnorm_stats().items()})
         checkpoint["protos_resume"] = {
+            "method": type(self).__qualname__,  # DEC and IDEC share their weights' names
             "rng_ranks": gather_objects(rng_state()),  # every rank's generators, by rank
             "run_seed": self.run_seed,
             "epoch": self.current_epoch,
@@ -308,6 +310,18 @@ class ClusteringMethod(L.LightningModule):
         missing = [k for k in own if k not in stored]
         unexpected = [k for k in stored if k not in own]
         reshaped = [k for k in own if k in stored and k not in per_sample and stored[k].shape != own[k].shape]
+        saved_by = (checkpoint.get("protos_resume") or {}).get("method", type(self).__qualname__)
+        if saved_by != type(self).__qualname__:
+            raise ProtosError(f"the checkpoint holds a {saved_by}, not a {type(self).__name__}")
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"  # a test may take other data
+        dm = getattr(self.trainer, "datamodule", None) if fitting else None
+        n_train = dm.n_train if dm is not None and hasattr(dm, "n_train") else None
+        other = [k for k in per_sample if k in stored and n_train is not None and len(stored[k]) != n_train]
+        if other:
+            raise ProtosError(
+                f"the checkpoint's per-sample buffers ({', '.join(other)}) hold {len(stored[other[0]])} training "
+                f"samples, the data {n_train}: resume it on the data it was trained on"
+            )
         if missing or unexpected or reshaped:
             what = ", ".join(
                 f"{len(keys)} {label} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
@@ -407,6 +421,11 @@ class ClusteringMethod(L.LightningModule):
         self.check_finite()  # evaluation of weights a non-finite loss damaged would fail less clearly
         self.prepare_evaluation()
 
+    def clustering_start(self) -> int:
+        """The epoch from which the method trains its clustering objective, after its pretraining
+        or warm-up epochs: ``fit`` warns when ``max_epochs`` ends before it."""
+        return 0
+
     def setup(self, stage: str) -> None:
         """Checks the GPU this process runs on (``hardware.check_device``: before the model moves
         to it) and the data against the network, records the run's seed (:attr:`run_seed`),
@@ -426,6 +445,13 @@ class ClusteringMethod(L.LightningModule):
           all-reduced, BatchNorm statistics averaged: ``tests/test_ddp.py`` checks whole runs),
           so DDP's copy of all of rank 0's buffers before every step (AE-CM's float64 averaging
           sums alone: ~27 MB on MNIST) is not needed."""
+        epochs, start = self.trainer.max_epochs, self.clustering_start()
+        if stage == "fit" and start > 0 and epochs is not None and 0 <= epochs <= start:
+            # not an error: a run may be trained in parts, each resumed from the last
+            rank_zero_warn(
+                f"max_epochs ({epochs}) ends within the {start} epochs of pretraining / warm-up: this fit of "
+                f"{type(self).__name__} does not reach its clustering (resume it with more epochs)"
+            )
         strategy = self.trainer.strategy
         check_device(strategy.root_device)
         self._resumed = None  # what an earlier call's checkpoint left (this call's loads after setup)

@@ -184,6 +184,9 @@ class AutoencoderMethod(ClusteringMethod):
         """First epoch after pretraining."""
         return self._pretrain_epochs
 
+    def clustering_start(self) -> int:
+        return self.cluster_start
+
     def phase(self, epoch: int) -> str:
         """``pretrain`` or ``cluster`` (subclasses may split the latter)."""
         return "pretrain" if epoch < self._pretrain_epochs else "cluster"

@@ -110,7 +110,10 @@ class ReconstructionMethod(ClusteringMethod):
 
     def in_warmup(self) -> bool:
         """Epoch i <= warm-up (Alg. 1, epochs counted from 1): reconstruction only."""
-        return self.current_epoch < getattr(self.hparams, "warmup_epochs", 0)
+        return self.current_epoch < self.clustering_start()
+
+    def clustering_start(self) -> int:
+        return getattr(self.hparams, "warmup_epochs", 0)
 
     def configure_optimizers(self):
         return adam(self.parameters(), self.hparams.lr)
@@ -215,6 +218,8 @@ class InfoVAE(_VariationalBaseline):
         self.save_hyperparameters()
 
     def regulariser(self, mu: Tensor, logvar: Tensor, z: Tensor) -> dict[str, Tensor]:
+        if len(z) < 2:  # an epoch's last batch of one sample: the unbiased MMD needs two
+            return {"MMD": z.sum() * 0.0}
         return {"MMD": self.hparams.lam * mmd(z, torch.randn_like(z), self.hparams.mmd_bandwidth)}
 
 

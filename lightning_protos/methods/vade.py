@@ -153,14 +153,8 @@ class VaDE(ConvVAEMethod):
     def pretraining(self) -> bool:
         return self.current_epoch < self.hparams.pretrain_epochs
 
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        epochs = self.trainer.max_epochs
-        if stage == "fit" and epochs is not None and 0 <= epochs <= self.hparams.pretrain_epochs:
-            raise ProtosError(
-                f"max_epochs ({epochs}) must exceed pretrain_epochs ({self.hparams.pretrain_epochs}): "
-                "VaDE trains after the autoencoder pretraining"
-            )
+    def clustering_start(self) -> int:
+        return self.hparams.pretrain_epochs
 
     @torch.no_grad()
     def init_mixture(self) -> None:
