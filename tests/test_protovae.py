@@ -19,6 +19,7 @@ from lightning_protos.errors import ProtosError
 from lightning_protos.eval.callbacks import ClusteringEvaluator
 from lightning_protos.eval.reconstruction import ReconstructionEvaluator
 from lightning_protos.methods.protovae import AE, VAEKL, InfoVAE, ProtoVAE
+from lightning_protos.methods.vade import VaDE
 from lightning_protos.ops.mmd import grouped_mmd, mmd
 from lightning_protos.ops.sinkhorn import sinkhorn
 
@@ -354,3 +355,15 @@ def test_infovae_takes_an_epoch_s_last_batch_of_one_sample():
     mmd_term = model.regulariser(z, z, z)["MMD"]  # the unbiased MMD needs two samples a side
     assert float(mmd_term) == 0.0
     mmd_term.backward()  # still part of the graph
+
+
+def test_a_bernoulli_reconstruction_refuses_data_outside_0_1_before_training():
+    x = torch.rand(16, 1, 28, 28) * 255  # float pixels not scaled to [0, 1]
+    for model in (
+        ProtoVAE(n_clusters=2, input_shape=(1, 28, 28), latent_dim=4, channels=(4, 8), bottleneck_dim=8),
+        VaDE(n_clusters=2, input_shape=(1, 28, 28), latent_dim=4, channels=(4, 8, 8), reconstruction="bce"),
+    ):
+        trainer = make_trainer(max_epochs=1)
+        with pytest.raises(ProtosError, match=r"Bernoulli reconstruction \(BCE\) needs inputs in \[0, 1\]; .* \[0"):
+            trainer.fit(model, TwoSplits((x, None), batch_size=8))
+        assert trainer.global_step == 0

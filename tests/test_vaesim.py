@@ -112,6 +112,9 @@ def test_draw_assignments():
     assert (draws[:, 0] == 1).all()
     freq = torch.bincount(draws[:, 1], minlength=3).double() / len(draws)
     torch.testing.assert_close(freq, torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64), atol=0.03, rtol=0)
+    # a NaN row (a diverged step, whose finite check a GPU defers) draws, so the check can name the term
+    nan = torch.tensor([[float("nan")] * 3, [0.0, 0.0, 1.0]])
+    assert draw_assignments(nan, "sample", generator=g)[1] == 2
 
 
 def test_temperature_schedules():

@@ -319,6 +319,13 @@ class ArrayDataModule(L.LightningDataModule):
     def labels(self, stage: Literal["fit", "eval"] = "eval") -> Tensor | None:
         return self._split(stage)[1]
 
+    def value_range(self) -> tuple[float, float]:
+        """(min, max) of the training features as served (``uint8`` images: within [0, 1])."""
+        x = self._split("fit")[0]
+        if x.dtype == torch.uint8:
+            return 0.0, 1.0
+        return float(x.min()), float(x.max())
+
     def sample_names(self, stage: Literal["fit", "eval"] = "eval") -> list[str] | None:
         """A name per sample of the split (a user's image files), or ``None`` where samples are
         known by index alone."""

@@ -471,6 +471,18 @@ class ClusteringMethod(L.LightningModule):
             )
         if stage == "fit" and self.n_clusters > dm.n_train:
             raise ProtosError(f"n_clusters (K={self.n_clusters}) exceeds the {dm.n_train} training samples")
+        if stage == "fit" and self.bernoulli_inputs() and hasattr(dm, "value_range"):
+            low, high = dm.value_range()
+            if low < 0 or high > 1:
+                raise ProtosError(
+                    f"{type(self).__name__}'s Bernoulli reconstruction (BCE) needs inputs in [0, 1]; "
+                    f"{dm.name!r} holds [{low:.4g}, {high:.4g}]: scale the data"
+                )
+
+    def bernoulli_inputs(self) -> bool:
+        """Whether the reconstruction is a Bernoulli likelihood (BCE), defined for inputs in [0, 1]
+        only: ``fit`` checks the data first."""
+        return False
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         """Evaluation lives in callbacks (``eval/``), which read the method via the contract."""

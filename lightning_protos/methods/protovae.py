@@ -108,6 +108,9 @@ class ReconstructionMethod(ClusteringMethod):
             x, x_rec = x.float(), x_rec.float()
             return {"L_rec": F.binary_cross_entropy(x_rec, x)}, {"MSE": F.mse_loss(x_rec.detach(), x)}
 
+    def bernoulli_inputs(self) -> bool:
+        return True  # L_rec is BCE (Eq. 2)
+
     def in_warmup(self) -> bool:
         """Epoch i <= warm-up (Alg. 1, epochs counted from 1): reconstruction only."""
         return self.current_epoch < self.clustering_start()

@@ -128,6 +128,9 @@ class ConvVAEMethod(ClusteringMethod):
             return x.reshape(len(x), *self.input_shape)
         return resize(x, self.input_shape[1:])
 
+    def bernoulli_inputs(self) -> bool:
+        return self.reconstruction == "bce"
+
     def reconstruct(self, h: Tensor) -> Tensor:
         """The decoder's output for :meth:`reconstruction_loss`: images in [0, 1] (mse) or their
         logits (bce, so the loss is computed stably from logits)."""

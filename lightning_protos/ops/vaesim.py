@@ -36,8 +36,9 @@ def draw_assignments(c: Tensor, mode: Literal["sample", "argmax"] = "sample", ge
     argmax of c_i (J §3.2, "sampled or argmaxed")."""
     if mode == "argmax":
         return c.argmax(dim=-1)
-    if mode == "sample":
-        return torch.multinomial(c.float(), 1, generator=generator).squeeze(1)
+    if mode == "sample":  # a non-finite row (a diverged step, whose check a GPU defers) draws uniformly
+        weights = c.float().nan_to_num(1.0, 1.0, 1.0)  # and the loss check then names the term
+        return torch.multinomial(weights, 1, generator=generator).squeeze(1)
     raise ValueError(f"assign must be 'sample' or 'argmax', got {mode!r}")
 
 
