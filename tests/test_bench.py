@@ -238,6 +238,23 @@ def test_interrupted_cell_resumes_from_last_ckpt_and_every_cell_is_present_once(
     assert times["running_since"] is None
 
 
+def test_each_attempt_s_set_is_noted_in_the_row(tmp_path):
+    bench = load_bench(write_table(tmp_path), root=tmp_path / "runs")
+    runner = Runner(bench, FakeLaunch(interrupt=("cm_digits_seed1",)), note="set trainer.precision=32-true")
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(runner.pending(bench.cells()))
+    runner = Runner(bench, FakeLaunch())  # resumed without the --set
+    runner.run(runner.pending(bench.cells()))
+    notes = {(r["method"], r["seed"]): r["note"] for r in runner.results.rows()}
+    assert notes[("cm", "0")] == "set trainer.precision=32-true"
+    assert notes[("cm", "1")] == "attempts: set trainer.precision=32-true / the table's settings"
+    assert notes[("kmeans", "1")] == ""  # a scikit-learn reference takes no --set
+    bench.results.unlink()  # the rows written again by a bench without --set: the runs' notes stay
+    runner = Runner(bench, FakeLaunch())
+    runner.run(runner.pending(bench.cells()))
+    assert {(r["method"], r["seed"]): r["note"] for r in runner.results.rows()} == notes
+
+
 def test_killed_attempt_counts_until_its_last_checkpoint_not_its_log(tmp_path):
     """A killed attempt writes nothing more to its log after the start; its epochs show in the
     files it wrote since (checkpoints, logger events), and its time runs to the newest of them.

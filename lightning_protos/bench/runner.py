@@ -102,11 +102,12 @@ def _times(run_dir: Path) -> dict[str, Any]:
         return {"seconds": 0.0, "attempts": 0, "running_since": None}
 
 
-def start_attempt(run_dir: Path) -> float:
-    """Notes in ``bench.json`` that a process starts; an attempt killed before it could record
-    its time is counted up to the last file it wrote in its run directory (its epochs' checkpoints
-    and logger events: the log itself is written at the start and the end only; ``bench.json``,
-    the bench's own record, is not the attempt's work)."""
+def start_attempt(run_dir: Path, note: str = "") -> float:
+    """Notes in ``bench.json`` that a process starts, with what ``--set`` changed for it
+    (``note``); an attempt killed before it could record its time is counted up to the last file
+    it wrote in its run directory (its epochs' checkpoints and logger events: the log itself is
+    written at the start and the end only; ``bench.json``, the bench's own record, is not the
+    attempt's work)."""
     state = _times(run_dir)
     if state["running_since"] is not None:
         written = (p.stat().st_mtime for p in run_dir.rglob("*") if p.is_file() and p != run_dir / TIMES)
@@ -114,8 +115,16 @@ def start_attempt(run_dir: Path) -> float:
         state["seconds"] += max(0.0, end - state["running_since"])
     now = time.time()
     state.update(running_since=now, attempts=state["attempts"] + 1)
+    state["sets"] = list(dict.fromkeys([*state.get("sets", []), note]))
     (run_dir / TIMES).write_text(json.dumps(state))
     return now
+
+
+def attempts_note(sets: list[str]) -> str:
+    """What ``--set`` changed for a cell's attempts: one note, or each where they differed."""
+    if len(sets) < 2:
+        return sets[0] if sets else ""
+    return "attempts: " + " / ".join(s or "the table's settings" for s in sets)
 
 
 def end_attempt(run_dir: Path, started: float) -> None:
@@ -241,7 +250,7 @@ class Runner:
             with self._device() as env:
                 if self.stop.is_set():  # stopped while this cell waited for a GPU
                     return Outcome(None, ran, 0.0)
-                started = start_attempt(run_dir)
+                started = start_attempt(run_dir, self.note if cell.reference is None else "")
                 try:
                     code = self.launch(cell, cell.command(last_checkpoint(run_dir)), run_dir / LOG, env)
                 except KeyboardInterrupt:
@@ -255,7 +264,8 @@ class Runner:
                 return Outcome(None, ran, time.monotonic() - start)
             if metrics is None:
                 note = f"exit {code}: {last_line(run_dir / LOG)}" if code else "no final test metrics"
-        ours = self.note if ran and cell.reference is None else ""  # what --set changed, where it did
+        # what --set changed, where it did: recorded by each attempt, also one of an earlier bench
+        ours = attempts_note(_times(run_dir).get("sets", [self.note] if ran else [])) if cell.reference is None else ""
         note = "; ".join(n for n in (ours, note) if n)
         row = make_row(cell.fields(), list(cell.columns), metrics, _times(run_dir)["seconds"] or None, note)
         self.files[cell.results].append(row)
