@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from .errors import ProtosError
+from .errors import ProtosError, check_choices
 
 # The C++ compilers inductor looks for when it builds its CPU kernels.
 CXX = ("g++", "c++", "clang++")
@@ -67,8 +67,7 @@ class Compile(Callback):
         if mode is not None:  # a typo would otherwise stop the run after the data are loaded
             from torch._inductor import list_mode_options
 
-            if mode not in list_mode_options():
-                raise ProtosError(f"compile.mode must be one of {', '.join(list_mode_options())}; got {mode!r}")
+            check_choices(**{"compile.mode": (mode, tuple(list_mode_options()))})
         self.enabled, self.modules, self.mode = enabled, modules, mode
         self._targets: list[tuple[str, nn.Module]] = []
 

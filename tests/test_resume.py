@@ -331,6 +331,17 @@ def test_a_checkpoint_of_another_method_or_other_data_is_refused_in_one_line(tmp
         trainer.fit(dec(DEC), fewer, ckpt_path=ckpt)
 
 
+def test_a_checkpoint_of_the_pretraining_epochs_resumes(tmp_path):
+    # its per-sample buffers hold no row yet: they are sized at the first clustering epoch
+    def dec():
+        return DEC(n_clusters=10, input_shape=(64,), latent_dim=5, hidden=(16,), init="pretrained", pretrain_epochs=2)
+
+    _fit(tmp_path, dec(), 1)
+    trainer = _fit(tmp_path / "more", dec(), 3, ckpt_path=tmp_path / "ckpt" / "epoch=0.ckpt")
+    assert trainer.current_epoch == 3
+    assert bool(trainer.lightning_module.initialised)
+
+
 @pytest.mark.parametrize(
     "make",
     [

@@ -265,9 +265,10 @@ class Runner:
             if metrics is None:
                 note = f"exit {code}: {last_line(run_dir / LOG)}" if code else "no final test metrics"
         # what --set changed, where it did: recorded by each attempt, also one of an earlier bench
-        ours = attempts_note(_times(run_dir).get("sets", [self.note] if ran else [])) if cell.reference is None else ""
+        times = _times(run_dir)
+        ours = attempts_note(times.get("sets", [self.note] if ran else [])) if cell.reference is None else ""
         note = "; ".join(n for n in (ours, note) if n)
-        row = make_row(cell.fields(), list(cell.columns), metrics, _times(run_dir)["seconds"] or None, note)
+        row = make_row(cell.fields(), list(cell.columns), metrics, times["seconds"] or None, note)
         self.files[cell.results].append(row)
         return Outcome(row, ran, time.monotonic() - start, metrics is None)
 

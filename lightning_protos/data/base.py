@@ -324,7 +324,8 @@ class ArrayDataModule(L.LightningDataModule):
         x = self._split("fit")[0]
         if x.dtype == torch.uint8:
             return 0.0, 1.0
-        return float(x.min()), float(x.max())
+        low, high = torch.aminmax(x)
+        return float(low), float(high)
 
     def sample_names(self, stage: Literal["fit", "eval"] = "eval") -> list[str] | None:
         """A name per sample of the split (a user's image files), or ``None`` where samples are

@@ -313,10 +313,10 @@ class ClusteringMethod(L.LightningModule):
         saved_by = (checkpoint.get("protos_resume") or {}).get("method", type(self).__qualname__)
         if saved_by != type(self).__qualname__:
             raise ProtosError(f"the checkpoint holds a {saved_by}, not a {type(self).__name__}")
-        fitting = self._trainer is not None and self.trainer.state.fn == "fit"  # a test may take other data
-        dm = getattr(self.trainer, "datamodule", None) if fitting else None
-        n_train = dm.n_train if dm is not None and hasattr(dm, "n_train") else None
-        other = [k for k in per_sample if k in stored and n_train is not None and len(stored[k]) != n_train]
+        trainer = self._trainer  # on a fit (a test may take other data), per-sample buffers sized
+        dm = trainer.datamodule if trainer is not None and trainer.state.fn == "fit" else None
+        n_train = getattr(dm, "n_train", None)  # (0 rows: a checkpoint of the pretraining epochs)
+        other = [k for k in per_sample if k in stored and n_train is not None and len(stored[k]) not in (0, n_train)]
         if other:
             raise ProtosError(
                 f"the checkpoint's per-sample buffers ({', '.join(other)}) hold {len(stored[other[0]])} training "

@@ -151,7 +151,7 @@ class VaDE(ConvVAEMethod):
 
     # -- phases -------------------------------------------------------------------------
     def pretraining(self) -> bool:
-        return self.current_epoch < self.hparams.pretrain_epochs
+        return self.current_epoch < self.clustering_start()
 
     def clustering_start(self) -> int:
         return self.hparams.pretrain_epochs

@@ -277,17 +277,21 @@ class VAE(ConvVAEMethod):
 
     @torch.no_grad()
     def fit_clusters(self) -> None:
-        """Step 3: k-means on z_mu of the whole training split (fitted by rank 0 alone under DDP)."""
-        z = self.embed_all(self.fit_features())
+        """Step 3: k-means on z_mu of the whole training split (embedded and fitted by rank 0
+        alone under DDP)."""
+
+        def on_codes(fit, *args):  # rank 0's work only: the other ranks take its result
+            return fit(self.embed_all(self.fit_features()), *args)
+
         seed = self.run_seed % 2**31
         h = self.hparams
         self.centres.zero_()
         self.inertias.zero_()
         if h.k_min is None:
-            k, centres = self.n_clusters, on_rank0(kmeans_centres, z, self.n_clusters, seed, h.kmeans_n_init)
+            k, centres = self.n_clusters, on_rank0(on_codes, kmeans_centres, self.n_clusters, seed, h.kmeans_n_init)
         else:
             k_values = list(range(h.k_min, self.n_clusters + 1))
-            k, centres, inertias = on_rank0(elbow_kmeans, z, k_values, seed, h.kmeans_n_init)
+            k, centres, inertias = on_rank0(on_codes, elbow_kmeans, k_values, seed, h.kmeans_n_init)
             self.inertias[h.k_min - 1 :] = torch.as_tensor(inertias, dtype=self.inertias.dtype)
             rank_zero_info(f"VAE+KMeans: the elbow of the k-means inertia over K={h.k_min}..{self.n_clusters} is K={k}")
         self.centres[:k] = torch.as_tensor(centres, dtype=self.centres.dtype, device=self.centres.device)
