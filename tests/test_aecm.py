@@ -171,3 +171,20 @@ def test_sampling_and_interpolation_through_the_contract():
     assert samples.shape == (7, 4)
     assert (samples - mu[2]).abs().max() < 1.0
     assert model.decode(path).shape == (5, 10)
+
+
+def test_max_steps_inside_the_last_epoch_averages_the_steps_taken(tmp_path):
+    L.seed_everything(0)
+    dm = _blobs(batch_size=200)  # 3 steps an epoch: max_steps 5 stops after 2 of the last epoch's
+    model = _small()
+    steps = []
+    grab = L.pytorch.callbacks.LambdaCallback(
+        on_train_batch_end=lambda trainer, *a: (
+            trainer.current_epoch == 1 and steps.append([p.detach().clone() for p in model.parameters()])
+        )
+    )
+    _trainer(tmp_path, 2, max_steps=5, callbacks=[grab], enable_checkpointing=False).fit(model, dm)
+    assert len(steps) == 2
+    for i, p in enumerate(model.parameters()):
+        torch.testing.assert_close(p.detach(), (steps[0][i] + steps[1][i]) / 2)
+    assert not torch.equal(steps[0][0], steps[1][0])

@@ -115,6 +115,40 @@ def test_the_averaging_epoch_sets_the_parameters_to_their_mean(average):
             np.testing.assert_array_equal(p.detach().numpy(), last)
 
 
+def test_max_steps_inside_the_last_epoch_averages_the_steps_taken():
+    dm = blobs(n_samples=96)  # 3 steps an epoch: max_steps 5 stops after 2 of the last epoch's
+    model = CM(n_clusters=3, input_shape=(2,), alpha=2.0, lr=0.05)
+    snaps = Snapshots()
+    fit(model, dm, max_epochs=2, max_steps=5, callbacks=[snaps])
+    assert len(snaps.steps) == 2
+    for i, p in enumerate(model.cm.parameters()):
+        mean = np.mean([s[i] for s in snaps.steps], axis=0)
+        np.testing.assert_allclose(p.detach().numpy(), mean, rtol=1e-5, atol=1e-6)
+    assert int(model.average.count) == 0
+
+
+class StopAfterFirstEpoch(L.Callback):
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        trainer.should_stop = True  # as EarlyStopping does
+
+
+@pytest.mark.parametrize("stop", ["max_steps", "early_stop"])
+def test_a_fit_that_ends_before_the_averaging_epoch_warns_and_keeps_the_last_step(stop):
+    dm = blobs(n_samples=96)
+    model = CM(n_clusters=3, input_shape=(2,), alpha=2.0, lr=0.05)
+    last = []
+    grab = L.pytorch.callbacks.LambdaCallback(
+        on_train_batch_end=lambda *a: last.__setitem__(slice(None), [p.detach().clone() for p in model.cm.parameters()])
+    )
+    how = {"max_steps": {"max_steps": 2}, "early_stop": {"callbacks": [StopAfterFirstEpoch()]}}[stop]
+    how["callbacks"] = [*how.get("callbacks", []), grab]
+    ended = r"CM: the fit ended at epoch \d, step \d, before its averaging epoch \(the last of max_epochs=3\)"
+    with pytest.warns(UserWarning, match=ended):
+        fit(model, dm, max_epochs=3, **how)
+    for want, p in zip(last, model.cm.parameters(), strict=True):
+        assert torch.equal(want, p)
+
+
 def test_the_last_validation_scores_the_averaged_model(tmp_path):
     dm = blobs(n_samples=96)
     model = CM(n_clusters=3, input_shape=(2,), alpha=2.0, lr=0.05)

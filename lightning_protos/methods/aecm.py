@@ -37,13 +37,14 @@ import torch
 from torch import Tensor
 
 from ..errors import check_choices, check_positive
-from ..nets import ClusteringModule, ParameterAverage
+from ..nets import ClusteringModule
 from ..nets.mlp import BiasInit
 from ..ops import aecm_terms, cm_terms
+from .averaging import AveragingEpoch
 from .pretrain import AutoencoderMethod
 
 
-class AECM(AutoencoderMethod):
+class AECM(AveragingEpoch, AutoencoderMethod):
     """AE-CM with both initialisations.
 
     Args:
@@ -65,7 +66,8 @@ class AECM(AutoencoderMethod):
             :meth:`ClusteringModule.init_from_centres`).
         bias_init: the biases of the DAE and the CM, ``zeros`` (the paper is silent; ours) or
             ``glorot_normal`` (the authors' Keras code, REFERENCE_CODE 3.1).
-        average_last_epoch: run the averaging epoch as the trainer's last epoch.
+        average_last_epoch: run the averaging epoch as the trainer's last epoch (``max_steps``
+            inside it averages the steps taken; a fit that ends before it warns: methods/averaging.py).
         lsp: ``cm`` (E2 + E3 of Eq. 7 on the codes) or ``orthonormal`` (E2 + L_orth).
         slope: LeakyReLU slope of the DAE (0.2).
         pretrain_cache: where pretrained DAE weights are cached (see ``AutoencoderMethod``).
@@ -105,7 +107,7 @@ class AECM(AutoencoderMethod):
         )  # fmt: skip
         self.save_hyperparameters()
         self.cm = ClusteringModule(latent_dim, n_clusters, bias_init)
-        self.average = ParameterAverage(list(self.parameters()))
+        self.init_average()
 
     # -- phases -----------------------------------------------------------------------
     @property
@@ -166,10 +168,4 @@ class AECM(AutoencoderMethod):
             aecm_terms, x, x_rec, z, gamma, self.cm.centroids(), alpha=h.alpha, beta=h.beta, lam=h.lam
         )
         self.optimize(self.check_and_log(terms), opt_joint)
-        if h.average_last_epoch and self.is_last_epoch():  # step 5
-            self.average.accumulate(list(self.parameters()))
-
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        # after the callbacks' hooks have seen the last step, before the epoch's validation
-        if self.hparams.average_last_epoch and self.is_last_epoch() and self.trainer.is_last_batch:
-            self.average.apply(list(self.parameters()))
+        self.accumulate_average()  # step 5

@@ -21,13 +21,14 @@ import torch
 from torch import Tensor
 
 from ..errors import check_positive
-from ..nets import ClusteringModule, ParameterAverage
+from ..nets import ClusteringModule
 from ..nets.mlp import BiasInit
 from ..ops import cm_terms, kmeans_pp_centres
+from .averaging import AveragingEpoch
 from .base import ClusteringMethod, adam, broadcast_from_rank0, on_rank0
 
 
-class CM(ClusteringMethod):
+class CM(AveragingEpoch, ClusteringMethod):
     """The clustering module on raw (flattened) features.
 
     Args:
@@ -42,7 +43,8 @@ class CM(ClusteringMethod):
             ``glorot_normal`` (the authors' Keras code, REFERENCE_CODE 2.1). The k-means++ init
             sets both biases to zero either way.
         init_lloyd_steps: Lloyd iterations after the k-means++ seeding (code: 1).
-        average_last_epoch: run the averaging epoch as the trainer's last epoch.
+        average_last_epoch: run the averaging epoch as the trainer's last epoch (``max_steps``
+            inside it averages the steps taken; a fit that ends before it warns: methods/averaging.py).
         average: average ``all`` parameters (argmax uses the averaged encoder) or only the
             ``centroids`` (then predict by the nearest averaged centroid).
         e3_weight: weight of the merging term E3 (Fig. 11 uses 0, 1, 1.5).
@@ -77,11 +79,10 @@ class CM(ClusteringMethod):
             raise ValueError(f"terms must be among E1..E4, got {terms}")
         self.save_hyperparameters()
         self.cm = ClusteringModule(self.input_dim, n_clusters, bias_init)
-        params = self._averaged_params()
-        self.average = ParameterAverage(params)
+        self.init_average()
         self.register_buffer("initialised", torch.tensor(init == "random"))
 
-    def _averaged_params(self) -> list[torch.nn.Parameter]:
+    def averaged_params(self) -> list[torch.nn.Parameter]:
         if self.hparams.average == "centroids":
             return [self.cm.decoder.weight, self.cm.decoder.bias]
         return list(self.cm.parameters())
@@ -122,6 +123,7 @@ class CM(ClusteringMethod):
         return adam(self.cm.parameters(), self.hparams.lr, self.hparams.adam_eps)
 
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         if not bool(self.initialised):  # k-means++ (checkpoints keep the flag: no re-init)
             seed = self.run_seed % 2**31
             x = self.fit_features().reshape(-1, self.input_dim)
@@ -138,10 +140,4 @@ class CM(ClusteringMethod):
             terms["E3"] = self.hparams.e3_weight * terms["E3"]
             loss = self.check_and_log({k: v for k, v in terms.items() if k in self.hparams.terms})
             self.optimize(loss, self.optimizers())
-            if self.hparams.average_last_epoch and self.is_last_epoch():
-                self.average.accumulate(self._averaged_params())
-
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        # after the callbacks' hooks have seen the last step, before the epoch's validation
-        if self.hparams.average_last_epoch and self.is_last_epoch() and self.trainer.is_last_batch:
-            self.average.apply(self._averaged_params())
+            self.accumulate_average()
