@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import warnings
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from lightning_protos.data import ArrayDataModule
@@ -56,6 +58,62 @@ def deterministic():
     torch.use_deterministic_algorithms(True)
     yield
     torch.use_deterministic_algorithms(False)
+
+
+class TwoRanks:
+    """Two DDP ranks simulated by two threads of this process: ``torch.distributed``'s
+    ``all_reduce`` (sum and max) really combines the tensors the two threads pass at the same
+    call, so code written for a process group runs in lockstep on two ranks, in milliseconds."""
+
+    def __init__(self, monkeypatch) -> None:
+        self._barrier = threading.Barrier(2, timeout=10)
+        self._slots: list[Tensor | None] = [None, None]
+        self._rank = threading.local()
+        self._monkeypatch = monkeypatch
+
+    def _all_reduce(self, tensor: Tensor, op=dist.ReduceOp.SUM, group=None, async_op=False) -> None:
+        rank = self._rank.value
+        self._slots[rank] = tensor.clone()
+        self._barrier.wait()
+        other = self._slots[1 - rank]
+        if op == dist.ReduceOp.MAX:
+            tensor.copy_(torch.maximum(tensor, other))
+        elif op == dist.ReduceOp.SUM:
+            tensor.add_(other)
+        else:
+            raise NotImplementedError(op)
+        self._barrier.wait()  # both have read before either writes its next tensor
+
+    def run(self, fn, *per_rank_args) -> list:
+        """``[fn(*per_rank_args[0]), fn(*per_rank_args[1])]``, the two calls on ranks 0 and 1."""
+        results, errors = [None, None], []
+
+        def on(rank: int) -> None:
+            self._rank.value = rank
+            try:
+                results[rank] = fn(*per_rank_args[rank])
+            except BaseException as err:  # re-raised below, in the test's thread
+                errors.append(err)
+                self._barrier.abort()
+
+        threads = [threading.Thread(target=on, args=(r,)) for r in (0, 1)]
+        with self._monkeypatch.context() as m:  # a process group only while the two ranks run
+            m.setattr(dist, "is_initialized", lambda: True)
+            m.setattr(dist, "get_world_size", lambda group=None: 2)
+            m.setattr(dist, "get_rank", lambda group=None: self._rank.value)
+            m.setattr(dist, "all_reduce", self._all_reduce)
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        if errors:
+            raise errors[0]
+        return results
+
+
+@pytest.fixture
+def two_ranks(monkeypatch) -> TwoRanks:
+    return TwoRanks(monkeypatch)
 
 
 class TwoSplits(ArrayDataModule):

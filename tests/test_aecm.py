@@ -6,6 +6,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from conftest import check_contract
 
 import lightning_protos.methods.aecm as aecm_module
 import lightning_protos.methods.cm as cm_module
@@ -13,7 +14,6 @@ from lightning_protos.data import Blobs
 from lightning_protos.eval.metrics import clustering_scores
 from lightning_protos.methods.aecm import AECM
 from lightning_protos.methods.cm import CM
-from lightning_protos.ops import around, interpolate
 
 
 def _trainer(tmp_path, epochs: int, **kw) -> L.Trainer:
@@ -37,25 +37,58 @@ def _small(init: str = "random", **kw) -> AECM:
     return AECM(4, (10,), **{**args, **kw})
 
 
-def test_loss_equals_eq10_by_hand():
-    torch.manual_seed(0)
-    model = _small()
-    x = torch.rand(6, 10)
-    z, x_rec = model.ae(x)
-    gamma, mu = model.cm(z), model.cm.centroids()
-    h = model.hparams
-    # Eq. 10 written out with explicit loops in float64
-    xd, xr, zd, g, m = (t.detach().double().numpy() for t in (x, x_rec, z, gamma, mu))
-    rec = h.beta * sum(((xd[i] - xr[i]) ** 2).sum() for i in range(6))
-    e1 = sum(((zd[i] - sum(g[i, k] * m[k] for k in range(4))) ** 2).sum() for i in range(6))
-    e2 = sum(g[i, k] * (1 - g[i, k]) for i in range(6) for k in range(4))
-    e4 = sum((1 - h.alpha) * np.log(g[:, k].mean() + 1e-10) for k in range(4))
-    orth = h.lam * sum(abs(m[k] @ m[j] - (k == j)) for k in range(4) for j in range(4))
-    from lightning_protos.ops import aecm_terms
+def step_terms(model: AECM, x: torch.Tensor) -> tuple[dict[str, float], object]:
+    """The loss terms one training step of ``model`` sums, and the optimizer it steps."""
+    seen = {}
+    model.check_and_log = lambda terms, **kw: (
+        seen.update({k: float(v) for k, v in terms.items()}) or sum(terms.values())
+    )
+    model.optimize = lambda loss, opt: seen.setdefault("optimizer", opt)
+    model.optimizers = lambda: ["dae", "cm", "joint"]
+    model.training_step({"x": x, "index": torch.arange(len(x))}, 0)
+    return seen, seen.pop("optimizer")
 
-    terms = aecm_terms(x, x_rec, z, gamma, mu, h.alpha, h.beta, h.lam)
-    got = {k: float(v) for k, v in terms.items()}
-    assert got == pytest.approx({"L_rec": rec, "E1": e1, "E2": e2, "E4": e4, "L_orth": orth}, rel=1e-4)
+
+def by_hand(x, x_rec, z, gamma, mu, alpha) -> dict[str, float]:
+    """Eq. 7's and Eq. 10's terms written out with explicit loops in float64."""
+    x, x_rec, z, g, m = (t.detach().double().numpy() for t in (x, x_rec, z, gamma, mu))
+    n, k = g.shape
+    return {
+        "rec": sum(((x[i] - x_rec[i]) ** 2).sum() for i in range(n)),
+        "E1": sum(((z[i] - sum(g[i, c] * m[c] for c in range(k))) ** 2).sum() for i in range(n)),
+        "E2": sum(g[i, c] * (1 - g[i, c]) for i in range(n) for c in range(k)),  # ||mu_k||^2 = 1 (Eq. 8)
+        "E2_norms": sum(g[i, c] * (1 - g[i, c]) * (m[c] @ m[c]) for i in range(n) for c in range(k)),
+        "E3": -sum(g[i, c] * g[i, j] * (m[c] @ m[j]) for i in range(n) for c in range(k) for j in range(k) if c != j),
+        "E4": sum((1 - alpha) * np.log(g[:, c].mean() + 1e-10) for c in range(k)),
+        "orth": sum(abs(m[c] @ m[j] - (c == j)) for c in range(k) for j in range(k)),
+    }
+
+
+def test_the_joint_step_sums_eq10_with_its_weights():
+    torch.manual_seed(0)
+    model = _small(beta=2.0, lam=0.3, average_last_epoch=False)  # beta != lam: a swap shows
+    x = torch.rand(6, 10)
+    terms, optimizer = step_terms(model, x)
+    with torch.no_grad():
+        z, x_rec = model.autoencode(x)
+        want = by_hand(x, x_rec, z, model.cm(z), model.cm.centroids(), alpha=5.0)
+    assert optimizer == "joint"
+    eq10 = {"L_rec": 2.0 * want["rec"], "E1": want["E1"], "E2": want["E2"], "E4": want["E4"]}
+    assert terms == pytest.approx({**eq10, "L_orth": 0.3 * want["orth"]}, rel=1e-5)
+
+
+def test_the_cm_alone_step_sums_eq7_on_the_codes():
+    torch.manual_seed(0)
+    model = _small("pretrained", pretrain_epochs=0, cm_epochs=1, beta=2.0, lam=0.3, average_last_epoch=False)
+    x = torch.rand(6, 10)
+    terms, optimizer = step_terms(model, x)
+    with torch.no_grad():
+        z = model.encode(x)
+        want = by_hand(x, x, z, model.cm(z), model.cm.centroids(), alpha=5.0)
+    assert optimizer == "cm"
+    assert terms == pytest.approx(
+        {"E1": want["E1"], "E2": want["E2_norms"], "E3": want["E3"], "E4": want["E4"]}, rel=1e-5
+    )
 
 
 def test_centroids_stay_orthonormal(tmp_path):
@@ -161,16 +194,8 @@ def test_loss_terms_run_in_float32_outside_autocast(tmp_path, monkeypatch, preci
     assert all(dtypes == {torch.float32} and not autocast for _, dtypes, autocast in seen)
 
 
-def test_sampling_and_interpolation_through_the_contract():
-    model = _small()
-    mu = model.prototypes()
-    path = interpolate(mu[0], mu[1], 5)
-    assert torch.allclose(path[0], mu[0])
-    assert torch.allclose(path[-1], mu[1])
-    samples = around(mu[2], 7, scale=0.1, generator=torch.Generator().manual_seed(0))
-    assert samples.shape == (7, 4)
-    assert (samples - mu[2]).abs().max() < 1.0
-    assert model.decode(path).shape == (5, 10)
+def test_the_contract():
+    check_contract(_small(), torch.rand(5, 10), latent_dim=4, out_shape=(10,))
 
 
 def test_max_steps_inside_the_last_epoch_averages_the_steps_taken(tmp_path):

@@ -163,20 +163,34 @@ def test_pngs_have_the_expected_size(tmp_path):
     assert matplotlib.image.imread(folder / "latent_map.png").shape[:2] == (550, 1100)  # label and cluster panels
 
 
-def test_pictures_leave_training_unchanged():
-    def trained(callbacks):
-        model = tiny_aecm()
-        make_trainer(max_epochs=3, callbacks=callbacks).fit(model, digits())
+class NoisyAECM(AECM):
+    """Tiny AE-CM whose steps draw from the global random stream (input noise), so that pictures
+    drawing from it would change what the run trains."""
+
+    def clustering_step(self, batch, batch_idx):
+        super().clustering_step({**batch, "x": batch["x"] + 0.01 * torch.randn_like(batch["x"])}, batch_idx)
+
+
+def test_pictures_leave_training_unchanged(tmp_path):
+    def trained(callbacks, logger=False):
+        L.seed_everything(0, verbose=False)
+        model = NoisyAECM(**TINY_AECM, pretrain_cache=False)
+        make_trainer(max_epochs=3, callbacks=callbacks, logger=logger, default_root_dir=tmp_path).fit(model, digits())
         return torch.cat([p.detach().flatten() for p in model.parameters()])
 
-    logger_free = trained([pictures(every_n_epochs=1, save_png=False)])  # no logger: nothing drawn
-    assert torch.equal(trained([]), logger_free)
-    with_pictures = InspectionImages(every_n_epochs=1, n_points=200, latent_map="pca")
-    model = tiny_aecm()
-    trainer = make_trainer(max_epochs=3, callbacks=[with_pictures], logger=TensorBoardLogger("/tmp", name=None))
-    with torch.random.fork_rng():
-        trainer.fit(model, digits())
-    assert torch.equal(torch.cat([p.detach().flatten() for p in model.parameters()]), logger_free)
+    seen = []  # (global random state, training mode) just before and just after the pictures' hook
+    state = L.pytorch.callbacks.LambdaCallback(
+        on_train_epoch_end=lambda trainer, module: seen.append((torch.get_rng_state(), module.training))
+    )
+    drawn = InspectionImages(every_n_epochs=1, n_points=200, latent_map="pca")
+    with_pictures = trained([state, drawn, state], logger=TensorBoardLogger(tmp_path, name="tb"))
+    tags = EventAccumulator(str(next((tmp_path / "tb").rglob("events.out.tfevents.*")))).Reload().Tags()
+    assert "fit/prototypes" in tags["images"]  # the pictures were drawn
+    assert len(seen) == 6
+    for (state_before, _), (state_after, training) in zip(seen[::2], seen[1::2], strict=True):
+        assert torch.equal(state_before, state_after)
+        assert training
+    assert torch.equal(trained([]), with_pictures)
 
 
 @pytest.mark.parametrize(

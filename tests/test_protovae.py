@@ -96,16 +96,11 @@ def test_sinkhorn_is_float32_without_grad_under_autocast():
     assert not codes.requires_grad
 
 
-def test_sinkhorn_under_a_one_process_group_is_the_same(tmp_path):
-    import torch.distributed as dist
-
-    scores = torch.randn(9, 3)
-    want = sinkhorn(scores)
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    try:  # the all-reduce branch: one rank's sums are the sums
-        torch.testing.assert_close(sinkhorn(scores), want)
-    finally:
-        dist.destroy_process_group()
+def test_sinkhorn_over_two_ranks_is_sinkhorn_on_their_joined_batch(two_ranks):
+    scores = torch.randn(9, 3, generator=torch.Generator().manual_seed(0)) * 3
+    want = sinkhorn(scores, n_iters=5)  # one process, the whole batch
+    got = two_ranks.run(lambda s: sinkhorn(s, n_iters=5), (scores[:4],), (scores[4:],))
+    torch.testing.assert_close(torch.cat(got), want)
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [({"eps": 0}, "eps"), ({"n_iters": 0}, "n_iters")])

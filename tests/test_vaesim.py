@@ -91,17 +91,14 @@ def test_ema_update_equals_algorithm_2_on_a_hand_made_batch():
     torch.testing.assert_close(ema_prototype_update(q, z, assign, eta=0.0), q)
 
 
-def test_ema_update_under_a_one_process_group_is_the_same(tmp_path):
-    import torch.distributed as dist
-
-    q, z = torch.randn(3, 2), torch.randn(7, 2)
-    assign = torch.tensor([0, 0, 1, 2, 2, 2, 0])
-    want = ema_prototype_update(q, z, assign)
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    try:  # the all-reduce branch: the sums of one rank are the sums
-        torch.testing.assert_close(ema_prototype_update(q, z, assign), want)
-    finally:
-        dist.destroy_process_group()
+def test_ema_update_over_two_ranks_is_the_update_on_their_joined_batch(two_ranks):
+    g = torch.Generator().manual_seed(0)
+    q, z = torch.randn(3, 2, generator=g, dtype=torch.float64), torch.randn(9, 2, generator=g, dtype=torch.float64)
+    assign = torch.tensor([0, 0, 1, 2, 2, 2, 0, 1, 0])  # rank 0 gets no sample of prototype 1
+    want = ema_prototype_update(q, z, assign)  # one process, the whole batch
+    got = two_ranks.run(ema_prototype_update, (q, z[:2], assign[:2]), (q, z[2:], assign[2:]))
+    for per_rank in got:  # every rank holds the same matrix: that of the union of their batches
+        torch.testing.assert_close(per_rank, want)
 
 
 def test_draw_assignments():

@@ -7,6 +7,8 @@ pretrained init (AE-CM^p), Sec. 4.2.2:
   1. ``pretrain_epochs``: the DAE alone on reconstruction, cached (methods/pretrain.py)
   2. k-means (k-means++, ``kmeans_n_init`` restarts) on the codes; W_dec = centres,
      W_enc = pinv(W_dec), zero biases                              (Sec. 4.1)
+     (full k-means, best of 20 runs, as the authors' code: REFERENCE_CODE 3; the paper's
+     "k-means++" could also mean its seeding alone, which is how CM^p reads it: ``init_lloyd_steps``)
      (``cm_init: posterior``, ours: W_enc, b_enc = the isotropic GMM posterior at the centres)
   3. ``cm_epochs``: the CM alone on the frozen codes, non-orthonormal CM loss E1..E4 (Eq. 7)
 then, for both:
