@@ -62,6 +62,18 @@ class ProtosCLI(LightningCLI):
         kwargs.setdefault("exit_on_error", False)
         return super().init_parser(**kwargs)
 
+    def _parse_ckpt_path(self) -> None:
+        # Lightning merges the checkpoint's hyperparameters into the config; when they are not the
+        # config's model's (another method), its parser names a base class and an option only
+        try:
+            super()._parse_ckpt_path()
+        except ArgumentError as err:
+            ckpt = self.config[self.config.subcommand].get("ckpt_path")
+            raise ProtosError(
+                f"checkpoint {ckpt}: its hyperparameters do not fit the config's model (another method?): "
+                f"{one_line(str(err))}"
+            ) from err
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ClusteringEvaluator, "evaluation")
         parser.add_lightning_class_args(AssignmentWriter, "assignments")

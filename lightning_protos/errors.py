@@ -12,6 +12,13 @@ def check_positive(**values: float) -> None:
             raise ProtosError(f"{name} must be > 0, got {value}")
 
 
+def check_non_negative(**values: float) -> None:
+    """One-line error for a negative weight, count or noise level."""
+    for name, value in values.items():
+        if not value >= 0:
+            raise ProtosError(f"{name} must be >= 0, got {value}")
+
+
 def check_choices(**choices: tuple[object, tuple[str, ...]]) -> None:
     """One-line error for an option outside its choices: ``name=(value, allowed)``."""
     for name, (value, allowed) in choices.items():

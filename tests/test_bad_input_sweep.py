@@ -98,16 +98,17 @@ def inputs(tmp_path_factory):
             "array_file": array_file, "mnist": mnist}  # fmt: skip
 
 
-def cases(sub: str, i: dict) -> dict[str, list[str]]:
-    """The bad invocations of subcommand ``sub``, by name."""
+def cases(sub: str, i: dict) -> dict[str, tuple[list[str], str]]:
+    """The bad invocations of subcommand ``sub``, by name, each with what its error must say."""
+    good, ckpt = ["--config", str(i["good"])], "--ckpt_path"
     return {
-        "malformed YAML": [sub, "--config", str(i["bad_yaml"])],
-        "missing config": [sub, "--config", str(i["tmp"] / "no_such.yaml")],
-        "checkpoint of another method": [sub, "--config", str(i["good"]), "--ckpt_path", str(i["other"])],
-        "weights of another method": [sub, "--config", str(i["good"]), "--ckpt_path", str(i["bare"])],
-        "truncated checkpoint": [sub, "--config", str(i["good"]), "--ckpt_path", str(i["truncated"])],
-        "corrupt .npz": [sub, "--config", str(i["array_file"])],
-        "corrupt MNIST file": [sub, "--config", str(i["mnist"])],
+        "malformed YAML": ([sub, "--config", str(i["bad_yaml"])], "Problems parsing config"),
+        "missing config": ([sub, "--config", str(i["tmp"] / "no_such.yaml")], "no_such.yaml"),
+        "checkpoint of another method": ([sub, *good, ckpt, str(i["other"])], "hyperparameters do not fit"),
+        "weights of another method": ([sub, *good, ckpt, str(i["bare"])], "does not fit this CM"),
+        "truncated checkpoint": ([sub, *good, ckpt, str(i["truncated"])], "truncated.ckpt is unreadable"),
+        "corrupt .npz": ([sub, "--config", str(i["array_file"])], "cannot read"),
+        "corrupt MNIST file": ([sub, "--config", str(i["mnist"])], "expected MNIST/raw/train-images-idx3-ubyte"),
     }
 
 
@@ -115,10 +116,11 @@ def cases(sub: str, i: dict) -> dict[str, list[str]]:
 def test_each_bad_input_gets_one_line_and_leaves_existing_runs_alone(inputs, sub, capsys, monkeypatch):
     monkeypatch.chdir(inputs["tmp"])
     before = snapshot(inputs["tmp"])
-    for name, argv in cases(sub, inputs).items():
+    for name, (argv, says) in cases(sub, inputs).items():
         code, err = protos(argv, capsys)
         assert code != 0, f"{sub}, {name}: exit status 0"
         assert err.startswith("protos: error: "), f"{sub}, {name}: {err!r}"
+        assert says in err, f"{sub}, {name}: {err!r}"
         assert "\n" not in err, f"{sub}, {name}: {err!r}"
         assert "Traceback" not in err
     after = snapshot(inputs["tmp"])

@@ -419,14 +419,14 @@ def test_bad_picture_or_probe_settings_are_one_line_errors(tmp_path, capsys):
         "--trainer.callbacks+=lightning_protos.eval.images.InspectionImages",
         "--trainer.callbacks+=lightning_protos.eval.probes.ProbeEvaluator",
     ):
-        bad = (
-            "--trainer.callbacks.init_args.every_n_epochs=-1"
+        bad, says = (
+            ("--trainer.callbacks.init_args.every_n_epochs=-1", "every_n_epochs must be >= 0, got -1")
             if "images" in option
-            else "--trainer.callbacks.init_args.knn_k=0"
+            else ("--trainer.callbacks.init_args.knn_k=0", "knn_k must be > 0, got 0")
         )
         code, _, err = run_main(["fit", *digits(tmp_path, option, bad)], capsys)
         assert code != 0
-        assert "must be" in protos_error(err)
+        assert says in protos_error(err)
 
 
 def test_usable_cores_follow_the_affinity_mask(monkeypatch):

@@ -164,9 +164,14 @@ def test_kmeans_pp_centres_shape_and_determinism():
     matches = (torch.cdist(a, x) < 1e-6).sum(1)
     assert (matches >= 1).all()
     assert len({tuple(r.tolist()) for r in a}) == 6
+    # lloyd_steps: that many Lloyd iterations from the same seeds, in NumPy
+    want = a.double().numpy()
+    for _ in range(2):
+        nearest_seed = ((x.double().numpy()[:, None] - want) ** 2).sum(-1).argmin(1)
+        want = np.stack([x.double().numpy()[nearest_seed == k].mean(0) for k in range(6)])
     refined = kmeans_pp_centres(x, 6, seed=3, lloyd_steps=2)
-    assert refined.shape == (6, 4)
-    assert torch.equal(refined, kmeans_pp_centres(x, 6, 3, lloyd_steps=2))
+    np.testing.assert_allclose(refined.double().numpy(), want, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(want, a.numpy())
 
 
 # -- batch augmentations (VAESim (aug)) ------------------------------------------------------

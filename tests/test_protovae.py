@@ -324,11 +324,11 @@ def test_the_baselines_warm_up_skips_the_regulariser():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"n_clusters": 0}, "n_clusters"),
-        ({"tau": 0}, "tau"),
-        ({"eps": -1}, "eps"),
-        ({"sinkhorn_iters": 0}, "sinkhorn_iters"),
-        ({"reg_assign": "sample"}, "reg_assign"),
+        ({"n_clusters": 0}, r"n_clusters \(K\) must be >= 1, got 0"),
+        ({"tau": 0}, "tau must be > 0, got 0"),
+        ({"eps": -1}, "eps must be > 0, got -1"),
+        ({"sinkhorn_iters": 0}, "sinkhorn_iters must be >= 1, got 0"),
+        ({"reg_assign": "sample"}, "reg_assign must be one of argmax, softmax; got 'sample'"),
         ({"input_shape": (784,)}, "square images"),
         ({"input_shape": (1, 28, 28), "channels": (4, 8, 8)}, "not divisible"),
     ],

@@ -349,11 +349,14 @@ def test_vade_pretrains_then_fits_the_gmm_once_on_the_codes():
     def spy():
         calls.append(model.current_epoch)
         before = [p.detach().clone() for p in (model.pi_logits, model.mu_c, model.logvar_raw)]
+        model.eval()  # z_mu of every training image, encoded here in one batch
+        with torch.no_grad():
+            z = model.encode(dm.features("fit"))[0].double().numpy()
+        model.train()
         init()
-        # scikit-learn's GMM on the same codes with the same seed gives the same parameters
+        # scikit-learn's GMM on those codes with the run's seed gives the same parameters
         from sklearn.mixture import GaussianMixture
 
-        z = model.embed_all(model.fit_features()).double().numpy()
         gmm = GaussianMixture(3, covariance_type="diag", random_state=torch.initial_seed() % 2**31).fit(z)
         np.testing.assert_allclose(model.log_pi.exp().detach().numpy(), gmm.weights_, rtol=1e-4)
         np.testing.assert_allclose(model.mu_c.detach().numpy(), gmm.means_, rtol=1e-4, atol=1e-6)
@@ -401,14 +404,14 @@ def test_checkpoint_restores_the_mixture_strictly(kind, tmp_path):
 
 def test_bad_input_gives_one_line_errors_before_training():
     cases = [
-        (VaDE, {"n_clusters": 1}, "n_clusters"),
-        (GMVAE, {"n_clusters": 1}, "n_clusters"),
+        (VaDE, {"n_clusters": 1}, r"n_clusters \(K\) must be >= 2, got 1"),
+        (GMVAE, {"n_clusters": 1}, r"n_clusters \(K\) must be >= 2, got 1"),
         (VaDE, {"pretrain_epochs": -1}, "pretrain_epochs must be >= 0"),
         (VaDE, {"gmm_n_init": 0}, "gmm_n_init must be > 0"),
         (VaDE, {"beta": -1.0}, "beta must be >= 0"),
         (VaDE, {"lr": 0.0}, "lr must be > 0"),
         (GMVAE, {"kl_c_floor": 1.2}, r"kl_c_floor .* must be in \[0, log K = 1.099\)"),
-        (GMVAE, {"kl_c_floor": -0.1}, "kl_c_floor"),
+        (GMVAE, {"kl_c_floor": -0.1}, r"kl_c_floor \(lambda\) must be in \[0, log K = .*\) nats, got -0.1"),
         (GMVAE, {"w_dim": 0}, "w_dim must be > 0"),
         (GMVAE, {"input_shape": (784,)}, "flatten false"),
         (VaDE, {"input_shape": (1, 8, 8)}, r"takes images \(C, 28, 28\) or \(C, 32, 32\)"),

@@ -436,8 +436,14 @@ def test_vae_kmeans_pictures_during_fit_cluster_the_current_latents_first(tmp_pa
 
     model = VAEKMeans(n_clusters=4, k_min=2, latent_dim=4, channels=(4, 8, 8))
     pictures = InspectionImages(every_n_epochs=1, n_points=12, latent_map="pca", projector_points=0)
-    fit(model, tiny_images(), epochs=2, callbacks=[pictures], logger=TensorBoardLogger(tmp_path))
-    assert 2 <= int(model.k) <= 4
+    fits, stale_at_draw = [], []
+    fit_clusters, draw = model.fit_clusters, pictures.pictures
+    model.fit_clusters = lambda: fits.append(model.global_step) or fit_clusters()
+    pictures.pictures = lambda module, dm: stale_at_draw.append(module._clusters_stale()) or draw(module, dm)
+    trainer = fit(model, tiny_images(), epochs=2, callbacks=[pictures], logger=TensorBoardLogger(tmp_path))
+    steps_per_epoch = trainer.num_training_batches
+    assert stale_at_draw == [False, False]  # each epoch's pictures show that epoch's clusters
+    assert fits == [steps_per_epoch, 2 * steps_per_epoch]  # once an epoch: the end of training reuses the last
 
 
 def test_vae_kmeans_clusters_after_training_and_restores_them(tmp_path):

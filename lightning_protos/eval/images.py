@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.utils.data import default_collate
 from torchvision.utils import make_grid
 
-from ..errors import ProtosError, check_choices
+from ..errors import check_choices, check_non_negative, check_positive
 from ..ops import around, interpolate, nearest
 from .callbacks import run_dir
 from .probes import embed_and_assign
@@ -218,8 +218,9 @@ class InspectionImages(L.Callback):
         save_png: bool = False,
         seed: int = 0,
     ) -> None:
-        if min(n_points, n_images, n_samples, steps, n_nearest, max_rows) < 1 or every_n_epochs < 0 or noise < 0:
-            raise ProtosError("picture sizes must be >= 1, every_n_epochs and noise >= 0")
+        sizes = dict(n_points=n_points, n_images=n_images, n_samples=n_samples, steps=steps, n_nearest=n_nearest)
+        check_positive(**sizes, max_rows=max_rows)
+        check_non_negative(every_n_epochs=every_n_epochs, noise=noise)
         check_choices(latent_map=(latent_map, ("tsne", "pca")))
         self.every_n_epochs, self.n_points, self.n_images = every_n_epochs, n_points, n_images
         self.n_samples, self.noise, self.steps, self.n_nearest = n_samples, noise, steps, n_nearest

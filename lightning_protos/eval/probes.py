@@ -17,7 +17,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.neighbors import KNeighborsClassifier
 from torch import Tensor
 
-from ..errors import ProtosError
+from ..errors import ProtosError, check_positive
 from .callbacks import evaluated_epoch, record_metrics
 
 # The authors' code's linear probe (REFERENCE_CODE 1.2): Adam 1e-3, 10 epochs, batch 512, 10 outputs
@@ -157,8 +157,9 @@ class ProbeEvaluator(L.Callback):
         holdout: float = 0.2,
         seed: int = 0,
     ) -> None:
-        if knn_k < 1 or linear_epochs < 1 or linear_batch_size < 1 or not linear_lr > 0:
-            raise ProtosError("knn_k, linear_epochs, linear_batch_size and linear_lr must be positive")
+        check_positive(
+            knn_k=knn_k, linear_epochs=linear_epochs, linear_batch_size=linear_batch_size, linear_lr=linear_lr
+        )
         if not 0 < holdout < 1:
             raise ProtosError(f"holdout must be in (0, 1), got {holdout}")
         self.knn_k = knn_k
