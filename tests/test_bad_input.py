@@ -50,7 +50,7 @@ def test_input_shape_that_does_not_match_the_network():
 
 
 def test_unknown_data_set():
-    with pytest.raises(DataError, match="unknown data set 'mnits'") as err:
+    with pytest.raises(DataError, match=r"unknown data set 'mnits'.*mnist") as err:
         get_datamodule("mnits")
     one_line(err)
 

@@ -396,8 +396,12 @@ def test_main_runs_reports_and_dry_runs_with_a_fake_launcher(tmp_path, capsys):
     assert len(launch.calls) == 4
 
 
+BENCH_TABLES = sorted((ROOT / "configs" / "bench").glob("*.yaml"))
+
+
 def test_every_bench_table_in_configs_loads():
-    for path in sorted((ROOT / "configs" / "bench").glob("*.yaml")):
+    assert len(BENCH_TABLES) >= 10
+    for path in BENCH_TABLES:
         bench = load_bench(path)
         assert bench.cells(), path
 
@@ -406,13 +410,14 @@ def test_tables_that_share_a_results_row_train_it_alike():
     """A row written by one table counts as done for every table with the same cell (e.g.
     table5_mnist's DEC family and dec_family_mnist): they must agree on how it is trained."""
     trained_by: dict[tuple, tuple] = {}
-    for path in sorted((ROOT / "configs" / "bench").glob("*.yaml")):
+    for path in BENCH_TABLES:
         bench = load_bench(path)
         for cell in bench.cells():
             row = (cell.results, row_key(cell.fields(), bench.ids_of(cell.columns)))
             how = (cell.config, cell.reference, sorted(cell.overrides))
             first = trained_by.setdefault(row, (path.name, how))
             assert first[1] == how, f"{cell.name}: {path.name} trains it as {how}, {first[0]} as {first[1]}"
+    assert len(trained_by) > len(BENCH_TABLES)
 
 
 # -- real cells -----------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import lightning_protos.methods.cm as cm_module
 from lightning_protos.data import Blobs
 from lightning_protos.eval.callbacks import ClusteringEvaluator
 from lightning_protos.methods.cm import CM
+from lightning_protos.ops import cm_terms
 
 
 def blobs(**kwargs) -> Blobs:
@@ -83,6 +84,37 @@ def test_one_training_step_moves_the_weights():
     assert trainer.global_step == 1
     for name, value in model.cm.state_dict().items():
         assert not torch.equal(before[name], value), f"{name} did not move"
+
+
+def step_terms(x: torch.Tensor, **kwargs) -> tuple[CM, dict[str, float]]:
+    """A CM (weights drawn after seeding 0) and the terms its training step sums on ``x``."""
+    torch.manual_seed(0)
+    model = CM(n_clusters=3, input_shape=(2,), alpha=2.0, average_last_epoch=False, **kwargs)
+    seen = {}
+    model.check_and_log = lambda terms, **kw: (
+        seen.update({k: float(v) for k, v in terms.items()}) or sum(terms.values())
+    )
+    model.optimize = lambda loss, opt: None
+    model.optimizers = lambda: None
+    model.training_step({"x": x, "index": torch.arange(len(x))}, 0)
+    return model, seen
+
+
+def test_terms_and_e3_weight_choose_and_scale_what_the_step_sums():
+    x = torch.randn(6, 2)
+    model, full = step_terms(x)
+    with torch.no_grad():
+        want = {k: float(v) for k, v in cm_terms(x, model.cm(x), model.cm.centroids(), alpha=2.0).items()}
+    assert full == pytest.approx(want, rel=1e-6)
+    assert step_terms(x, e3_weight=0.25)[1] == pytest.approx({**want, "E3": 0.25 * want["E3"]}, rel=1e-6)
+    assert step_terms(x, terms=("E1", "E2"))[1] == pytest.approx({"E1": want["E1"], "E2": want["E2"]}, rel=1e-6)
+
+
+def test_sgd_is_plain_sgd_at_the_learning_rate():
+    optimizer = CM(n_clusters=3, input_shape=(2,), optimizer="sgd", lr=0.5).configure_optimizers()
+    assert type(optimizer) is torch.optim.SGD
+    assert optimizer.defaults["lr"] == 0.5
+    assert optimizer.defaults["momentum"] == 0
 
 
 class Snapshots(L.Callback):

@@ -41,15 +41,13 @@ def test_tiny_run_writes_one_row_per_side(tmp_path):
         written = list(csv.DictReader(f))
     assert list(written[0]) == vs_clustpy.COLUMNS
     assert [(r["side"], r["precision"]) for r in written] == [("clustpy", "32-true"), ("protos", "32-true")]
-    clustpy, protos = rows
-    assert clustpy["speedup"] == 1.0
+    clustpy, protos = rows  # (the same start on both sides: the test above)
     assert protos["speedup"] == pytest.approx(clustpy["epoch_s"] / protos["epoch_s"], rel=0.01)
-    for row in rows:
+    for row, written_row in zip(rows, written, strict=True):
         assert (row["method"], row["init"], row["n"], row["epochs"]) == ("dcn", "random", 300, 1)
         assert row["epoch_s"] > 0
-        assert -1 <= row["ari"] <= 1
         assert row["target_ari"] == vs_clustpy.PAPER_ARI["dcn", "random"]
-    assert clustpy["ari_start"] == protos["ari_start"]  # the same start on both sides
+        assert float(written_row["ari"]) == row["ari"]
 
 
 def test_clustpy_side_can_have_the_fused_adam(tmp_path, monkeypatch):
