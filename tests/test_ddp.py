@@ -194,10 +194,11 @@ def check(name: str, ranks: list[dict]) -> None:
         assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
 
 
-@pytest.mark.slow  # about 15 s idle, 27 s on the shared 2 cores: mostly starting two processes
 def test_cm_under_two_process_ddp(tmp_path):
-    """The fast one: the CM's averaged weights agree on both ranks, and its ACC / NMI / ARI and
-    L_sp under DDP are those of the whole digits set (1797 samples: one rank has one more)."""
+    """The fast one, in the default suite so that CI runs two real processes: the CM's averaged
+    weights agree on both ranks, and its ACC / NMI / ARI and L_sp under DDP are those of the
+    whole digits set (1797 samples: one rank has one more). About 15 s idle, 27 s on the shared
+    2 cores, mostly starting the two processes."""
     check("cm", run_ddp(tmp_path, ["cm"])["cm"])
 
 
