@@ -357,3 +357,31 @@ def test_a_fit_that_ends_before_clustering_says_so_before_training(make):
     trainer = make_trainer(max_epochs=3, limit_train_batches=1)
     with pytest.warns(UserWarning, match=r"max_epochs \(3\) ends within the 3 epochs of pretraining / warm-up"):
         trainer.fit(make(), tiny_images())
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_resume_onto_another_gpu_count_reseeds_cuda_on_ranks_above_zero(monkeypatch, rank):
+    """No GPU here: torch.cuda is faked as one visible device, the checkpoint holds two. The
+    CUDA states cannot be restored; a rank > 0 then seeds its CUDA stream from (run seed, rank,
+    step), so that it does not draw rank 0's; rank 0 keeps the stream it has."""
+    from types import SimpleNamespace
+
+    from lightning_protos.methods.base import rank_seed, rng_state, set_rng_state
+
+    state = {**rng_state(), "cuda": [torch.zeros(8, dtype=torch.uint8), torch.ones(8, dtype=torch.uint8)]}
+    restored, seeded = [], []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", seeded.append)
+    assert set_rng_state(state) is False  # two GPUs' states on one
+    assert restored == []
+    assert set_rng_state({**state, "cuda": state["cuda"][:1]}) is True
+    assert len(restored) == 1
+
+    model = CM(n_clusters=3, input_shape=(2,))
+    model._trainer = SimpleNamespace(global_rank=rank, global_step=5, current_epoch=1)
+    model._run_seed, model._own_stream = 7, False
+    model._resumed = {"rng_ranks": [state, state], "epoch": 0}
+    model.on_train_batch_start({"x": torch.zeros(1, 2)}, 0)
+    assert seeded == ([rank_seed(7, 1, 5)] if rank else [])
