@@ -709,3 +709,42 @@ def test_report_writes_no_curves_file_without_run_dirs(tmp_path, monkeypatch):
 
     assert "t/table" in report(bench)
     assert not (tmp_path / "results" / "t_curves.csv").exists()
+
+
+def test_a_cell_another_process_trains_is_left_to_it(tmp_path, capsys):
+    """A second bench on a table sharing the cell, or the child of a bench killed without it,
+    is found by the cell's run directory on its command line: the cell is not trained twice."""
+    bench = load_bench(write_table(tmp_path), root=tmp_path / "runs")
+    busy = bench.cells()[0]
+    marker = f"--last_checkpoint.dirpath={busy.run_dir / 'checkpoints'}"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", marker])
+    try:
+        time.sleep(0.2)
+        assert runner_module.training_elsewhere(busy) == other.pid
+        assert runner_module.training_elsewhere(bench.cells()[1]) is None
+        launch = FakeLaunch()
+        Runner(bench, launch).run(bench.cells())
+    finally:
+        other.kill()
+        other.wait()
+    assert busy.name not in names(launch)
+    assert len(names(launch)) == 3
+    assert f"{busy.name}: process {other.pid} is training it already" in capsys.readouterr().out
+
+
+def test_a_run_that_finished_after_its_bench_was_killed_counts_its_last_attempt(tmp_path):
+    """The child went on and finished after its bench was killed: the next bench writes the row,
+    the attempt counted up to the last file it wrote (its metrics)."""
+    bench = load_bench(write_table(tmp_path), root=tmp_path / "runs")
+    cell = bench.cells()[0]
+    cell.run_dir.mkdir(parents=True)
+    t0 = time.time() - 1000
+    (cell.run_dir / "bench.json").write_text(json.dumps({"seconds": 30.0, "attempts": 2, "running_since": t0}))
+    (cell.run_dir / "metrics.json").write_text(json.dumps({"test": {"epoch": 1, "acc": 0.5, "nmi": 0.4, "ari": 0.3}}))
+    os.utime(cell.run_dir / "metrics.json", (t0 + 400, t0 + 400))
+    launch = FakeLaunch()
+    runner = Runner(bench, launch)
+    runner.run([cell])
+    assert launch.calls == []
+    assert float(runner.results.rows()[0]["seconds"]) == pytest.approx(430.0)
+    assert json.loads((cell.run_dir / "bench.json").read_text())["running_since"] is None

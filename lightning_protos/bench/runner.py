@@ -102,17 +102,39 @@ def _times(run_dir: Path) -> dict[str, Any]:
         return {"seconds": 0.0, "attempts": 0, "running_since": None}
 
 
+def _close_unended_attempt(run_dir: Path) -> dict[str, Any]:
+    """``bench.json``'s record, with an attempt that ended without recording its time (killed,
+    or a child that went on after its bench was killed) counted up to the last file it wrote."""
+    state = _times(run_dir)
+    if state["running_since"] is not None:
+        written = (p.stat().st_mtime for p in run_dir.rglob("*") if p.is_file() and p != run_dir / TIMES)
+        end = max(written, default=state["running_since"])
+        state.update(seconds=state["seconds"] + max(0.0, end - state["running_since"]), running_since=None)
+    return state
+
+
+def training_elsewhere(cell: Cell) -> int | None:
+    """The pid of a live process already training ``cell``: a second bench running a table that
+    shares the cell, or the child of a bench killed without it. Found by the cell's run directory
+    on its command line (Linux's ``/proc``; ``None`` elsewhere)."""
+    tokens = {str(cell.run_dir), f"--last_checkpoint.dirpath={cell.run_dir / 'checkpoints'}"}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            args = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if tokens.intersection(args) and int(proc.name) != os.getpid():
+            return int(proc.name)
+    return None
+
+
 def start_attempt(run_dir: Path, note: str = "") -> float:
     """Notes in ``bench.json`` that a process starts, with what ``--set`` changed for it
     (``note``); an attempt killed before it could record its time is counted up to the last file
     it wrote in its run directory (its epochs' checkpoints and logger events: the log itself is
     written at the start and the end only; ``bench.json``, the bench's own record, is not the
     attempt's work)."""
-    state = _times(run_dir)
-    if state["running_since"] is not None:
-        written = (p.stat().st_mtime for p in run_dir.rglob("*") if p.is_file() and p != run_dir / TIMES)
-        end = max(written, default=state["running_since"])
-        state["seconds"] += max(0.0, end - state["running_since"])
+    state = _close_unended_attempt(run_dir)
     now = time.time()
     state.update(running_since=now, attempts=state["attempts"] + 1)
     state["sets"] = list(dict.fromkeys([*state.get("sets", []), note]))
@@ -240,11 +262,16 @@ class Runner:
 
     def run_cell(self, cell: Cell) -> Outcome:
         """Trains the cell unless its run finished, then appends its row. No row if the bench
-        was stopped meanwhile."""
+        was stopped meanwhile, or if another process is training the cell."""
         start, run_dir = time.monotonic(), cell.run_dir
         metrics, ran, note = final_metrics(run_dir), False, ""
         if metrics is None:
             if self.stop.is_set():
+                return Outcome(None, ran, 0.0)
+            pid = training_elsewhere(cell)
+            if pid is not None:
+                print(f"[bench] {cell.name}: process {pid} is training it already (another bench, or the "
+                      "child of a killed one); skipped, a later bench writes its row", flush=True)  # fmt: skip
                 return Outcome(None, ran, 0.0)
             run_dir.mkdir(parents=True, exist_ok=True)
             with self._device() as env:
@@ -266,6 +293,9 @@ class Runner:
                 note = f"exit {code}: {last_line(run_dir / LOG)}" if code else "no final test metrics"
         # what --set changed, where it did: recorded by each attempt, also one of an earlier bench
         times = _times(run_dir)
+        if not ran and times["running_since"] is not None:  # its last attempt went on after its bench
+            times = _close_unended_attempt(run_dir)
+            (run_dir / TIMES).write_text(json.dumps(times))
         ours = attempts_note(times.get("sets", [self.note] if ran else [])) if cell.reference is None else ""
         note = "; ".join(n for n in (ours, note) if n)
         row = make_row(cell.fields(), list(cell.columns), metrics, times["seconds"] or None, note)
