@@ -49,13 +49,13 @@ def epoch_ends(run: Path) -> list[float]:
     return [e.wall_time for e in sorted(acc.Scalars("train/loss"), key=lambda e: e.step)]
 
 
-def fit(config: str, epochs: int, precision: str, compiled: bool, tmp: Path) -> dict:
+def fit(config: str, epochs: int, precision: str, compiled: bool, tmp: Path, modules: str | None = None) -> dict:
     root = tmp / ("compiled" if compiled else "eager")
     cmd = [
         sys.executable, "-m", "lightning_protos.cli", "fit", "--config", config, "--seed_everything", "0",
         "--trainer.max_epochs", str(epochs), "--trainer.precision", precision,
         "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
-        "--compile.enabled", str(compiled).lower(),
+        "--compile.enabled", str(compiled).lower(), *(["--compile.modules", modules] if modules else []),
     ]  # fmt: skip
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp / "inductor" / root.name)}
     start, wall = time.perf_counter(), time.time()
@@ -85,13 +85,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--repeats", type=int, default=1, help="eager / compiled pairs, alternating")
+    parser.add_argument("--modules", help="what to compile, as protos fit's --compile.modules, e.g. '[cm]'")
     args = parser.parse_args()
     print(f"{args.config}, {args.epochs} epochs, {args.precision}, {device_label(torch.device('cpu'))}", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeats):
             for compiled in (False, True):
-                rows.append(fit(args.config, args.epochs, args.precision, compiled, Path(tmp) / str(i)))
+                rows.append(fit(args.config, args.epochs, args.precision, compiled, Path(tmp) / str(i), args.modules))
                 print(rows[-1], flush=True)
     write_rows(rows, COLUMNS, RESULTS)
     for key in ("epoch_s", "total_s"):

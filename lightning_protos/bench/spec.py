@@ -13,7 +13,8 @@ A table file (``configs/bench/<table>.yaml``)::
       - {method: cm, config: "configs/cm_{dataset}.yaml", init: random, overrides: {...}}
       - {method: kmeans, reference: kmeans, init: random}
 
-A method entry has ``method`` (a name from RESULTS.md) and either ``config`` (a ``protos fit``
+A method entry has ``method`` (a name from the project's RESULTS.md, in ../shared beside the
+repository) and either ``config`` (a ``protos fit``
 config; ``{dataset}`` and ``{method}`` are filled in, or a mapping from data set to config;
 ``overrides`` are applied after the
 table's) or ``reference`` (``kmeans``: KMeans, n_init=1, ``init`` random or k-means++; ``gmm``:
