@@ -159,6 +159,27 @@ def test_max_steps_inside_the_last_epoch_averages_the_steps_taken():
     assert int(model.average.count) == 0
 
 
+class StopAfterBatch(L.Callback):
+    def __init__(self, epoch: int, batch: int) -> None:
+        self.at = (epoch, batch)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if (trainer.current_epoch, batch_idx) == self.at:
+            trainer.should_stop = True  # a stop inside an epoch
+
+
+def test_a_stop_inside_the_averaging_epoch_averages_the_steps_taken():
+    dm = blobs(n_samples=96)  # 3 steps an epoch; stopped after the first 2 of the last
+    model = CM(n_clusters=3, input_shape=(2,), alpha=2.0, lr=0.05)
+    snaps = Snapshots()
+    with pytest.warns(UserWarning, match="averaged over the 2 steps it took of it"):
+        fit(model, dm, max_epochs=2, callbacks=[snaps, StopAfterBatch(1, 1)], min_steps=0)
+    assert len(snaps.steps) == 2
+    for i, p in enumerate(model.cm.parameters()):
+        mean = np.mean([s[i] for s in snaps.steps], axis=0)
+        np.testing.assert_allclose(p.detach().numpy(), mean, rtol=1e-5, atol=1e-6)
+
+
 class StopAfterFirstEpoch(L.Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         trainer.should_stop = True  # as EarlyStopping does

@@ -16,8 +16,9 @@ class AveragingEpoch:
     trainer's last epoch (``max_epochs - 1``) and are set to their mean after its last step,
     after the callbacks' batch hooks and before the epoch's validation, so the last validation,
     ``last.ckpt`` and the final test all see the averaged model. A ``max_steps`` that ends the
-    fit inside that epoch averages the steps it took. A fit that ends before it (``max_steps``
-    earlier, an early stop) keeps its last step's parameters and says so in a warning.
+    fit inside that epoch averages the steps it took, and so does any other stop inside it
+    (with a warning). A fit that ends before it (``max_steps`` earlier, an early stop) keeps
+    its last step's parameters and says so in a warning.
     """
 
     average: ParameterAverage
@@ -51,6 +52,14 @@ class AveragingEpoch:
 
     def on_train_end(self) -> None:
         super().on_train_end()
+        steps = int(self.average.count)
+        if steps:  # stopped inside the averaging epoch before its last batch (should_stop mid-epoch)
+            self.average.apply(self.averaged_params())
+            self._averaged_in_fit = True
+            rank_zero_warn(
+                f"{type(self).__name__}: the fit ended inside its averaging epoch: the parameters are "
+                f"averaged over the {steps} steps it took of it"
+            )
         if self.hparams.average_last_epoch and not self._averaged_in_fit:
             rank_zero_warn(
                 f"{type(self).__name__}: the fit ended at epoch {self.current_epoch}, step {self.global_step}, "
