@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from sklearn.metrics import adjusted_rand_score
 
 import lightning_protos.methods.cm as cm_module
@@ -168,16 +169,35 @@ class StopAfterBatch(L.Callback):
             trainer.should_stop = True  # a stop inside an epoch
 
 
-def test_a_stop_inside_the_averaging_epoch_averages_the_steps_taken():
+def test_a_stop_inside_the_averaging_epoch_averages_the_steps_taken_before_last_ckpt(tmp_path):
     dm = blobs(n_samples=96)  # 3 steps an epoch; stopped after the first 2 of the last
     model = CM(n_clusters=3, input_shape=(2,), alpha=2.0, lr=0.05)
     snaps = Snapshots()
-    with pytest.warns(UserWarning, match="averaged over the 2 steps it took of it"):
-        fit(model, dm, max_epochs=2, callbacks=[snaps, StopAfterBatch(1, 1)], min_steps=0)
+    last = ModelCheckpoint(dirpath=tmp_path, filename="last", save_on_train_epoch_end=True)
+    fit(model, dm, max_epochs=2, callbacks=[snaps, StopAfterBatch(1, 1), last], min_steps=0, enable_checkpointing=True)
     assert len(snaps.steps) == 2
-    for i, p in enumerate(model.cm.parameters()):
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]
+    for i, (name, p) in enumerate(model.cm.named_parameters()):
         mean = np.mean([s[i] for s in snaps.steps], axis=0)
         np.testing.assert_allclose(p.detach().numpy(), mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(saved[f"cm.{name}"], p.detach())  # the checkpoint holds the average
+    assert int(saved["average.count"]) == 0
+
+
+def test_sums_of_an_earlier_epoch_never_enter_the_average(tmp_path):
+    """A checkpoint taken inside the averaging epoch of a 2-epoch fit, resumed with 3 epochs:
+    epoch 1 is no longer the last, and the average is that of epoch 2's 3 steps alone."""
+    dm = blobs(n_samples=96)  # 3 steps an epoch
+    model = CM(n_clusters=3, input_shape=(2,), alpha=2.0, lr=0.05)
+    mid = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=5, save_top_k=-1, filename="{step}")
+    fit(model, dm, max_epochs=2, callbacks=[mid], enable_checkpointing=True)
+    assert int(torch.load(tmp_path / "step=5.ckpt", weights_only=True)["state_dict"]["average.count"]) == 2
+    resumed, snaps = CM(n_clusters=3, input_shape=(2,), alpha=2.0, lr=0.05), Snapshots()
+    L.seed_everything(0, verbose=False)
+    make_trainer(max_epochs=3, callbacks=[snaps]).fit(resumed, dm, ckpt_path=tmp_path / "step=5.ckpt")
+    assert len(snaps.steps) == 3
+    for i, p in enumerate(resumed.cm.parameters()):
+        np.testing.assert_allclose(p.detach().numpy(), np.mean([s[i] for s in snaps.steps], axis=0), atol=1e-6)
 
 
 class StopAfterFirstEpoch(L.Callback):

@@ -15,10 +15,11 @@ class AveragingEpoch:
     The averaged parameters (:meth:`averaged_params`) accumulate after every step of the
     trainer's last epoch (``max_epochs - 1``) and are set to their mean after its last step,
     after the callbacks' batch hooks and before the epoch's validation, so the last validation,
-    ``last.ckpt`` and the final test all see the averaged model. A ``max_steps`` that ends the
-    fit inside that epoch averages the steps it took, and so does any other stop inside it
-    (with a warning). A fit that ends before it (``max_steps`` earlier, an early stop) keeps
-    its last step's parameters and says so in a warning.
+    ``last.ckpt`` and the final test all see the averaged model. A fit that stops inside that
+    epoch (``max_steps``, ``max_time``, a callback's ``should_stop``) averages the steps it
+    took, at the step it stops. A fit that ends before it (``max_steps`` earlier, an early stop)
+    keeps its last step's parameters and says so in a warning. The sums start empty at every
+    epoch (a checkpoint taken inside the averaging epoch resumes with the sums of its steps).
     """
 
     average: ParameterAverage
@@ -43,26 +44,28 @@ class AveragingEpoch:
         super().on_fit_start()
         self._averaged_in_fit = False
 
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        resumed = self._resumed  # (read at the epoch's first batch)
+        if not (resumed is not None and resumed.get("epoch") == self.current_epoch):
+            self.average.reset()  # nothing of an earlier epoch, or of a checkpoint's other schedule
+
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         super().on_train_batch_end(outputs, batch, batch_idx)
         t = self.trainer
-        if self.averaging() and (t.is_last_batch or 0 <= t.max_steps <= t.global_step):
+        # the fit's last step: the epoch's, max_steps', or a stop the callbacks' hooks just asked
+        # for (Lightning then leaves the epoch; its min_epochs / min_steps can veto the stop)
+        stops = t.should_stop and getattr(t.fit_loop, "_can_stop_early", True)
+        if self.averaging() and (t.is_last_batch or 0 <= t.max_steps <= t.global_step or stops):
             self.average.apply(self.averaged_params())
             self._averaged_in_fit = True
 
     def on_train_end(self) -> None:
         super().on_train_end()
-        steps = int(self.average.count)
-        if steps:  # stopped inside the averaging epoch before its last batch (should_stop mid-epoch)
-            self.average.apply(self.averaged_params())
-            self._averaged_in_fit = True
-            rank_zero_warn(
-                f"{type(self).__name__}: the fit ended inside its averaging epoch: the parameters are "
-                f"averaged over the {steps} steps it took of it"
-            )
         if self.hparams.average_last_epoch and not self._averaged_in_fit:
+            epochs = self.trainer.max_epochs
+            last = f"the last of max_epochs={epochs}" if epochs not in (None, -1) else "max_epochs is not set"
             rank_zero_warn(
                 f"{type(self).__name__}: the fit ended at epoch {self.current_epoch}, step {self.global_step}, "
-                f"before its averaging epoch (the last of max_epochs={self.trainer.max_epochs}): the parameters "
-                "are the last step's, not averaged"
+                f"before its averaging epoch ({last}): the parameters are the last step's, not averaged"
             )

@@ -30,5 +30,11 @@ class ParameterAverage(nn.Module):
         if int(self.count) == 0:
             return
         vector_to_parameters((self.total / self.count).to(params[0].dtype), params)
-        self.total.zero_()
-        self.count.zero_()
+        self.reset()
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Forget the accumulated steps."""
+        if int(self.count):
+            self.total.zero_()
+            self.count.zero_()
