@@ -66,7 +66,7 @@ class TwoRanks:
     call, so code written for a process group runs in lockstep on two ranks, in milliseconds."""
 
     def __init__(self, monkeypatch) -> None:
-        self._barrier = threading.Barrier(2, timeout=10)
+        self._barrier = threading.Barrier(2, timeout=10)  # (a new one each run: a failure breaks it)
         self._slots: list[Tensor | None] = [None, None]
         self._rank = threading.local()
         self._monkeypatch = monkeypatch
@@ -87,6 +87,7 @@ class TwoRanks:
     def run(self, fn, *per_rank_args) -> list:
         """``[fn(*per_rank_args[0]), fn(*per_rank_args[1])]``, the two calls on ranks 0 and 1."""
         results, errors = [None, None], []
+        self._barrier = threading.Barrier(2, timeout=10)
 
         def on(rank: int) -> None:
             self._rank.value = rank

@@ -712,21 +712,31 @@ def test_report_writes_no_curves_file_without_run_dirs(tmp_path, monkeypatch):
 
 
 def test_a_cell_another_process_trains_is_left_to_it(tmp_path, capsys):
-    """A second bench on a table sharing the cell, or the child of a bench killed without it,
-    is found by the cell's run directory on its command line: the cell is not trained twice."""
+    """A second bench of the table, or the child of a bench killed without it, is found by the
+    cell's run directory on its command line, relative to its own working directory: the cell
+    is not trained twice. The same path under another directory is another cell."""
     bench = load_bench(write_table(tmp_path), root=tmp_path / "runs")
-    busy = bench.cells()[0]
-    marker = f"--last_checkpoint.dirpath={busy.run_dir / 'checkpoints'}"
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", marker])
+    busy, reference = bench.cells()[0], bench.cells()[1]
+    assert reference.reference is not None
+    relative = busy.run_dir.relative_to(tmp_path) / "checkpoints"
+    sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+    other = subprocess.Popen([*sleep, f"--last_checkpoint.dirpath={relative}"], cwd=tmp_path)
+    (tmp_path / "another_checkout").mkdir()
+    elsewhere = subprocess.Popen([*sleep, f"--last_checkpoint.dirpath={relative}"], cwd=tmp_path / "another_checkout")
+    ref = subprocess.Popen([*sleep, "--run-dir", str(reference.run_dir)])
     try:
-        time.sleep(0.2)
+        time.sleep(0.3)
         assert runner_module.training_elsewhere(busy) == other.pid
-        assert runner_module.training_elsewhere(bench.cells()[1]) is None
+        assert runner_module.training_elsewhere(reference) == ref.pid
+        assert runner_module.training_elsewhere(bench.cells()[2]) is None
+        ref.kill()
+        ref.wait()
         launch = FakeLaunch()
         Runner(bench, launch).run(bench.cells())
     finally:
-        other.kill()
-        other.wait()
+        for proc in (other, elsewhere, ref):
+            proc.kill()
+            proc.wait()
     assert busy.name not in names(launch)
     assert len(names(launch)) == 3
     assert f"{busy.name}: process {other.pid} is training it already" in capsys.readouterr().out

@@ -38,7 +38,17 @@ from typing import Any, NamedTuple
 
 from ..hardware import check_cpu_bf16, cpu_has_native_bf16, usable_cores
 from .report import VALUE_COLUMNS, write_curves, write_report
-from .spec import CELL_KEYS, Bench, BenchError, Cell, check_cells, load_bench, row_key
+from .spec import (
+    CELL_KEYS,
+    CHECKPOINT_DIR_FLAG,
+    REFERENCE_DIR_FLAG,
+    Bench,
+    BenchError,
+    Cell,
+    check_cells,
+    load_bench,
+    row_key,
+)
 
 LOG, TIMES, METRICS_FILE = "log.txt", "bench.json", "metrics.json"
 Launch = Callable[[Cell, list[str], Path, dict[str, str]], int]
@@ -113,17 +123,30 @@ def _close_unended_attempt(run_dir: Path) -> dict[str, Any]:
     return state
 
 
+def _run_dirs_named(args: list[str], cwd: Path) -> Iterator[Path]:
+    """The cell run directories a command line names, resolved against its working directory."""
+    for arg, following in zip(args, [*args[1:], ""], strict=True):
+        if arg.startswith(f"{CHECKPOINT_DIR_FLAG}="):
+            yield (cwd / arg.split("=", 1)[1]).resolve().parent
+        elif arg == REFERENCE_DIR_FLAG and following:
+            yield (cwd / following).resolve()
+
+
 def training_elsewhere(cell: Cell) -> int | None:
-    """The pid of a live process already training ``cell``: a second bench running a table that
-    shares the cell, or the child of a bench killed without it. Found by the cell's run directory
-    on its command line (Linux's ``/proc``; ``None`` elsewhere)."""
-    tokens = {str(cell.run_dir), f"--last_checkpoint.dirpath={cell.run_dir / 'checkpoints'}"}
+    """The pid of a live process already training ``cell`` in its run directory: a second bench
+    of the same table, or the child of a bench killed without it. Found by the run directory on
+    its command line (Linux's ``/proc``; ``None`` elsewhere). Tables that share a results row
+    train it in run directories of their own: two such benches at once are not detected."""
+    want = cell.run_dir.resolve()
     for proc in Path("/proc").glob("[0-9]*"):
+        if int(proc.name) == os.getpid():
+            continue
         try:
             args = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
-        except OSError:
+            cwd = Path(os.readlink(proc / "cwd"))
+        except OSError:  # gone, or another user's
             continue
-        if tokens.intersection(args) and int(proc.name) != os.getpid():
+        if want in _run_dirs_named(args, cwd):
             return int(proc.name)
     return None
 
@@ -268,14 +291,11 @@ class Runner:
         if metrics is None:
             if self.stop.is_set():
                 return Outcome(None, ran, 0.0)
-            pid = training_elsewhere(cell)
-            if pid is not None:
-                print(f"[bench] {cell.name}: process {pid} is training it already (another bench, or the "
-                      "child of a killed one); skipped, a later bench writes its row", flush=True)  # fmt: skip
-                return Outcome(None, ran, 0.0)
             run_dir.mkdir(parents=True, exist_ok=True)
             with self._device() as env:
                 if self.stop.is_set():  # stopped while this cell waited for a GPU
+                    return Outcome(None, ran, 0.0)
+                if self._trained_elsewhere(cell):
                     return Outcome(None, ran, 0.0)
                 started = start_attempt(run_dir, self.note if cell.reference is None else "")
                 try:
@@ -293,7 +313,9 @@ class Runner:
                 note = f"exit {code}: {last_line(run_dir / LOG)}" if code else "no final test metrics"
         # what --set changed, where it did: recorded by each attempt, also one of an earlier bench
         times = _times(run_dir)
-        if not ran and times["running_since"] is not None:  # its last attempt went on after its bench
+        if not ran and times["running_since"] is not None:  # its last attempt went on after its bench,
+            if self._trained_elsewhere(cell):  # or its bench is alive and about to record its time
+                return Outcome(None, ran, 0.0)
             times = _close_unended_attempt(run_dir)
             (run_dir / TIMES).write_text(json.dumps(times))
         ours = attempts_note(times.get("sets", [self.note] if ran else [])) if cell.reference is None else ""
@@ -301,6 +323,14 @@ class Runner:
         row = make_row(cell.fields(), list(cell.columns), metrics, times["seconds"] or None, note)
         self.files[cell.results].append(row)
         return Outcome(row, ran, time.monotonic() - start, metrics is None)
+
+    @staticmethod
+    def _trained_elsewhere(cell: Cell) -> bool:
+        pid = training_elsewhere(cell)
+        if pid is not None:
+            print(f"[bench] {cell.name}: process {pid} is training it already (another bench of this table, "
+                  "or the child of a killed one); skipped, a later bench writes its row", flush=True)  # fmt: skip
+        return pid is not None
 
     @contextmanager
     def _device(self) -> Iterator[dict[str, str]]:

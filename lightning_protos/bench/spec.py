@@ -58,6 +58,10 @@ REFERENCES = {
     "kmeans": ("random", "k-means++"),
     "gmm": ("kmeans", "k-means++", "random", "random_from_data"),
 }
+# how a cell's process names its run directory on its command line (bench/runner.py finds a
+# process already training a cell by them)
+CHECKPOINT_DIR_FLAG = "--last_checkpoint.dirpath"  # protos fit: RUN_DIR/checkpoints
+REFERENCE_DIR_FLAG = "--run-dir"  # bench/reference.py: RUN_DIR
 TABLE_KEYS = ("name", "results", "columns", "seeds", "datasets", "overrides", "curves", "methods")
 OPTIONAL_KEYS = ("overrides", "curves")
 ENTRY_KEYS = {"method", "config", "reference", "overrides", "results", "columns", "datasets"}
@@ -103,7 +107,7 @@ class Cell:
             init = dict(self.labels).get("init")
             return [
                 sys.executable, "-m", "lightning_protos.bench.reference", self.reference,
-                "--dataset", self.dataset, "--seed", str(self.seed), "--run-dir", str(self.run_dir),
+                "--dataset", self.dataset, "--seed", str(self.seed), REFERENCE_DIR_FLAG, str(self.run_dir),
                 *(["--init", init] if init else []),
             ]  # fmt: skip
         resume = ["--ckpt_path", str(ckpt_path)] if ckpt_path else []
@@ -120,7 +124,7 @@ class Cell:
             "--trainer.logger.name=",
             f"--trainer.logger.version={self.name}",
             f"--checkpoint.dirpath={self.run_dir / 'checkpoints'}",
-            f"--last_checkpoint.dirpath={self.run_dir / 'checkpoints'}",
+            f"{CHECKPOINT_DIR_FLAG}={self.run_dir / 'checkpoints'}",
         ]  # fmt: skip
 
 
