@@ -188,6 +188,17 @@ def cli_fit_then_predict(tmp_path: Path, capsys, config: str, data: Path, *model
         return predicted, list(csv.DictReader(f))
 
 
+def spy_step(model, x: Tensor, optimizers=None) -> tuple[dict[str, float], list]:
+    """What one ``training_step`` of ``model`` does on the batch ``x``, without optimising: the
+    loss terms it sums (``check_and_log``), as floats, and the optimizers it steps, in order."""
+    terms, stepped = {}, []
+    model.check_and_log = lambda t, **kw: terms.update({k: float(v) for k, v in t.items()}) or sum(t.values())
+    model.optimize = lambda loss, optimizer, *args, **kwargs: stepped.append(optimizer)
+    model.optimizers = lambda: optimizers
+    model.training_step({"x": x, "index": torch.arange(len(x))}, 0)
+    return terms, stepped
+
+
 def check_contract(model, x: Tensor, latent_dim: int, out_shape: tuple[int, ...]) -> None:
     """The method contract on a batch ``x`` (DESIGN.md): a deterministic ``(B, p)`` embedding,
     ``(B, K)`` probabilities summing to 1, ``(K, p)`` prototypes, ``decode`` of p-d latents

@@ -6,7 +6,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import check_contract
+from conftest import check_contract, spy_step
 
 import lightning_protos.methods.aecm as aecm_module
 import lightning_protos.methods.cm as cm_module
@@ -37,18 +37,6 @@ def _small(init: str = "random", **kw) -> AECM:
     return AECM(4, (10,), **{**args, **kw})
 
 
-def step_terms(model: AECM, x: torch.Tensor) -> tuple[dict[str, float], object]:
-    """The loss terms one training step of ``model`` sums, and the optimizer it steps."""
-    seen = {}
-    model.check_and_log = lambda terms, **kw: (
-        seen.update({k: float(v) for k, v in terms.items()}) or sum(terms.values())
-    )
-    model.optimize = lambda loss, opt: seen.setdefault("optimizer", opt)
-    model.optimizers = lambda: ["dae", "cm", "joint"]
-    model.training_step({"x": x, "index": torch.arange(len(x))}, 0)
-    return seen, seen.pop("optimizer")
-
-
 def by_hand(x, x_rec, z, gamma, mu, alpha) -> dict[str, float]:
     """Eq. 7's and Eq. 10's terms written out with explicit loops in float64."""
     x, x_rec, z, g, m = (t.detach().double().numpy() for t in (x, x_rec, z, gamma, mu))
@@ -68,7 +56,7 @@ def test_the_joint_step_sums_eq10_with_its_weights():
     torch.manual_seed(0)
     model = _small(beta=2.0, lam=0.3, average_last_epoch=False)  # beta != lam: a swap shows
     x = torch.rand(6, 10)
-    terms, optimizer = step_terms(model, x)
+    terms, (optimizer,) = spy_step(model, x, optimizers=["dae", "cm", "joint"])
     with torch.no_grad():
         z, x_rec = model.autoencode(x)
         want = by_hand(x, x_rec, z, model.cm(z), model.cm.centroids(), alpha=5.0)
@@ -81,7 +69,7 @@ def test_the_cm_alone_step_sums_eq7_on_the_codes():
     torch.manual_seed(0)
     model = _small("pretrained", pretrain_epochs=0, cm_epochs=1, beta=2.0, lam=0.3, average_last_epoch=False)
     x = torch.rand(6, 10)
-    terms, optimizer = step_terms(model, x)
+    terms, (optimizer,) = spy_step(model, x, optimizers=["dae", "cm", "joint"])
     with torch.no_grad():
         z = model.encode(x)
         want = by_hand(x, x, z, model.cm(z), model.cm.centroids(), alpha=5.0)

@@ -4,7 +4,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import make_trainer
+from conftest import make_trainer, spy_step
 from lightning.pytorch.callbacks import ModelCheckpoint
 from sklearn.metrics import adjusted_rand_score
 
@@ -91,14 +91,7 @@ def step_terms(x: torch.Tensor, **kwargs) -> tuple[CM, dict[str, float]]:
     """A CM (weights drawn after seeding 0) and the terms its training step sums on ``x``."""
     torch.manual_seed(0)
     model = CM(n_clusters=3, input_shape=(2,), alpha=2.0, average_last_epoch=False, **kwargs)
-    seen = {}
-    model.check_and_log = lambda terms, **kw: (
-        seen.update({k: float(v) for k, v in terms.items()}) or sum(terms.values())
-    )
-    model.optimize = lambda loss, opt: None
-    model.optimizers = lambda: None
-    model.training_step({"x": x, "index": torch.arange(len(x))}, 0)
-    return model, seen
+    return model, spy_step(model, x)[0]
 
 
 def test_terms_and_e3_weight_choose_and_scale_what_the_step_sums():

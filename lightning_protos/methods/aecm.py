@@ -38,7 +38,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ..errors import check_choices, check_positive
+from ..errors import check_choices, check_non_negative, check_positive
 from ..nets import ClusteringModule
 from ..nets.mlp import BiasInit
 from ..ops import aecm_terms, cm_terms
@@ -100,8 +100,7 @@ class AECM(AveragingEpoch, AutoencoderMethod):
         pretrain_cache: bool | str = True,
     ) -> None:
         check_positive(alpha=alpha)
-        if beta < 0 or lam < 0:
-            raise ValueError(f"beta and lam must be >= 0, got {beta}, {lam}")
+        check_non_negative(beta=beta, lam=lam)
         check_choices(cm_init=(cm_init, ("pinv", "posterior")))
         super().__init__(
             n_clusters, input_shape, latent_dim, hidden, slope, lr, adam_eps, init, pretrain_epochs,

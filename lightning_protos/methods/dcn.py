@@ -55,7 +55,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..errors import ProtosError, check_choices, check_positive
+from ..errors import ProtosError, check_choices, check_non_negative, check_positive
 from ..ops import cluster_sums, running_mean_update, squared_distances
 from .pretrain import AutoencoderMethod, encode_all, reconstruction_loss
 
@@ -105,8 +105,7 @@ class DCN(AutoencoderMethod):
         slope: float = 0.2,
         pretrain_cache: bool | str = True,
     ) -> None:
-        if lam < 0:
-            raise ProtosError(f"lam must be >= 0, got {lam}")
+        check_non_negative(lam=lam)
         if initial_count < 1:
             raise ProtosError(f"initial_count must be >= 1, got {initial_count}")
         check_choices(

@@ -31,7 +31,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ..errors import ProtosError
+from ..errors import ProtosError, check_non_negative
 from ..ops import annealed_alpha, dkm_clustering_loss, dkm_weights, squared_distances
 from .pretrain import AutoencoderMethod
 
@@ -77,8 +77,7 @@ class DKM(AutoencoderMethod):
         slope: float = 0.0,
         pretrain_cache: bool | str = True,
     ) -> None:
-        if lam < 0:
-            raise ProtosError(f"lam must be >= 0, got {lam}")
+        check_non_negative(lam=lam)
         if alpha is not None and not alpha > 0:
             raise ProtosError(f"alpha must be > 0 or null (annealing), got {alpha}")
         if anneal_every < 1:

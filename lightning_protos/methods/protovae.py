@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ProtosError, check_choices, check_positive
+from ..errors import ProtosError, check_choices, check_non_negative, check_positive
 from ..nets.protovae import ProtoDecoder, ProtoEncoder
 from ..ops.mixture import gaussian_kl
 from ..ops.mmd import grouped_mmd, mmd
@@ -151,8 +151,7 @@ class _VariationalBaseline(ReconstructionMethod):
 
     def __init__(self, input_shape, latent_dim, channels, bottleneck_dim, lr, warmup_epochs) -> None:
         super().__init__(1, input_shape, latent_dim, channels, bottleneck_dim, lr)
-        if warmup_epochs < 0:
-            raise ProtosError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+        check_non_negative(warmup_epochs=warmup_epochs)
         self.logvar = nn.Linear(bottleneck_dim, latent_dim)
 
     def regulariser(self, mu: Tensor, logvar: Tensor, z: Tensor) -> dict[str, Tensor]:
@@ -268,8 +267,7 @@ class ProtoVAE(ReconstructionMethod):
             check_positive(mmd_bandwidth=mmd_bandwidth)
         if sinkhorn_iters < 1:
             raise ProtosError(f"sinkhorn_iters must be >= 1, got {sinkhorn_iters}")
-        if warmup_epochs < 0:
-            raise ProtosError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+        check_non_negative(warmup_epochs=warmup_epochs)
         check_choices(
             reg_assign=(reg_assign, ("argmax", "softmax")),
             head_activation=(head_activation, ("linear", "relu")),

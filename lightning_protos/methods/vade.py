@@ -50,7 +50,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from ..errors import ProtosError, check_positive
+from ..errors import check_non_negative, check_positive
 from ..ops import floored_logvar, mixture_responsibilities, raw_logvar, vade_kl_terms
 from .base import ClusteringMethod, adam, broadcast_from_rank0, on_rank0
 from .vae import VADE_HIDDEN, ConvVAEMethod, Network, Reconstruction
@@ -114,8 +114,7 @@ class VaDE(ConvVAEMethod):
             network, hidden, reconstruction,
         )  # fmt: skip
         check_positive(gmm_n_init=gmm_n_init)
-        if pretrain_epochs < 0:
-            raise ProtosError(f"pretrain_epochs must be >= 0, got {pretrain_epochs}")
+        check_non_negative(pretrain_epochs=pretrain_epochs)
         self.save_hyperparameters()
         # The mixture prior, set by the GMM at the end of pretraining: pi = softmax(pi_logits),
         # sigma_c^2 = exp(logvar_raw) + 1e-6 (positive whatever the optimiser does).

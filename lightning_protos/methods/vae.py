@@ -37,7 +37,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from ..errors import ProtosError, check_choices, check_positive
+from ..errors import ProtosError, check_choices, check_non_negative, check_positive
 from ..nets.conv import NET_SIZE, ConvDecoder, ConvEncoder, resize
 from ..nets.mlp import MLPDecoder, MLPEncoder
 from ..ops import elbow_kmeans, gaussian_kl, kmeans_centres
@@ -100,8 +100,7 @@ class ConvVAEMethod(ClusteringMethod):
                 " (set data.init_args.flatten false, resize the images, or use network: mlp)"
             )
         check_positive(lr=lr, latent_dim=latent_dim, prior_std=prior_std)
-        if beta < 0:
-            raise ProtosError(f"beta must be >= 0, got {beta}")
+        check_non_negative(beta=beta)
         check_choices(encoder=(encoder, ("bn_relu", "linear")))
         if lr_step_epochs is not None:
             check_positive(lr_step_epochs=lr_step_epochs, lr_step_gamma=lr_step_gamma)
