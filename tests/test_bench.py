@@ -731,15 +731,48 @@ def test_a_cell_another_process_trains_is_left_to_it(tmp_path, capsys):
         assert runner_module.training_elsewhere(bench.cells()[2]) is None
         ref.kill()
         ref.wait()
+        loop = tmp_path / "loop"
+        loop.symlink_to(loop)  # a command line naming a path that cannot be resolved is no match
+        looping = subprocess.Popen([*sleep, "--run-dir", str(loop)])
+        time.sleep(0.2)
+        assert runner_module.training_elsewhere(bench.cells()[2]) is None
+        looping.kill()
+        looping.wait()
         launch = FakeLaunch()
         Runner(bench, launch).run(bench.cells())
+        assert busy.name not in names(launch)
+        assert len(names(launch)) == 3
+        assert f"{busy.name}: process {other.pid} is training it already" in capsys.readouterr().out
+        other.kill()
+        other.wait()
+        assert runner_module.training_elsewhere(busy) is None  # the same path from another directory
     finally:
         for proc in (other, elsewhere, ref):
             proc.kill()
             proc.wait()
-    assert busy.name not in names(launch)
-    assert len(names(launch)) == 3
-    assert f"{busy.name}: process {other.pid} is training it already" in capsys.readouterr().out
+
+
+def test_a_finished_run_whose_process_is_still_finishing_is_left_to_it(tmp_path, capsys):
+    """Its metrics are written, its attempt is not closed, and its process (the final test's
+    end) is alive: no row yet, and its time is left for that attempt to record."""
+    bench = load_bench(write_table(tmp_path), root=tmp_path / "runs")
+    cell = bench.cells()[0]
+    cell.run_dir.mkdir(parents=True)
+    times = {"seconds": 30.0, "attempts": 1, "running_since": time.time() - 100}
+    (cell.run_dir / "bench.json").write_text(json.dumps(times))
+    (cell.run_dir / "metrics.json").write_text(json.dumps({"test": {"epoch": 1, "acc": 0.5, "nmi": 0.4, "ari": 0.3}}))
+    marker = f"--last_checkpoint.dirpath={cell.run_dir / 'checkpoints'}"
+    finishing = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", marker])
+    try:
+        time.sleep(0.2)
+        runner = Runner(bench, FakeLaunch())
+        runner.run([cell])
+    finally:
+        finishing.kill()
+        finishing.wait()
+    assert runner.results.rows() == []
+    assert json.loads((cell.run_dir / "bench.json").read_text()) == times
+    assert "is training it already" in capsys.readouterr().out
 
 
 def test_a_run_that_finished_after_its_bench_was_killed_counts_its_last_attempt(tmp_path):

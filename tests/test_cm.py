@@ -193,6 +193,66 @@ def test_sums_of_an_earlier_epoch_never_enter_the_average(tmp_path):
         np.testing.assert_allclose(p.detach().numpy(), np.mean([s[i] for s in snaps.steps], axis=0), atol=1e-6)
 
 
+class StopAtValidation(L.Callback):
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == 1:
+            trainer.should_stop = True  # as EarlyStopping at a validation inside the epoch
+
+
+def test_a_stop_asked_by_a_validation_inside_the_averaging_epoch_averages_before_last_ckpt(tmp_path):
+    dm = blobs(n_samples=96)  # 3 steps an epoch, a validation after every 2
+    model = CM(n_clusters=3, input_shape=(2,), alpha=2.0, lr=0.05)
+    snaps = Snapshots()
+    last = ModelCheckpoint(dirpath=tmp_path, filename="last", save_on_train_epoch_end=True)
+    fit(model, dm, max_epochs=2, callbacks=[snaps, StopAtValidation(), last], enable_checkpointing=True,
+        limit_val_batches=1.0, val_check_interval=2, min_steps=0)  # fmt: skip
+    assert len(snaps.steps) == 2
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]
+    for i, (name, p) in enumerate(model.cm.named_parameters()):
+        np.testing.assert_allclose(p.detach().numpy(), np.mean([s[i] for s in snaps.steps], axis=0), atol=1e-6)
+        torch.testing.assert_close(saved[f"cm.{name}"], p.detach())
+
+
+def test_a_checkpoint_of_the_averaging_epochs_last_step_resumes_to_the_average(tmp_path):
+    """Taken by a step-interval checkpoint at the last step, before the module's hook applies
+    the mean: the resumed fit has no step left, and applies it at its end."""
+    dm = blobs(n_samples=96)  # 3 steps an epoch: step 6 is the last
+    model = CM(n_clusters=3, input_shape=(2,), alpha=2.0, lr=0.05)
+    every = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=6, save_top_k=-1, filename="{step}")
+    fit(model, dm, max_epochs=2, callbacks=[every], enable_checkpointing=True)
+    assert int(torch.load(tmp_path / "step=6.ckpt", weights_only=True)["state_dict"]["average.count"]) == 3
+    resumed = CM(n_clusters=3, input_shape=(2,), alpha=2.0, lr=0.05)
+    with pytest.warns(UserWarning, match="mean is applied at the end of training"):
+        make_trainer(max_epochs=2).fit(resumed, dm, ckpt_path=tmp_path / "step=6.ckpt")
+    for a, b in zip(model.cm.parameters(), resumed.cm.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_the_sums_of_a_last_step_checkpoint_of_a_shorter_fit_are_not_averaged_in(tmp_path):
+    dm = blobs(n_samples=96)  # a 1-epoch fit, its checkpoint at step 3 holding that epoch's sums
+    model = CM(n_clusters=3, input_shape=(2,), alpha=2.0, lr=0.05)
+    every = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1, filename="{step}")
+    fit(model, dm, max_epochs=1, callbacks=[every], enable_checkpointing=True)
+    resumed, snaps = CM(n_clusters=3, input_shape=(2,), alpha=2.0, lr=0.05), Snapshots()
+    make_trainer(max_epochs=2, callbacks=[snaps]).fit(resumed, dm, ckpt_path=tmp_path / "step=3.ckpt")
+    assert len(snaps.steps) == 3  # epoch 1's, and only they are averaged
+    for i, p in enumerate(resumed.cm.parameters()):
+        np.testing.assert_allclose(p.detach().numpy(), np.mean([s[i] for s in snaps.steps], axis=0), atol=1e-6)
+
+
+def test_a_checkpoint_from_before_the_sums_were_tagged_loads(tmp_path):
+    dm = blobs(n_samples=96)
+    model = CM(n_clusters=3, input_shape=(2,), alpha=2.0, lr=0.05)
+    mid = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=5, save_top_k=-1, filename="{step}")
+    fit(model, dm, max_epochs=2, callbacks=[mid], enable_checkpointing=True)
+    old = torch.load(tmp_path / "step=5.ckpt", weights_only=False)
+    del old["state_dict"]["average.epoch"]
+    torch.save(old, tmp_path / "old.ckpt")
+    loaded = CM.load_from_checkpoint(tmp_path / "old.ckpt", strict=True)
+    assert loaded.average.holds(1)  # its 2 steps are the averaging epoch's (epoch 1)
+    assert int(loaded.average.count) == 2
+
+
 class StopAfterFirstEpoch(L.Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         trainer.should_stop = True  # as EarlyStopping does

@@ -43,9 +43,29 @@ def test_parameter_average_without_snapshots_leaves_parameters_alone():
         assert torch.equal(b, p)
 
 
+def test_steps_of_another_epoch_start_a_new_sum():
+    net = nn.Linear(3, 2)
+    params = list(net.parameters())
+    avg = ParameterAverage(params)
+    avg.accumulate(params, epoch=0)
+    avg.accumulate(params, epoch=0)
+    assert avg.holds(0)
+    with torch.no_grad():
+        for p in params:
+            p.add_(1.0)
+    want = [p.detach().clone() for p in params]
+    avg.accumulate(params, epoch=1)
+    assert not avg.holds(0)
+    assert avg.holds(1)
+    assert int(avg.count) == 1
+    avg.apply(params)
+    for w, p in zip(want, params, strict=True):
+        torch.testing.assert_close(p.detach(), w)
+
+
 def test_parameter_average_state_is_in_the_state_dict():
     avg = ParameterAverage(list(nn.Linear(3, 2).parameters()))
-    assert set(avg.state_dict()) == {"total", "count"}
+    assert set(avg.state_dict()) == {"total", "count", "epoch"}
     assert avg.state_dict()["total"].shape == (3 * 2 + 2,)
 
 

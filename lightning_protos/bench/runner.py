@@ -143,11 +143,10 @@ def training_elsewhere(cell: Cell) -> int | None:
             continue
         try:
             args = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
-            cwd = Path(os.readlink(proc / "cwd"))
-        except OSError:  # gone, or another user's
+            if want in _run_dirs_named(args, Path(os.readlink(proc / "cwd"))):
+                return int(proc.name)
+        except (OSError, RuntimeError, ValueError):  # gone, another user's, a symlink loop, ...
             continue
-        if want in _run_dirs_named(args, cwd):
-            return int(proc.name)
     return None
 
 
@@ -313,8 +312,8 @@ class Runner:
                 note = f"exit {code}: {last_line(run_dir / LOG)}" if code else "no final test metrics"
         # what --set changed, where it did: recorded by each attempt, also one of an earlier bench
         times = _times(run_dir)
-        if not ran and times["running_since"] is not None:  # its last attempt went on after its bench,
-            if self._trained_elsewhere(cell):  # or its bench is alive and about to record its time
+        if not ran and times["running_since"] is not None:  # its last attempt went on after its bench
+            if self._trained_elsewhere(cell):  # and is still finishing (its final test): left to it
                 return Outcome(None, ran, 0.0)
             times = _close_unended_attempt(run_dir)
             (run_dir / TIMES).write_text(json.dumps(times))

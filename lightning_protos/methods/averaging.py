@@ -3,6 +3,9 @@ the parameters are set to their mean over the steps of the fit's last epoch."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
@@ -16,10 +19,12 @@ class AveragingEpoch:
     trainer's last epoch (``max_epochs - 1``) and are set to their mean after its last step,
     after the callbacks' batch hooks and before the epoch's validation, so the last validation,
     ``last.ckpt`` and the final test all see the averaged model. A fit that stops inside that
-    epoch (``max_steps``, ``max_time``, a callback's ``should_stop``) averages the steps it
-    took, at the step it stops. A fit that ends before it (``max_steps`` earlier, an early stop)
-    keeps its last step's parameters and says so in a warning. The sums start empty at every
-    epoch (a checkpoint taken inside the averaging epoch resumes with the sums of its steps).
+    epoch averages the steps it took: at the step it stops (``max_steps``, ``max_time``, a
+    callback's ``should_stop``), or at the epoch's end (a stop asked for by a validation inside
+    the epoch), before the epoch's checkpoints. A fit that ends before it (``max_steps``
+    earlier, an early stop) keeps its last step's parameters and says so in a warning. The sums
+    are tagged with their epoch: steps of an earlier epoch (a checkpoint of another schedule)
+    never enter the average.
     """
 
     average: ParameterAverage
@@ -38,17 +43,23 @@ class AveragingEpoch:
     def accumulate_average(self) -> None:
         """Call after each optimizer step."""
         if self.averaging():
-            self.average.accumulate(self.averaged_params())
+            self.average.accumulate(self.averaged_params(), self.current_epoch)
+
+    def _apply_average(self) -> None:
+        self.average.apply(self.averaged_params())
+        self._averaged_in_fit = True
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
         self._averaged_in_fit = False
 
-    def on_train_epoch_start(self) -> None:
-        super().on_train_epoch_start()
-        resumed = self._resumed  # (read at the epoch's first batch)
-        if not (resumed is not None and resumed.get("epoch") == self.current_epoch):
-            self.average.reset()  # nothing of an earlier epoch, or of a checkpoint's other schedule
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # checkpoints from before the sums were tagged: steps summed there are their epoch's
+        state = checkpoint.get("state_dict", {})
+        if "average.count" in state and "average.epoch" not in state:
+            summed = int(state["average.count"]) > 0
+            state["average.epoch"] = torch.tensor(checkpoint.get("epoch", -1) if summed else -1)
+        super().on_load_checkpoint(checkpoint)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         super().on_train_batch_end(outputs, batch, batch_idx)
@@ -57,13 +68,27 @@ class AveragingEpoch:
         # for (Lightning then leaves the epoch; its min_epochs / min_steps can veto the stop)
         stops = t.should_stop and getattr(t.fit_loop, "_can_stop_early", True)
         if self.averaging() and (t.is_last_batch or 0 <= t.max_steps <= t.global_step or stops):
-            self.average.apply(self.averaged_params())
-            self._averaged_in_fit = True
+            self._apply_average()
+
+    def on_train_epoch_end(self) -> None:
+        # a stop asked for by a validation inside the averaging epoch (val_check_interval < 1):
+        # before the epoch's checkpoints, which the monitoring callbacks write after this hook
+        if self.averaging() and self.average.holds(self.current_epoch):
+            self._apply_average()
+        super().on_train_epoch_end()
 
     def on_train_end(self) -> None:
         super().on_train_end()
+        epochs = self.trainer.max_epochs
+        if self.hparams.average_last_epoch and epochs not in (None, -1) and self.average.holds(epochs - 1):
+            # resumed from a checkpoint of the averaging epoch's last step, taken before the
+            # average was applied: Lightning runs no epoch or batch hook then
+            self._apply_average()
+            rank_zero_warn(
+                f"{type(self).__name__}: the averaging epoch's mean is applied at the end of training; "
+                "the checkpoints of this fit hold the last step's parameters"
+            )
         if self.hparams.average_last_epoch and not self._averaged_in_fit:
-            epochs = self.trainer.max_epochs
             last = f"the last of max_epochs={epochs}" if epochs not in (None, -1) else "max_epochs is not set"
             rank_zero_warn(
                 f"{type(self).__name__}: the fit ended at epoch {self.current_epoch}, step {self.global_step}, "

@@ -10,7 +10,8 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 class ParameterAverage(nn.Module):
     """Accumulates a flat sum of parameters and, at the end, sets them to the mean.
 
-    The sum and count are buffers, so an interrupted averaging epoch resumes exactly.
+    The sum, the count and the epoch the steps belong to are buffers, so an interrupted
+    averaging epoch resumes exactly; steps of another epoch start a new sum.
     """
 
     def __init__(self, params: list[nn.Parameter]) -> None:
@@ -18,11 +19,20 @@ class ParameterAverage(nn.Module):
         n = sum(p.numel() for p in params)
         self.register_buffer("total", torch.zeros(n, dtype=torch.float64))
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
+        self.register_buffer("epoch", torch.tensor(-1))  # of the summed steps; -1: none
 
     @torch.no_grad()
-    def accumulate(self, params: list[nn.Parameter]) -> None:
+    def accumulate(self, params: list[nn.Parameter], epoch: int = 0) -> None:
+        """Add the parameters of a step of ``epoch`` (the sum of another epoch is dropped first)."""
+        if int(self.epoch) != epoch:
+            self.reset()
+            self.epoch.fill_(epoch)
         self.total += parameters_to_vector(params).double()
         self.count += 1
+
+    def holds(self, epoch: int) -> bool:
+        """Whether steps of ``epoch`` are summed and not yet applied."""
+        return int(self.count) > 0 and int(self.epoch) == epoch
 
     @torch.no_grad()
     def apply(self, params: list[nn.Parameter]) -> None:
