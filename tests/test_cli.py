@@ -255,14 +255,15 @@ def test_fit_on_unlabelled_data_keeps_last_ckpt_and_scores_l_sp(tmp_path, capsys
     assert set(metrics["test"]) == {"epoch", "l_sp", "n_clusters_used"}
 
 
-def test_main_stops_on_a_gpu_without_kernels(monkeypatch, capsys):
+def test_main_stops_on_a_gpu_without_kernels(monkeypatch, capsys, tmp_path):
     # the process's device is a V100 (sm_70) under a CUDA 13 build: stopped in setup, before
     # the model moves to it
     monkeypatch.setattr(SingleDeviceStrategy, "root_device", property(lambda self: torch.device("cuda:0")))
     monkeypatch.setattr(CPUAccelerator, "setup_device", lambda self, device: None)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 0))
     monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: CUDA13_ARCHS)
-    args = ["fit", "--config", str(ROOT / "configs" / "cm_digits.yaml"), "--data.init_args.device_fraction", "0"]
+    args = ["fit", "--config", str(ROOT / "configs" / "cm_digits.yaml"), "--data.init_args.device_fraction", "0",
+            "--trainer.default_root_dir", str(tmp_path)]  # fmt: skip
     code, _, err = run_main(args, capsys)  # (the data stay on the host: no CUDA call before the check)
     assert code == 1
     assert "sm_70" in protos_error(err)
