@@ -47,14 +47,16 @@ def test_steps_of_another_epoch_start_a_new_sum():
     net = nn.Linear(3, 2)
     params = list(net.parameters())
     avg = ParameterAverage(params)
-    avg.accumulate(params, epoch=0)
-    avg.accumulate(params, epoch=0)
+    avg.start(0)
+    avg.accumulate(params)
+    avg.accumulate(params)
     assert avg.holds(0)
     with torch.no_grad():
         for p in params:
             p.add_(1.0)
     want = [p.detach().clone() for p in params]
-    avg.accumulate(params, epoch=1)
+    avg.start(1)
+    avg.accumulate(params)
     assert not avg.holds(0)
     assert avg.holds(1)
     assert int(avg.count) == 1

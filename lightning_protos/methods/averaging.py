@@ -33,6 +33,7 @@ class AveragingEpoch:
         """Call at the end of ``__init__``, once the averaged parameters exist."""
         self.average = ParameterAverage(self.averaged_params())
         self._averaged_in_fit = False
+        self._summing = None  # the epoch whose steps the sums were last started for
 
     def averaged_params(self) -> list[nn.Parameter]:
         return list(self.parameters())
@@ -43,7 +44,10 @@ class AveragingEpoch:
     def accumulate_average(self) -> None:
         """Call after each optimizer step."""
         if self.averaging():
-            self.average.accumulate(self.averaged_params(), self.current_epoch)
+            if self._summing != self.current_epoch:
+                self.average.start(self.current_epoch)
+                self._summing = self.current_epoch
+            self.average.accumulate(self.averaged_params())
 
     def _apply_average(self) -> None:
         self.average.apply(self.averaged_params())
@@ -51,7 +55,7 @@ class AveragingEpoch:
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
-        self._averaged_in_fit = False
+        self._averaged_in_fit, self._summing = False, None
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # checkpoints from before the sums were tagged: steps summed there are their epoch's
@@ -60,6 +64,7 @@ class AveragingEpoch:
             summed = int(state["average.count"]) > 0
             state["average.epoch"] = torch.tensor(checkpoint.get("epoch", -1) if summed else -1)
         super().on_load_checkpoint(checkpoint)
+        self._summing = None  # the loaded sums' epoch is read again at the next step
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         super().on_train_batch_end(outputs, batch, batch_idx)
@@ -67,7 +72,7 @@ class AveragingEpoch:
         # the fit's last step: the epoch's, max_steps', or a stop the callbacks' hooks just asked
         # for (Lightning then leaves the epoch; its min_epochs / min_steps can veto the stop)
         stops = t.should_stop and getattr(t.fit_loop, "_can_stop_early", True)
-        if self.averaging() and (t.is_last_batch or 0 <= t.max_steps <= t.global_step or stops):
+        if self.averaging() and (t.is_last_batch or self.max_steps_reached() or stops):
             self._apply_average()
 
     def on_train_epoch_end(self) -> None:

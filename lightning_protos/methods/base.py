@@ -416,6 +416,11 @@ class ClusteringMethod(L.LightningModule):
     def is_last_epoch(self) -> bool:
         return self.trainer.max_epochs is not None and self.current_epoch == self.trainer.max_epochs - 1
 
+    def max_steps_reached(self) -> bool:
+        """Whether the trainer's ``max_steps`` ends the fit at this step."""
+        max_steps = self.trainer.max_steps
+        return max_steps is not None and 0 <= max_steps <= self.global_step
+
     # -- Lightning hooks shared by all methods ----------------------------------------
     def on_validation_epoch_start(self) -> None:
         self.check_finite()  # evaluation of weights a non-finite loss damaged would fail less clearly

@@ -307,9 +307,8 @@ class VAE(ConvVAEMethod):
 
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()
-        max_steps = self.trainer.max_steps
-        ending = self.is_last_epoch() or (max_steps is not None and 0 < max_steps <= self.global_step)
-        if ending and self._clusters_stale():  # before ModelCheckpoint writes last.ckpt
+        # before ModelCheckpoint writes last.ckpt
+        if (self.is_last_epoch() or self.max_steps_reached()) and self._clusters_stale():
             self.fit_clusters()
 
     def on_train_end(self) -> None:

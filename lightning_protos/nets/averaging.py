@@ -22,11 +22,15 @@ class ParameterAverage(nn.Module):
         self.register_buffer("epoch", torch.tensor(-1))  # of the summed steps; -1: none
 
     @torch.no_grad()
-    def accumulate(self, params: list[nn.Parameter], epoch: int = 0) -> None:
-        """Add the parameters of a step of ``epoch`` (the sum of another epoch is dropped first)."""
+    def start(self, epoch: int) -> None:
+        """Sum the steps of ``epoch`` from here on: a sum of another epoch is dropped (once an
+        epoch, not every step: reading the buffer is a device-to-host copy on a GPU)."""
         if int(self.epoch) != epoch:
             self.reset()
             self.epoch.fill_(epoch)
+
+    @torch.no_grad()
+    def accumulate(self, params: list[nn.Parameter]) -> None:
         self.total += parameters_to_vector(params).double()
         self.count += 1
 
