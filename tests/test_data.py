@@ -128,12 +128,30 @@ def test_array_file_npz_keeps_uint8_and_labels(tmp_path):
     dm = ArrayFile(str(path), batch_size=4)
     xt, yt = dm.splits["train"]
     assert xt.dtype == torch.uint8
-    assert xt.shape == (6, 2, 3)
+    assert xt.shape == (6, 1, 2, 3)  # (N, H, W) images gain their channel
     assert yt.tolist() == [0, 1, 0, 1, 2, 2]
     assert dm.n_classes == 3
-    assert dm.input_shape == (2, 3)
+    assert dm.input_shape == (1, 2, 3)
     assert dm.name == "mine"
-    torch.testing.assert_close(dm.features(), torch.as_tensor(x).float() / 255)
+    torch.testing.assert_close(dm.features(), torch.as_tensor(x).float().unsqueeze(1) / 255)
+
+
+@pytest.mark.parametrize(
+    ("shape", "expected"),
+    [
+        ((5, 28, 28, 3), (3, 28, 28)),  # channels-last RGB, as NumPy and PIL hold it
+        ((5, 28, 28, 1), (1, 28, 28)),
+        ((5, 3, 32, 32), (3, 32, 32)),  # channels-first already
+        ((5, 7), (7,)),  # features
+    ],
+)
+def test_array_file_reads_images_channels_first(tmp_path, shape, expected):
+    x = np.random.default_rng(0).integers(0, 256, size=shape, dtype=np.uint8)
+    np.save(tmp_path / "x.npy", x)
+    xt = ArrayFile(str(tmp_path / "x.npy")).splits["train"][0]
+    assert tuple(xt.shape[1:]) == expected
+    if len(shape) == 4 and shape[3] != 32:  # the pixel at (row 2, column 5) keeps its channels
+        assert xt[1, :, 2, 5].tolist() == x[1, 2, 5].tolist()
 
 
 def test_array_file_npy(tmp_path):

@@ -491,7 +491,7 @@ def test_vae_kmeans_elbow_finds_the_blobs_of_its_codes():
 def test_cli_fit_then_predict_writes_the_stratification_csvs(tmp_path, capsys):
     g = np.random.default_rng(0)
     data = tmp_path / "xray.npz"
-    np.savez(data, X=g.integers(0, 256, (24, 1, 28, 28), dtype=np.uint8), y=np.arange(24) % 2)
+    np.savez(data, X=g.integers(0, 256, (24, 28, 28), dtype=np.uint8), y=np.arange(24) % 2)
     model = ["--model.n_clusters", "4", "--model.latent_dim", "4", "--model.channels", "[4, 8, 8]"]
     predicted, rows = cli_fit_then_predict(
         tmp_path, capsys, "vaesim_pneumonia.yaml", data, *model, "--trainer.max_epochs", "1"

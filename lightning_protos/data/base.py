@@ -55,6 +55,17 @@ def from_numpy(a: np.ndarray) -> Tensor:
     return torch.as_tensor(a) if a.dtype == np.uint8 else torch.as_tensor(a, dtype=torch.float32)
 
 
+def channels_first(x: Tensor) -> Tensor:
+    """Images as ``(N, C, H, W)``: ``(N, H, W)`` gains one channel, and channels-last
+    ``(N, H, W, C)`` with C = 1 or 3 (as NumPy and PIL hold images) moves C first. Any other
+    shape is returned as it is (``(N, C, H, W)`` already, or features)."""
+    if x.ndim == 3:
+        return x.unsqueeze(1)
+    if x.ndim == 4 and x.shape[3] in (1, 3) and x.shape[1] not in (1, 3):
+        return x.permute(0, 3, 1, 2).contiguous()
+    return x
+
+
 def to_float(x: Tensor) -> Tensor:
     """``uint8`` images to ``[0, 1]`` floats; other features to float32."""
     return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
@@ -285,12 +296,10 @@ class ArrayDataModule(L.LightningDataModule):
 
     @property
     def image_shape(self) -> tuple[int, int, int] | None:
-        """``(C, H, W)`` of one sample as read, before ``flatten``, for image data (``uint8``
-        ``(H, W)`` samples are one-channel images); else ``None``."""
+        """``(C, H, W)`` of one sample as read, before ``flatten``, for image data (one or three
+        channels); else ``None``."""
         self.splits  # noqa: B018
         shape = self._sample_shape
-        if len(shape) == 2 and self._split("fit")[0].dtype == torch.uint8:
-            return (1, *shape)
         return shape if len(shape) == 3 and shape[0] in (1, 3) else None
 
     @property

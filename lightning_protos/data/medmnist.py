@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .base import ArrayDataModule, DataError, missing_files_error
+from .base import ArrayDataModule, DataError, channels_first, missing_files_error
 
 
 class MedMNIST(ArrayDataModule):
@@ -49,9 +49,7 @@ class MedMNIST(ArrayDataModule):
                 f"{self.flag}: images {imgs.shape[1:]} with labels {labels.shape[1:]} per image; only the 2-D "
                 "single-label MedMNIST sets load here (not the multi-label ChestMNIST or the 3-D sets)"
             )
-        x = torch.as_tensor(imgs)
-        x = x.permute(0, 3, 1, 2) if x.ndim == 4 else x.unsqueeze(1)
-        return x.contiguous(), torch.as_tensor(labels.reshape(-1), dtype=torch.long)
+        return channels_first(torch.as_tensor(imgs)), torch.as_tensor(labels.reshape(-1), dtype=torch.long)
 
     def load(self) -> dict[str, tuple[Tensor, Tensor]]:
         self.root.mkdir(parents=True, exist_ok=True) if self.download else None

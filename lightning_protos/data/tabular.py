@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .base import ArrayDataModule, DataError, from_numpy, missing_files_error
+from .base import ArrayDataModule, DataError, channels_first, from_numpy, missing_files_error
 
 PENDIGITS_URL = "https://archive.ics.uci.edu/ml/machine-learning-databases/pendigits/"
 
@@ -46,7 +46,8 @@ class Pendigits(ArrayDataModule):
 class ArrayFile(ArrayDataModule):
     """A user's data from one file, read once into memory; a config needs only the path.
 
-    * ``.npz``: array ``X`` (any shape ``(N, ...)``) and optional labels ``y``;
+    * ``.npz``: array ``X`` (any shape ``(N, ...)``) and optional labels ``y``; images
+      ``(N, H, W)`` and channels-last ``(N, H, W, C)`` are read as ``(N, C, H, W)``;
     * ``.npy``: the array ``X`` alone;
     * ``.csv``: one row per sample of numeric features; ``label_column`` names an optional
       label column; a header line is detected (or set by ``header``).
@@ -80,7 +81,7 @@ class ArrayFile(ArrayDataModule):
             x, y = self._read_csv()
         else:
             raise DataError(f"{self.path}: unsupported file type {suffix!r}; use .npz, .npy or .csv")
-        xt = from_numpy(x)
+        xt = channels_first(from_numpy(x))
         yt = None if y is None else torch.as_tensor(np.asarray(y).reshape(-1), dtype=torch.long)
         if yt is not None and len(yt) != len(xt):
             raise DataError(f"{self.path}: {len(xt)} samples but {len(yt)} labels")

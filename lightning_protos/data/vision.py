@@ -7,7 +7,7 @@ import torch
 import torchvision
 from torch import Tensor
 
-from .base import ArrayDataModule, from_numpy, missing_files_error
+from .base import ArrayDataModule, channels_first, from_numpy, missing_files_error
 
 
 class _TorchvisionImages(ArrayDataModule):
@@ -26,9 +26,8 @@ class _TorchvisionImages(ArrayDataModule):
         out = {}
         for split, train in (("train", True), ("test", False)):
             ds = self._read(train)
-            x = torch.as_tensor(np.asarray(ds.data))
-            x = x.permute(0, 3, 1, 2) if x.ndim == 4 else x.unsqueeze(1)  # (N, C, H, W)
-            out[split] = (x.contiguous(), torch.as_tensor(np.asarray(ds.targets), dtype=torch.long))
+            x = channels_first(torch.as_tensor(np.asarray(ds.data)))
+            out[split] = (x, torch.as_tensor(np.asarray(ds.targets), dtype=torch.long))
         return out
 
 
@@ -101,7 +100,7 @@ class USPS(ArrayDataModule):
                     self.name, self.root, ["usps/usps.npz", "usps/usps.bz2", "usps/usps.t.bz2"], err
                 ) from None
             out[split] = (
-                torch.as_tensor(ds.data).unsqueeze(1),
+                channels_first(torch.as_tensor(ds.data)),
                 torch.as_tensor(np.asarray(ds.targets), dtype=torch.long),
             )
         return out
