@@ -2,6 +2,7 @@
 PNG files of InspectionImages on tiny models, methods without a decoder, and `protos inspect`."""
 
 import math
+import warnings
 
 import lightning as L
 import matplotlib.image
@@ -94,10 +95,15 @@ def test_pictures_of_one_channel_hw_arrays_portrait_thumbnails_and_a_collapsed_e
     assert as_images(torch.zeros(2, 16, 8), dm.image_shape).shape == (2, 1, 16, 8)
     assert square(torch.ones(2, 1, 16, 8)).shape == (2, 1, 16, 16)  # the projector's sprite tiles squares
     assert square(torch.ones(2, 3, 8, 8)).shape == (2, 3, 8, 8)
-    same = np.ones((40, 5))  # every latent one point: t-SNE would crash the process, PCA draws it
-    coords, protos = latent_map(same, same[:2], "tsne")
-    assert coords.shape == (40, 2)
-    assert protos.shape == (2, 2)
+    same = np.ones((40, 5))  # every latent one point: t-SNE would crash the process, PCA divide by 0
+    for how in ("tsne", "pca"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            coords, protos = latent_map(same, same[:2], how)
+        assert (coords == 0).all()
+        assert (protos == 0).all()
+        assert coords.shape == (40, 2)
+        assert protos.shape == (2, 2)
 
 
 def test_as_images_unflattens_decoder_outputs_and_rejects_vectors():

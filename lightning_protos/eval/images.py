@@ -65,10 +65,10 @@ def latent_map(
         raise ValueError(f"latent_map must be 'tsne' or 'pca', got {how!r}")
     both = z if prototypes is None else np.concatenate([z, prototypes])
     both = both.astype(np.float64)
-    if how == "tsne" and np.ptp(both, axis=0).max() == 0:  # all one point (a collapsed encoder):
-        how = "pca"  # scikit-learn's t-SNE crashes the process on it, PCA draws the point
     if both.shape[1] <= 2:
         coords = np.pad(both, ((0, 0), (0, 2 - both.shape[1])))
+    elif np.ptp(both, axis=0).max() == 0:  # all one point (a collapsed encoder): drawn at the
+        coords = np.zeros((len(both), 2))  # origin; t-SNE crashes the process, PCA divides by 0
     elif how == "pca":
         from sklearn.decomposition import PCA
 
