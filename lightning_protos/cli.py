@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from .compile import Compile
@@ -112,10 +112,21 @@ class ProtosCLI(LightningCLI):
             problem = check_cpu_bf16(trainer.get("precision"), on_cpu, cpu_has_native_bf16())
             if problem:
                 rank_zero_warn(problem)
-        if config is not None and config.get("ckpt_path") == "last":
-            continue_last_run(config, fit=self.subcommand == "fit")
+        self._config_as_given = None
+        if config is not None and config.get("ckpt_path"):
+            logger = config.trainer.get("logger")
+            as_given = (logger.clone() if isinstance(logger, Namespace) else logger, config.ckpt_path)
+            if continue_run(config, fit=self.subcommand == "fit"):
+                self._config_as_given = as_given
 
     def before_fit(self) -> None:
+        if self._config_as_given is not None:
+            # the run's config.yaml is the one that trains it from the start: without the
+            # checkpoint it continued from and the version that pinned its directory, so that
+            # `--config RUN/config.yaml` neither resumes a fit nor writes into RUN
+            saver = next(c for c in self.trainer.callbacks if isinstance(c, SaveConfigCallback))
+            saver.config = saver.config.clone()
+            saver.config.trainer.logger, saver.config.ckpt_path = self._config_as_given[0], None
         # best.ckpt is picked by a score against the labels (val/acc by default): data without
         # labels (a user's .npy, an image folder without class sub-folders) keep last.ckpt only
         if self.datamodule.labels("eval") is None:
@@ -142,7 +153,11 @@ class ProtosCLI(LightningCLI):
             for probes in (c for c in self.trainer.callbacks if isinstance(c, ProbeEvaluator)):
                 metrics.update(probes.results.get("test", {}))
             if self.trainer.is_global_zero:
-                shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+                shown = ", ".join(
+                    f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in metrics.items()
+                    if isinstance(v, (int, float)) and k != "epoch"
+                )
                 print(f"final evaluation: {shown}\nrun directory: {run_dir(self.trainer)}")
 
 
@@ -150,26 +165,39 @@ class ProtosCLI(LightningCLI):
 CONTINUED = "PROTOS_CONTINUED_CKPT"
 
 
-def continue_last_run(config, fit: bool = True) -> None:
-    """``--ckpt_path last``: the newest run under the logger's folder that has a
-    ``checkpoints/last.ckpt`` (or the run the logger's ``version`` names). ``fit`` continues it
-    in that same run directory, so its TensorBoard curves, checkpoints and ``metrics.json`` carry
-    on; ``test`` / ``validate`` / ``predict`` / ``inspect`` load it and write a new run directory.
-    Lightning's own ``last`` looks in the new run's directory, where nothing is yet (outside
-    ``fit`` it then evaluates the untrained model). For the default logger and a configured
-    TensorBoardLogger / CSVLogger. The processes Lightning launches for DDP run this again: they
-    take the first process's choice from the environment they inherit (:data:`CONTINUED`), not a
-    newer ``last.ckpt`` another run may have written since."""
+def continue_run(config, fit: bool = True) -> bool:
+    """Where a run given ``--ckpt_path`` writes; ``True`` if it continues an existing run directory.
+
+    ``last``: the newest run under the logger's folder that has a ``checkpoints/last.ckpt`` (or
+    the run the logger's ``version`` names). ``fit`` continues it in that same run directory, so
+    its TensorBoard curves, checkpoints and ``metrics.json`` carry on; ``test`` / ``validate`` /
+    ``predict`` / ``inspect`` load it and write a new run directory. Lightning's own ``last``
+    looks in the new run's directory, where nothing is yet (outside ``fit`` it then evaluates the
+    untrained model). ``fit`` from a file ``RUN/checkpoints/last.ckpt`` of a run in the logger's
+    folder continues RUN likewise; any other file (``best.ckpt``, a copy elsewhere) starts a new
+    run directory, leaving the run it came from as it was. For the default logger and a
+    configured TensorBoardLogger / CSVLogger. The processes Lightning launches for DDP run this
+    again: they take the first process's choice of ``last`` from the environment they inherit
+    (:data:`CONTINUED`), not a newer ``last.ckpt`` another run may have written since."""
+    named = config.ckpt_path != "last"
+    if named and not (fit and Path(config.ckpt_path).name == "last.ckpt"):
+        return False
     trainer, logger = config.trainer, config.trainer.get("logger")
     if logger in (None, True):
         init_args = Namespace(save_dir=trainer.get("default_root_dir") or ".", name="lightning_logs", version=None)
-        trainer.logger = Namespace(class_path="lightning.pytorch.loggers.TensorBoardLogger", init_args=init_args)
     elif isinstance(logger, Namespace) and "init_args" in logger:
         init_args = logger.init_args
+    elif named:
+        return False
     else:
         raise ProtosError("--ckpt_path last needs the default logger or one TensorBoardLogger / CSVLogger")
     folder = Path(init_args.get("save_dir") or ".", init_args.get("name") or "")
-    if os.environ.get("LOCAL_RANK", "0") != "0" and CONTINUED in os.environ:  # a launched DDP process
+    if named:
+        last = Path(config.ckpt_path)
+        run = last.resolve().parent.parent
+        if last.parent.name != "checkpoints" or run.parent != folder.resolve():
+            return False  # not one of the logger's runs: a new run directory
+    elif os.environ.get("LOCAL_RANK", "0") != "0" and CONTINUED in os.environ:  # a launched DDP process
         last = Path(os.environ[CONTINUED])
     elif init_args.get("version") not in (None, ""):
         version = init_args.version  # an int names version_<int>, as the loggers write it
@@ -179,10 +207,14 @@ def continue_last_run(config, fit: bool = True) -> None:
         last = found[-1] if found else folder / "*" / "checkpoints" / "last.ckpt"
     if not last.is_file():
         raise ProtosError(f"--ckpt_path last: no {last} to {'continue' if fit else 'load'}")
-    config.ckpt_path = os.environ[CONTINUED] = str(last)
+    if not named:
+        config.ckpt_path = os.environ[CONTINUED] = str(last)
     if fit:
+        if logger in (None, True):
+            trainer.logger = Namespace(class_path="lightning.pytorch.loggers.TensorBoardLogger", init_args=init_args)
         init_args.version = last.parents[1].name
     print(f"{'continuing' if fit else 'loading'} {last.parents[1]} from {last.name}", file=sys.stderr)
+    return fit
 
 
 # Lines of jsonargparse's nested union-type report, and of the parser's usage printed before it

@@ -4,6 +4,7 @@ line, and the GPU architecture check."""
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -11,13 +12,14 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import ROOT, make_trainer
 from jsonargparse import Namespace
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from lightning_protos import cli, hardware
-from lightning_protos.cli import CONTINUED, continue_last_run, main
+from lightning_protos.cli import CONTINUED, continue_run, main
 from lightning_protos.data import Blobs
 from lightning_protos.errors import ProtosError
 from lightning_protos.hardware import (
@@ -247,12 +249,26 @@ def test_fit_on_unlabelled_data_keeps_last_ckpt_and_scores_l_sp(tmp_path, capsys
         "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(tmp_path), *QUIET,
     ]  # fmt: skip
     with pytest.warns(UserWarning, match="no labels: no best checkpoint by val/acc"):
-        code, _, err = run_main(args, capsys)
+        code, out, err = run_main(args, capsys)
     assert code == 0, err
+    assert "final evaluation: l_sp=" in out
+    assert ", n_clusters_used=" in out
     run = tmp_path / "lightning_logs" / "version_0"
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["last.ckpt"]
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics["test"]) == {"epoch", "l_sp", "n_clusters_used"}
+
+    # the checkpoint names its training data: predicting on other data warns, on the same not
+    np.save(tmp_path / "other.npy", x[:60])
+    predict = ["predict", *args[1:3], "--trainer.default_root_dir", str(tmp_path), *QUIET]
+    predict += ["--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--data", "lightning_protos.data.ArrayFile"]
+    with pytest.warns(
+        UserWarning, match=r"trained on ArrayFile\(.*features.npy\), this predict runs on ArrayFile\(.*other"
+    ):
+        assert run_main([*predict, "--data.init_args.path", str(tmp_path / "other.npy")], capsys)[0] == 0
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="the checkpoint was trained on")
+        assert run_main([*predict, "--data.init_args.path", str(tmp_path / "features.npy")], capsys)[0] == 0
 
 
 def test_main_stops_on_a_gpu_without_kernels(monkeypatch, capsys, tmp_path):
@@ -375,6 +391,30 @@ def test_fit_ckpt_path_last_continues_the_newest_run_in_its_own_directory(tmp_pa
     assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0"]
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 3
     assert "test" in json.loads((run / "metrics.json").read_text())
+    # the run's config.yaml trains it from the start: no checkpoint, no pinned version, so a
+    # command reusing it opens a run directory of its own
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["ckpt_path"] is None
+    assert saved["trainer"]["logger"] is None
+    last = run / "checkpoints" / "last.ckpt"
+    code, _, err = run_main(["predict", "--config", str(run / "config.yaml"), "--ckpt_path", str(last)], capsys)
+    assert code == 0, err
+    assert (tmp_path / "lightning_logs" / "version_1" / "predictions.csv").is_file()
+    assert not (run / "predictions.csv").exists()
+
+    # fit from a run's last.ckpt by name continues that run; from another of its files, a new one
+    longer = ["fit", *digits(tmp_path, "--trainer.max_epochs", "5", "--final_test", "false")]
+    code, _, err = run_main([*longer, "--ckpt_path", str(last)], capsys)
+    assert code == 0, err
+    assert f"continuing {run}" in err
+    assert torch.load(last, weights_only=False)["epoch"] == 4
+    assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0", "version_1"]
+    kept = run / "checkpoints" / "epoch_4.ckpt"
+    shutil.copy(last, kept)
+    code, _, err = run_main([*longer, "--trainer.max_epochs", "6", "--ckpt_path", str(kept)], capsys)
+    assert code == 0, err
+    assert (tmp_path / "lightning_logs" / "version_2" / "checkpoints" / "last.ckpt").is_file()
+    assert torch.load(last, weights_only=False)["epoch"] == 4  # the run it came from is as it was
 
 
 def test_ckpt_path_last_is_chosen_once_for_the_processes_launched_for_ddp(tmp_path, monkeypatch):
@@ -393,12 +433,12 @@ def test_ckpt_path_last_is_chosen_once_for_the_processes_launched_for_ddp(tmp_pa
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv(CONTINUED, "unset")  # restored (removed) after the test
     first = config()
-    continue_last_run(first)
+    continue_run(first)
     assert first.ckpt_path == os.environ[CONTINUED] == str(newer)
     os.utime(older, (2000, 2000))  # another run saves its last.ckpt meanwhile
     monkeypatch.setenv("LOCAL_RANK", "1")
     launched = config()
-    continue_last_run(launched)
+    continue_run(launched)
     assert launched.ckpt_path == str(newer)
     assert launched.trainer.logger.init_args.version == "version_1"
     monkeypatch.setenv("LOCAL_RANK", "0")
@@ -407,11 +447,11 @@ def test_ckpt_path_last_is_chosen_once_for_the_processes_launched_for_ddp(tmp_pa
         class_path="lightning.pytorch.loggers.TensorBoardLogger",
         init_args=Namespace(save_dir=str(tmp_path), name="lightning_logs", version=0),
     )
-    continue_last_run(by_int)
+    continue_run(by_int)
     assert by_int.ckpt_path == str(older)
     monkeypatch.setenv("LOCAL_RANK", "0")  # a new command chooses again
     again = config()
-    continue_last_run(again)
+    continue_run(again)
     assert again.ckpt_path == str(older)
 
 

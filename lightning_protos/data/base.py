@@ -303,6 +303,13 @@ class ArrayDataModule(L.LightningDataModule):
         return shape if len(shape) == 3 and shape[0] in (1, 3) else None
 
     @property
+    def source(self) -> str:
+        """Which data these are, as a checkpoint records them: the class and its file, folder
+        (absolute) or name, e.g. ``ArrayFile(/data/xrays.npz)`` or ``PneumoniaMNIST(pneumoniamnist)``."""
+        path = getattr(self, "path", None)
+        return f"{type(self).__name__}({Path(path).resolve() if path else self.name})"
+
+    @property
     def input_dim(self) -> int:
         return int(torch.tensor(self.input_shape).prod())
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from .metrics import clustering_scores
@@ -113,6 +114,10 @@ class ClusteringEvaluator(EvaluationCallback):
     Logs ``{stage}/acc``, ``nmi``, ``ari``, ``homogeneity`` and each of the method's
     ``selection_criteria`` (e.g. ``l_sp``) to every logger, and records the latest figures
     of each stage in ``metrics.json`` in the run directory (:func:`record_metrics`).
+
+    Checkpoints record the data the model was trained on (the data module's ``source``); a
+    checkpoint tested, validated or predicted on other data warns, naming both, since a
+    ``--config`` without the fit's ``--data`` options silently falls back to the config's data.
     """
 
     def __init__(self) -> None:
@@ -120,6 +125,34 @@ class ClusteringEvaluator(EvaluationCallback):
         self._labels: list[Tensor] = []
         self._criteria: dict[str, Tensor] = {}
         self.results: dict[str, dict[str, float]] = {}
+        self.trained_on: str | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit":
+            self.trained_on = getattr(trainer.datamodule, "source", None)
+
+    def state_dict(self) -> dict[str, str | None]:
+        return {"trained_on": self.trained_on}
+
+    def load_state_dict(self, state: dict[str, str | None]) -> None:
+        self.trained_on = state.get("trained_on", self.trained_on)
+
+    def _check_data(self, trainer) -> None:
+        now = getattr(trainer.datamodule, "source", None)
+        if trainer.state.fn != TrainerFn.FITTING and self.trained_on and now and now != self.trained_on:
+            rank_zero_warn(
+                f"the checkpoint was trained on {self.trained_on}, this {trainer.state.fn.value} runs on {now}: "
+                "to use the fit's data, repeat its --data options or pass --config RUN/config.yaml"
+            )
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._check_data(trainer)
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._check_data(trainer)
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self._check_data(trainer)
 
     def _reset(self) -> None:
         self._preds, self._labels, self._criteria = [], [], {}
