@@ -234,8 +234,23 @@ def test_image_folder_with_class_subfolders(tmp_path):
     assert sorted(y.tolist()) == [0, 0, 0, 1, 1]  # sorted class names: cat = 0, dog = 1
     assert (x[y == 0][:, 0] == 200).all()
     assert (x[y == 1][:, 0] == 10).all()
+    assert dm.class_names == ["cat", "dog"]
     gray = ImageFolder(str(tmp_path), grayscale=True, image_size=3)
     assert gray.input_shape == (1, 3, 3)
+
+
+def test_image_folder_skips_hidden_files_and_names_an_undecodable_image(tmp_path):
+    _write_images(tmp_path, {"cat": [(5, 5)] * 2})
+    for junk in ("__MACOSX/cat/._0.png", ".ipynb_checkpoints/0.png", "cat/._1.png"):
+        (tmp_path / junk).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / junk).write_bytes(b"not an image")
+    dm = ImageFolder(str(tmp_path))
+    assert dm.sample_names() == ["cat/0.png", "cat/1.png"]
+    assert dm.class_names == ["cat"]
+    (tmp_path / "cat" / "2.png").write_bytes(b"\x89PNG truncated")
+    with pytest.raises(DataError, match=r"cat/2.png: cannot decode this image") as err:
+        ImageFolder(str(tmp_path)).splits  # noqa: B018
+    assert "\n" not in str(err.value)
 
 
 def test_image_folder_without_classes_and_size_errors(tmp_path):

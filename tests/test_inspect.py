@@ -17,7 +17,15 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from test_cli import QUIET, run_main
 
 from lightning_protos.data import ArrayFile, Digits
-from lightning_protos.eval.images import InspectionImages, as_images, image_grid, latent_map, square
+from lightning_protos.eval.images import (
+    InspectionImages,
+    as_images,
+    eval_sample,
+    image_grid,
+    latent_map,
+    similarities,
+    square,
+)
 from lightning_protos.methods.aecm import AECM
 from lightning_protos.methods.cm import CM
 from lightning_protos.ops import nearest
@@ -106,6 +114,11 @@ def test_pictures_of_one_channel_hw_arrays_portrait_thumbnails_and_a_collapsed_e
         assert protos.shape == (2, 2)
 
 
+def test_methods_without_a_similarity_rank_nearest_images_by_distance():
+    x = digits().features("eval")[:10]
+    assert similarities(tiny_aecm().eval(), x, batch_size=4) is None
+
+
 def test_as_images_unflattens_decoder_outputs_and_rejects_vectors():
     x = torch.linspace(-1, 2, 2 * 64).reshape(2, 64)
     images = as_images(x, (1, 8, 8))
@@ -151,7 +164,17 @@ def test_pngs_have_the_expected_size(tmp_path):
     trainer.fit(model, dm)
     trainer.test(model, dm, verbose=False)
     folder = tmp_path / "inspect"
-    assert sorted(p.name for p in callback.written) == sorted(f"{n}.png" for n in (*PICTURES, "latent_map"))
+    assert sorted(p.name for p in callback.written) == sorted(
+        [*(f"{n}.png" for n in (*PICTURES, "latent_map")), "rows.txt"]
+    )
+    # the rows are the 4 prototypes with most images of the sample, most first
+    listed = (folder / "rows.txt").read_text().split("prototypes ")[1].split(" (")[0]
+    rows = [int(k) for k in listed.split(", ")]
+    with torch.no_grad():
+        sample = eval_sample(dm, 300, callback.seed)["x"]
+        counts = torch.bincount(model.eval().predict_clusters(sample), minlength=5)
+    assert len(rows) == 4
+    assert counts[rows].tolist() == sorted(counts.tolist(), reverse=True)[:4]
     s = math.ceil(56 / 8)  # 8x8 digits, each pixel repeated 7 times
     tile = 8 + 2
     want = {  # (rows, columns) of tiles

@@ -5,6 +5,7 @@ temperature schedule, strict checkpoint restores, the predict CSVs, bad input, a
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 
@@ -19,7 +20,7 @@ from torch.distributions import Normal, kl_divergence
 
 from lightning_protos.errors import ProtosError
 from lightning_protos.eval.callbacks import AssignmentWriter, ClusteringEvaluator
-from lightning_protos.eval.images import InspectionImages
+from lightning_protos.eval.images import InspectionImages, similarities
 from lightning_protos.eval.probes import (
     ProbeEvaluator,
     holdout_split,
@@ -366,6 +367,9 @@ def test_predict_writes_one_row_per_image_with_the_similarities(tmp_path):
     with torch.no_grad():
         z = model.eval().embed(x).numpy()
     want_sims = cosine_similarity(z, model.Q.numpy())[order]
+    # the nearest picture ranks by the same similarities, in batches
+    by_picture = similarities(model, x, batch_size=5).numpy()
+    np.testing.assert_allclose(by_picture, cosine_similarity(z, model.Q.numpy()), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(body[:, 3 + k :], want_sims, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(body[:, 3 : 3 + k].sum(1), 1.0, atol=1e-4)  # c sums to 1
     np.testing.assert_array_equal(body[:, 2].astype(int), want_sims.argmax(1))
@@ -376,6 +380,21 @@ def test_predict_writes_one_row_per_image_with_the_similarities(tmp_path):
         got = [int(r["index"]) for r in near if int(r["prototype"]) == j]
         sims = cosine_similarity(z, model.Q.numpy())[:, j]
         assert got == list(np.argsort(-sims, kind="stable")[:3])
+    # data that name their classes and samples (an image folder): label_name and file, last
+    dm.class_names = [f"class {k}" for k in range(int(labels.max()) + 1)]
+    dm.sample_names = lambda stage="eval": [f"patient {i}, view.png" for i in range(12)]
+    trainer.predict(model, dm)
+    with open(tmp_path / "predictions.csv") as f:
+        named = list(csv.DictReader(f))
+    assert list(named[0])[-2:] == ["label_name", "file"]
+    assert [r["label_name"] for r in named] == [f"class {int(r['label'])}" for r in named]
+    assert [r["file"] for r in named] == [f"patient {int(r['index'])}, view.png" for r in named]
+    with open(tmp_path / "prototype_neighbours.csv", newline="") as f:
+        text = f.read()
+    assert "\r" not in text  # LF line ends, as predictions.csv
+    near = list(csv.DictReader(io.StringIO(text)))
+    assert all(r["file"] == f"patient {r['index']}, view.png" for r in near)
+    assert all(r["label_name"] == f"class {r['label']}" for r in near)
 
 
 def test_bad_input_gives_one_line_errors_before_training():

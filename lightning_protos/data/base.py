@@ -215,6 +215,7 @@ class ArrayDataModule(L.LightningDataModule):
         self._splits: dict[str, tuple[Tensor, Tensor | None]] | None = None
         self._all: tuple[Tensor, Tensor | None] | None = None
         self._sample_shape: tuple[int, ...] = ()
+        self.class_names: list[str] | None = None  # label k's name, where the data name them
 
     # -- subclasses -------------------------------------------------------------------
     def load(self) -> dict[str, tuple[Tensor, Tensor | None]]:

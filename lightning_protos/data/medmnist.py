@@ -53,7 +53,11 @@ class MedMNIST(ArrayDataModule):
 
     def load(self) -> dict[str, tuple[Tensor, Tensor]]:
         self.root.mkdir(parents=True, exist_ok=True) if self.download else None
+        import medmnist
+
         train, val, test = (self._read(s) for s in ("train", "val", "test"))
+        labels = medmnist.INFO[self.flag]["label"]  # {"0": "normal", "1": "pneumonia"}
+        self.class_names = [labels[str(k)] for k in range(len(labels))]
         if self.test_split == "val+test":
             test = (torch.cat([val[0], test[0]]), torch.cat([val[1], test[1]]))
             return {"train": train, "test": test}

@@ -109,17 +109,26 @@ class ArrayFile(ArrayDataModule):
         return np.delete(a, col, axis=1).astype(np.float32), a[:, col].astype(np.int64)
 
 
+def hidden(name: str) -> bool:
+    """A file or folder that holds no user images: ``.ipynb_checkpoints``, macOS's
+    ``__MACOSX`` and ``._x.png`` copies."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
 class ImageFolder(ArrayDataModule):
     """A folder of images (optionally in class sub-folders), decoded once into ``uint8``.
 
     Args:
-        path: the folder; ``path/<class>/<image>`` gives labels in sorted class order.
+        path: the folder; ``path/<class>/<image>`` gives labels in sorted class order
+            (case-sensitive: ``Pneumonia`` = 0 before ``normal`` = 1; ``class_names`` lists
+            them and ``predict`` writes each image's as ``label_name``). Hidden files and
+            folders (``.x``, ``__MACOSX``) are skipped.
         image_size: resize every image to this square size (required if sizes differ).
         grayscale: convert to one channel.
         **kwargs: see :class:`ArrayDataModule`.
     """
 
-    EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+    EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".gif")  # what torchvision's decode_image reads
 
     def __init__(self, path: str, image_size: int | None = None, grayscale: bool = False, **kwargs) -> None:
         kwargs.setdefault("download", False)
@@ -134,7 +143,11 @@ class ImageFolder(ArrayDataModule):
 
         if not self.path.is_dir():
             raise DataError(f"{self.path}: no such folder")
-        files = sorted(p for p in self.path.rglob("*") if p.suffix.lower() in self.EXTENSIONS)
+        files = sorted(
+            p
+            for p in self.path.rglob("*")
+            if p.suffix.lower() in self.EXTENSIONS and not any(hidden(part) for part in p.relative_to(self.path).parts)
+        )
         if not files:
             raise DataError(f"{self.path}: no images ({', '.join(self.EXTENSIONS)}) found")
         # the class is the top folder (cat/2020/x.png is a cat), so patients' sub-folders may stay
@@ -147,7 +160,11 @@ class ImageFolder(ArrayDataModule):
         mode = ImageReadMode.GRAY if self.grayscale else ImageReadMode.RGB
         images = []
         for p in files:
-            img = decode_image(str(p), mode=mode)
+            try:
+                img = decode_image(str(p), mode=mode)
+            except (RuntimeError, OSError) as err:
+                cause = (str(err).splitlines() or [""])[0]
+                raise DataError(f"{p}: cannot decode this image ({cause}); remove or convert it") from None
             if img.dtype != torch.uint8:  # 16-bit PNGs (X-rays often are): scaled to 0-255
                 img = to_dtype(img, torch.uint8, scale=True)
             if self.image_size:
@@ -157,6 +174,7 @@ class ImageFolder(ArrayDataModule):
             raise DataError(f"{self.path}: images differ in size; set image_size")
         y = torch.tensor([classes.index(parts[0]) for parts in top]) if classes else None
         self._names = [p.relative_to(self.path).as_posix() for p in files]
+        self.class_names = classes or None
         return {"train": (torch.stack(images), y)}
 
     def sample_names(self, stage: str = "eval") -> list[str]:

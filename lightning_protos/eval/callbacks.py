@@ -189,12 +189,13 @@ PER_CLUSTER_COLUMNS = {"probs": "p", "similarity": "sim"}
 class AssignmentWriter(BasePredictionWriter):
     """Writes ``predictions.csv`` from the outputs of ``predict_step``: index, label (if known),
     cluster, then one column per cluster for each ``(B, K)`` output it finds: ``probs`` as
-    ``p_k`` and ``similarity`` (VAESim: the similarity to prototype k) as ``sim_k``; last, where
-    the data module names its samples (a user's image folder), each sample's ``file``.
+    ``p_k`` and ``similarity`` (VAESim: the similarity to prototype k) as ``sim_k``; last,
+    where the data name them, each label's ``label_name`` (MedMNIST's, a folder's classes) and
+    each sample's ``file`` (a user's image folder).
 
     When the outputs carry ``similarity``, also writes ``prototype_neighbours.csv``: for each
     prototype, its ``n_nearest`` most similar images (rank 0 the most similar), with their
-    index, label (and file) and similarity: real exemplars of each prototype.
+    index, label, similarity (and label name and file): real exemplars of each prototype.
 
     Args:
         filename: the predictions file, in the run directory.
@@ -225,16 +226,22 @@ class AssignmentWriter(BasePredictionWriter):
         out = {key: value[order] for key, value in out.items()}
         folder = run_dir(trainer)
         folder.mkdir(parents=True, exist_ok=True)
-        names = getattr(trainer.datamodule, "sample_names", lambda stage: None)("eval")
-        files = [names[i] for i in out["index"].tolist()] if names else None
-        self._write_predictions(folder / self.filename, out, files)
+        dm = trainer.datamodule
+        names = getattr(dm, "sample_names", lambda stage: None)("eval")
+        classes = getattr(dm, "class_names", None)
+        text = {}  # text columns, after the numbers, one value per row
+        if classes and "y" in out:
+            text["label_name"] = [classes[k] for k in out["y"].tolist()]
+        if names:
+            text["file"] = [names[i] for i in out["index"].tolist()]
+        self._write_predictions(folder / self.filename, out, text)
         print(f"assignments written to {folder / self.filename}")
         if "similarity" in out and self.n_nearest > 0:
-            self._write_neighbours(folder / self.neighbours_filename, out, files)
+            self._write_neighbours(folder / self.neighbours_filename, out, text)
             print(f"nearest images of each prototype written to {folder / self.neighbours_filename}")
 
     @staticmethod
-    def _write_predictions(path: Path, out: dict[str, Tensor], files: list[str] | None = None) -> None:
+    def _write_predictions(path: Path, out: dict[str, Tensor], text: dict[str, list[str]]) -> None:
         per_cluster = [(key, prefix) for key, prefix in PER_CLUSTER_COLUMNS.items() if key in out]
         ids = [key for key in ("index", "y", "cluster") if key in out]
         header = ["label" if key == "y" else key for key in ids]
@@ -245,28 +252,27 @@ class AssignmentWriter(BasePredictionWriter):
             [out[key].double().numpy() for key in ids] + [out[key].double().numpy() for key, _ in per_cluster]
         )
         fmt = ["%d"] * len(ids) + ["%.6g"] * (table.shape[1] - len(ids))
-        if files is None:
+        if not text:
             np.savetxt(path, table, fmt=fmt, delimiter=",", header=",".join(header), comments="")
             return
         numbers = io.StringIO()
         np.savetxt(numbers, table, fmt=fmt, delimiter=",")
         with open(path, "w", newline="") as f:  # the csv writer quotes names holding commas or quotes
             w = csv.writer(f, lineterminator="\n")
-            w.writerow([*header, "file"])
+            w.writerow([*header, *text])
             rows = numbers.getvalue().splitlines()
-            w.writerows([*row.split(","), name] for row, name in zip(rows, files, strict=True))
+            w.writerows([*row.split(","), *names] for row, *names in zip(rows, *text.values(), strict=True))
 
-    def _write_neighbours(self, path: Path, out: dict[str, Tensor], files: list[str] | None = None) -> None:
+    def _write_neighbours(self, path: Path, out: dict[str, Tensor], text: dict[str, list[str]]) -> None:
         sims = out["similarity"].float()  # (N, K)
         top = sims.topk(min(self.n_nearest, len(sims)), dim=0)  # (n, K) each
         has_y = "y" in out
         with open(path, "w", newline="") as f:
-            w = csv.writer(f)
-            named = ["file"] if files else []
-            w.writerow(["prototype", "rank", "index", *(["label"] if has_y else []), "similarity", *named])
+            w = csv.writer(f, lineterminator="\n")
+            w.writerow(["prototype", "rank", "index", *(["label"] if has_y else []), "similarity", *text])
             for j in range(sims.shape[1]):
                 for rank in range(top.indices.shape[0]):
                     row = int(top.indices[rank, j])
                     label = [int(out["y"][row])] if has_y else []
-                    name = [files[row]] if files else []
-                    w.writerow([j, rank, int(out["index"][row]), *label, f"{float(top.values[rank, j]):.6g}", *name])
+                    named = [column[row] for column in text.values()]
+                    w.writerow([j, rank, int(out["index"][row]), *label, f"{float(top.values[rank, j]):.6g}", *named])

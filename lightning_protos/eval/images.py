@@ -44,6 +44,29 @@ def as_images(x: Tensor | None, image_shape: tuple[int, ...] | None) -> Tensor |
     return x.detach().float().clamp(0, 1).cpu()
 
 
+@torch.no_grad()
+def similarities(pl_module, x: Tensor, batch_size: int) -> Tensor | None:
+    """``(N, K)`` similarity of each input to each prototype, as the method's ``predict_step``
+    reports it (``similarity``, VAESim's; written as ``sim_k`` by ``predict``), on the CPU;
+    ``None`` for methods that report none."""
+    parts = []
+    for i in range(0, len(x), batch_size):
+        xb = x[i : i + batch_size].to(pl_module.device)
+        out = pl_module.predict_step({"x": xb, "index": torch.arange(i, i + len(xb))}, 0)
+        if "similarity" not in out:
+            return None
+        parts.append(out["similarity"].float().cpu())
+    return torch.cat(parts) if parts else None
+
+
+def rows_note(rows: list[int]) -> str:
+    """Which prototype each row of the per-prototype pictures shows."""
+    listed = ", ".join(map(str, rows))
+    return (
+        f"rows of nearest and samples, top to bottom: prototypes {listed} (interpolation row i joins rows i and i + 1)"
+    )
+
+
 def image_grid(images: Tensor, nrow: int) -> Tensor:
     """``(3, H', W')`` grid of ``images`` ``(B, C, H, W)``, ``nrow`` images a row, white padding
     of 2 pixels: ``H' = rows * (H + 2) + 2``, ``W' = min(nrow, B) * (W + 2) + 2``."""
@@ -157,6 +180,7 @@ class Pictures:
     labels: np.ndarray | None = None
     embedding: Tensor | None = None
     thumbnails: Tensor | None = None
+    rows: list[int] = field(default_factory=list)  # the prototype of each row, top to bottom
     notes: list[str] = field(default_factory=list)
 
 
@@ -174,7 +198,9 @@ class InspectionImages(L.Callback):
       sample's latents (the latent scale differs between methods).
     * ``interpolations``: per row, ``steps`` decodings on the segment between two prototypes.
     * ``nearest``: per row, a decoded prototype (when there is a decoder) then the
-      ``n_nearest`` sample images whose latents are closest to it (Euclidean).
+      ``n_nearest`` sample images most similar to it by the method's own similarity (VAESim's
+      ``sim_k``, as ``prototype_neighbours.csv``), else closest in the latent space (Euclidean).
+      The prototype of each row is logged as text (``{stage}/rows``) and, with PNGs, in ``rows.txt``.
     * ``latent_map``: the 2-D map of :func:`latent_map`, coloured by true label and by cluster,
       prototypes marked. t-SNE by default: on ``n_points`` (2,000) points it takes seconds,
       whereas MNIST's 70,000 would take many minutes, hence the subsample (t-SNE shows the
@@ -257,7 +283,8 @@ class InspectionImages(L.Callback):
             out.notes.append("decode is None (no decoder): no decoded pictures")
         if images is not None:
             out.tile = images.shape[-1]
-            self._draw(out, images, z, clusters, protos, decoded_protos, decode)
+            sims = similarities(pl_module, x, getattr(datamodule, "eval_batch_size", 1024))
+            self._draw(out, images, z, clusters, protos, decoded_protos, decode, sims)
         out.coords, out.prototype_coords = latent_map(
             z.cpu().numpy(), None if protos is None else protos.cpu().numpy(), self.latent_map, self.seed
         )
@@ -268,16 +295,21 @@ class InspectionImages(L.Callback):
         out.thumbnails = None if images is None else images[:m]
         return out
 
-    def _draw(self, out: Pictures, images, z, clusters, protos, decoded_protos, decode) -> None:
-        """Fills ``out.grids`` with the image pictures the method allows."""
+    def _draw(self, out: Pictures, images, z, clusters, protos, decoded_protos, decode, sims=None) -> None:
+        """Fills ``out.grids`` with the image pictures the method allows; the nearest images of
+        a prototype are the most similar by the method's ``sims`` ``(N, K)`` where it has them
+        (as ``prototype_neighbours.csv`` ranks them), else the closest in Euclidean distance."""
         recon = decode(z[: self.n_images])
         if recon is not None:
             out.grids["reconstructions"] = image_grid(torch.cat([images[: len(recon)], recon]), len(recon))
         if protos is None:
             return
         rows = torch.bincount(clusters, minlength=len(protos)).argsort(descending=True, stable=True)
-        rows = rows[: self.max_rows].tolist()
-        near = nearest(protos[rows], z, self.n_nearest).cpu()
+        rows = out.rows = rows[: self.max_rows].tolist()
+        if sims is not None:
+            near = sims[:, rows].topk(min(self.n_nearest, len(sims)), dim=0).indices.T.cpu()
+        else:
+            near = nearest(protos[rows], z, self.n_nearest).cpu()
         heads = [decoded_protos[k : k + 1] if decoded_protos is not None else images[:0] for k in rows]
         out.grids["nearest"] = image_grid(
             torch.cat([torch.cat([h, images[i]]) for h, i in zip(heads, near, strict=True)]),
@@ -307,6 +339,8 @@ class InspectionImages(L.Callback):
         for name, grid in pictures.grids.items():
             writer.add_image(f"{stage}/{name}", grid, global_step=step)
         writer.add_figure(f"{stage}/latent_map", self.map_figure(pictures, title), global_step=step)
+        if pictures.rows:
+            writer.add_text(f"{stage}/rows", rows_note(pictures.rows), global_step=step)
         if self.projector_points and pictures.embedding is not None:
             if pictures.labels is not None:
                 m = len(pictures.embedding)
@@ -331,7 +365,11 @@ class InspectionImages(L.Callback):
             save_grid_png(grid, folder / f"{name}.png", pictures.tile)
             paths.append(folder / f"{name}.png")
         self.map_figure(pictures, title).savefig(folder / "latent_map.png")
-        return [*paths, folder / "latent_map.png"]
+        paths.append(folder / "latent_map.png")
+        if pictures.rows:
+            (folder / "rows.txt").write_text(rows_note(pictures.rows) + "\n")
+            paths.append(folder / "rows.txt")
+        return paths
 
     def _run(self, stage: str, trainer: L.Trainer, pl_module) -> None:
         if stage == "fit":

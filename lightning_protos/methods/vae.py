@@ -97,7 +97,8 @@ class ConvVAEMethod(ClusteringMethod):
         if network == "conv" and (len(self.input_shape) != 3 or tuple(self.input_shape[1:]) not in IMAGE_SIZES):
             raise ProtosError(
                 f"the conv network takes images (C, 28, 28) or (C, 32, 32), got input shape {self.input_shape}"
-                " (set data.init_args.flatten false, resize the images, or use network: mlp)"
+                " (set data.init_args.flatten false; resize the images, e.g. --data.init_args.image_size 28 for"
+                " an image folder; or use network: mlp)"
             )
         check_positive(lr=lr, latent_dim=latent_dim, prior_std=prior_std)
         check_non_negative(beta=beta)
