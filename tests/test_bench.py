@@ -49,8 +49,10 @@ def write_table(tmp_path: Path, **changes) -> Path:
 class FakeLaunch:
     """Stands in for the cell processes: records each command and leaves what a run leaves."""
 
-    def __init__(self, fail: tuple[str, ...] = (), interrupt: tuple[str, ...] = ()) -> None:
-        self.fail, self.interrupt = fail, interrupt
+    def __init__(
+        self, fail: tuple[str, ...] = (), interrupt: tuple[str, ...] = (), killed: tuple[str, ...] = ()
+    ) -> None:
+        self.fail, self.interrupt, self.killed = fail, interrupt, killed
         self.calls: list[tuple[str, list[str]]] = []
 
     def __call__(self, cell: Cell, command: list[str], log: Path, env: dict[str, str]) -> int:
@@ -66,6 +68,10 @@ class FakeLaunch:
             # Ctrl-C reaches the bench as a KeyboardInterrupt (raised here rather than sent as
             # SIGINT: a background shell, as CI's may be, starts Python with SIGINT ignored)
             raise KeyboardInterrupt
+        if cell.name in self.killed:  # the training process alone got SIGTERM after a checkpoint:
+            (cell.run_dir / "checkpoints").mkdir()  # Lightning ends the fit, exit 0, no final test
+            (cell.run_dir / "checkpoints" / "last.ckpt").write_text("ckpt")
+            return 0
         test = {"epoch": 1, "acc": 0.5 + cell.seed / 10, "nmi": 0.4, "ari": 0.3, "l_sp": 9.0 - cell.seed}
         (cell.run_dir / "metrics.json").write_text(json.dumps({"test": test}))
         return 0
@@ -253,6 +259,51 @@ def test_each_attempt_s_set_is_noted_in_the_row(tmp_path):
     runner = Runner(bench, FakeLaunch())
     runner.run(runner.pending(bench.cells()))
     assert {(r["method"], r["seed"]): r["note"] for r in runner.results.rows()} == notes
+
+
+def test_a_training_process_killed_alone_writes_no_row_and_resumes(tmp_path, capsys):
+    bench = load_bench(write_table(tmp_path), root=tmp_path / "runs")
+    runner = Runner(bench, FakeLaunch(killed=("cm_digits_seed1",)))
+    assert runner.run(runner.pending(bench.cells())) == 0
+    assert "cm_digits_seed1: stopped before its final test; run the bench again" in capsys.readouterr().out
+    assert [(r["method"], r["seed"]) for r in runner.results.rows()] == [("cm", "0"), ("kmeans", "0"), ("kmeans", "1")]
+    launch = FakeLaunch()
+    runner = Runner(bench, launch)
+    assert runner.run(runner.pending(bench.cells())) == 0
+    ((name, command),) = launch.calls
+    assert name == "cm_digits_seed1"
+    assert command[command.index("--ckpt_path") + 1].endswith("cm_digits_seed1/checkpoints/last.ckpt")
+    assert runner.results.rows()[-1]["acc"] == "0.6"
+
+
+def test_a_set_that_changes_what_is_trained_needs_rows_and_run_dirs_of_its_own(tmp_path, capsys):
+    table = str(write_table(tmp_path))
+    argv = ["bench", "--config", table, "--root", str(tmp_path / "runs")]
+    assert main(argv, FakeLaunch(interrupt=("cm_digits_seed1",))) == 130  # seed 0 has a row, seed 1 a run
+    capsys.readouterr()
+    variant = ["--set", "model.init_args.n_clusters=20"]
+    launch = FakeLaunch()
+    assert main([*argv, *variant], launch) == 2
+    err = capsys.readouterr().err
+    assert "cm_digits_seed0 was trained with the table's settings (its row in" in err
+    assert "asks for model.init_args.n_clusters=20" in err
+    assert "--results NEW.csv --root NEW_DIR" in err
+    assert launch.calls == []
+    # seed 1's interrupted run, begun with the table's settings (its bench.json), is refused too
+    assert main([*argv, "--only", "cm_*seed1", *variant], launch) == 2
+    assert "cm_digits_seed1 was trained with the table's settings" in capsys.readouterr().err
+    # how fast it trains is not what it trains: the table finishes in fp32, compiled
+    speed = ["--set", "trainer.precision=32-true", "--set", "compile.enabled=true"]
+    assert main([*argv, *speed], launch) == 0
+    assert names(launch) == ["cm_digits_seed1", "kmeans-random_digits_seed1"]
+    # the variant in a file and run dirs of its own
+    own = ["--results", str(tmp_path / "k20" / "t.csv"), "--root", str(tmp_path / "k20")]
+    assert main([*argv[:3], *own, *variant], launch) == 0
+    assert [n for n in names(launch)[2:] if n.startswith("cm")] == ["cm_digits_seed0", "cm_digits_seed1"]
+    with open(tmp_path / "k20" / "t.csv") as f:
+        assert [r["note"] for r in csv.DictReader(f) if r["method"] == "cm"] == [
+            "set model.init_args.n_clusters=20"
+        ] * 2
 
 
 def test_killed_attempt_counts_until_its_last_checkpoint_not_its_log(tmp_path):
@@ -524,6 +575,43 @@ def test_method_entry_can_write_its_own_results_file(tmp_path):
     ]
     assert Runner(bench, FakeLaunch()).pending(bench.cells()) == []  # both files count as done
     assert set(report(bench)) == {f"{p.stem}/{k}" for p in (bench.results, own) for k in ("table", "summary", "chart")}
+
+
+def test_results_moves_every_file_of_the_table_and_report_takes_root(tmp_path, capsys):
+    methods = [
+        {"method": "cm", "config": str(ROOT / "configs" / "cm_{dataset}.yaml")},
+        {"method": "kmeans", "reference": "kmeans", "results": str(tmp_path / "results" / "own.csv")},
+    ]
+    table = write_table(tmp_path, methods=methods)
+    bench = load_bench(table, results=tmp_path / "elsewhere" / "main.csv")
+    assert set(bench.results_files()) == {tmp_path / "elsewhere" / "main.csv", tmp_path / "elsewhere" / "own.csv"}
+    root = ["--root", str(tmp_path / "runs")]
+    assert (
+        main(
+            ["bench", "--config", str(table), *root, "--results", str(tmp_path / "elsewhere" / "main.csv")],
+            FakeLaunch(),
+        )
+        == 0
+    )
+    assert not (tmp_path / "results").exists()  # the table's own files untouched
+    assert main(["report", "--config", str(table), *root, "--results", str(tmp_path / "elsewhere" / "main.csv")]) == 0
+    assert (tmp_path / "elsewhere" / "own_table.md").is_file()
+
+
+def test_report_averages_a_column_of_numbers_that_labels_no_row(tmp_path):
+    columns = ["method", "dataset", "seed", "acc", "n_clusters_used"]
+    bench = load_bench(write_table(tmp_path, columns=columns), root=tmp_path / "runs")
+    results = ResultsFile(bench.results, [*columns, "note"])
+    for seed, used in ((0, 10), (1, 9), (2, 10)):
+        results.append(
+            {"method": "cm", "dataset": "digits", "seed": str(seed), "acc": "0.6", "n_clusters_used": str(used)}
+        )
+    report(bench)
+    with open(bench.results.with_name("t_summary.csv")) as f:
+        groups = [r for r in csv.DictReader(f) if r["method"] == "cm"]
+    assert len(groups) == 1
+    assert groups[0]["n"] == "3"
+    assert "n_clusters_used" not in groups[0]
 
 
 def test_report_keeps_apart_rows_that_another_table_labelled(tmp_path):

@@ -24,7 +24,9 @@ ERRORS = ("train_mse", "test_mse")
 METRICS = SCORES + ERRORS
 CURVE_KEYS = ("tag", "epoch", "value")  # columns of <stem>_curves.csv after the cell's fields
 CRITERION = "l_sp"  # label-free model selection: the run with the lowest L_sp (AE-CM paper)
-VALUE_COLUMNS = ("epochs", "seconds", "note", CRITERION, *METRICS)  # the other columns label a row
+# every other key of metrics.json's test entry (a results column, never shown in the tables)
+OTHER_VALUES = ("epoch", "n_clusters_used", "linear_acc_reference", "val_mse")
+VALUE_COLUMNS = ("epochs", "seconds", "note", CRITERION, *METRICS, *OTHER_VALUES)  # the other columns label a row
 
 
 @dataclass

@@ -182,6 +182,26 @@ def end_attempt(run_dir: Path, started: float) -> None:
     (run_dir / TIMES).write_text(json.dumps(state))
 
 
+# --set keys that change how fast a cell trains, not what it trains: a table finished under
+# another precision or compiled keeps its rows (each row's note says what its run used)
+SPEED_KEYS = (
+    "trainer.precision", "trainer.accelerator", "trainer.devices", "trainer.strategy", "trainer.num_nodes",
+    "trainer.enable_progress_bar", "data.init_args.num_workers", "data.init_args.device_fraction",
+)  # fmt: skip
+
+
+def what_sets(note: str) -> dict[str, str]:
+    """The ``KEY=VALUE`` settings that change what is trained in a note of ``--set`` (a row's
+    note, before its failure, or an attempt's note in ``bench.json``; several attempts' merged)."""
+    settings = {}
+    for part in note.split("; ")[0].removeprefix("attempts: ").split(" / "):
+        for item in part.removeprefix("set ").split() if part.startswith("set ") else []:
+            key, _, value = item.partition("=")
+            if key not in SPEED_KEYS and not key.startswith("compile."):
+                settings[key] = value
+    return settings
+
+
 def make_row(
     fields: dict[str, str], columns: list[str], metrics: dict[str, Any] | None, seconds: float | None, note: str = ""
 ) -> dict[str, str]:
@@ -270,10 +290,37 @@ class Runner:
             for gpu in gpus:
                 self._gpus.put(gpu)
 
+    def _rows(self) -> dict[tuple[Path, tuple], dict[str, str]]:
+        return {(path, row_key(r, self.bench.ids_of(f.columns))): r for path, f in self.files.items() for r in f.rows()}
+
     def pending(self, cells: list[Cell]) -> list[Cell]:
         """The cells with no row in their results file."""
-        done = {(path, row_key(r, self.bench.ids_of(f.columns))) for path, f in self.files.items() for r in f.rows()}
+        done = self._rows()
         return [c for c in cells if (c.results, row_key(c.fields(), self.bench.ids_of(c.columns))) not in done]
+
+    def check_settings(self, cells: list[Cell]) -> None:
+        """Refuses a bench whose ``--set`` changes what a cell trains (other than :data:`SPEED_KEYS`)
+        from what its row or its run directory was trained with: the row would be skipped, or the
+        run resumed or written, under the other settings. A variant needs rows and run
+        directories of its own."""
+        rows, now = self._rows(), what_sets(self.note)
+        for cell in cells:
+            if cell.reference is not None:
+                continue
+            row = rows.get((cell.results, row_key(cell.fields(), self.bench.ids_of(cell.columns))))
+            if row is not None:
+                before, where = what_sets(row.get("note") or ""), f"its row in {cell.results}"
+            elif (cell.run_dir / TIMES).is_file():
+                before, where = what_sets(" / ".join(_times(cell.run_dir).get("sets", []))), str(cell.run_dir)
+            else:
+                continue
+            if before != now:
+                said = " ".join(f"{k}={v}" for k, v in before.items()) or "the table's settings"
+                asked = " ".join(f"{k}={v}" for k, v in now.items()) or "the table's settings"
+                raise BenchError(
+                    f"{cell.name} was trained with {said} ({where}), this bench asks for {asked}: "
+                    "give a variant results and run dirs of its own (--results NEW.csv --root NEW_DIR)"
+                )
 
     @staticmethod
     def plan(cell: Cell) -> str:
@@ -307,6 +354,11 @@ class Runner:
             ran = True
             metrics = final_metrics(run_dir) if code == 0 else None
             if metrics is None and self.stop.wait(2.0):  # stopped by the bench's own interrupt
+                return Outcome(None, ran, time.monotonic() - start)
+            if metrics is None and (code == 0 or code < 0) and last_checkpoint(run_dir):
+                # the training process alone was stopped by a signal (Lightning ends a fit on
+                # SIGTERM with exit 0, before its final test): no row, the next bench resumes it
+                print(f"[bench] {cell.name}: stopped before its final test; run the bench again to resume it")
                 return Outcome(None, ran, time.monotonic() - start)
             if metrics is None:
                 note = f"exit {code}: {last_line(run_dir / LOG)}" if code else "no final test metrics"
@@ -461,7 +513,12 @@ def _parser(command: str) -> argparse.ArgumentParser:
         epilog="bench table schema: see lightning_protos/bench/spec.py",
     )
     parser.add_argument("--config", required=True, type=Path, help="bench table, e.g. configs/bench/smoke.yaml")
-    parser.add_argument("--results", type=Path, help="results CSV instead of the table's `results`")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        help="results CSV instead of the table's `results`; method entries' own files go beside it, same names",
+    )
+    parser.add_argument("--root", type=Path, help="parent of the run directories (default bench_runs)")
     if command == "bench":
         parser.add_argument(
             "--jobs",
@@ -469,7 +526,6 @@ def _parser(command: str) -> argparse.ArgumentParser:
             help="cells run at once (default 1, or one per --gpus entry); on CPU each gets its share of the cores",
         )
         parser.add_argument("--gpus", help="comma-separated GPU ids: each cell gets one free GPU")
-        parser.add_argument("--root", type=Path, help="parent of the run directories (default bench_runs)")
         parser.add_argument("--report", action="store_true", help="write the tables when the cells are done")
         parser.add_argument("--dry-run", action="store_true", help="check the table and list what would run")
         parser.add_argument(
@@ -499,7 +555,7 @@ def main(argv: list[str] | None = None, launch: Launch | None = None) -> int:
     args = _parser(command).parse_args(argv)
     try:
         if command == "report":
-            bench = load_bench(args.config, results=args.results)
+            bench = load_bench(args.config, root=args.root, results=args.results)
             for path in report(bench).values():
                 print(f"[report] wrote {path}")
             return 0
@@ -515,6 +571,7 @@ def main(argv: list[str] | None = None, launch: Launch | None = None) -> int:
         note = f"set {' '.join(args.set)}" if args.set else ""
         runner = Runner(bench, launch or Subprocesses(), jobs, gpus, note)
         check_cells(cells)
+        runner.check_settings(cells)
     except BenchError as err:
         print(f"protos {command}: error: {err}", file=sys.stderr)
         return 2

@@ -258,6 +258,11 @@ def load_bench(path: str | Path, root: str | Path | None = None, results: str | 
     if len(set(curves)) < len(curves):
         _fail(str(path), f"curves: duplicates in {curves}")
     methods = [_check_entry(path, i, e) for i, e in enumerate(raw["methods"] or [])]
+    if results is not None:  # every file of the table moves: an entry's own goes beside it
+        methods = [
+            {**m, "results": str(Path(results).parent / Path(m["results"]).name)} if "results" in m else m
+            for m in methods
+        ]
     if not methods:
         _fail(str(path), "methods: give at least one method entry")
     for i, entry in enumerate(methods):
