@@ -19,7 +19,7 @@ import yaml
 
 from lightning_protos.bench import runner as runner_module
 from lightning_protos.bench.report import mean_std, pick, summarize, summary_rows, write_report
-from lightning_protos.bench.runner import ResultsFile, Runner, main, make_row, report
+from lightning_protos.bench.runner import ResultsFile, Runner, attempts_of, main, make_row, report, what_sets
 from lightning_protos.bench.spec import BenchError, Cell, load_bench, row_key
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,9 +50,9 @@ class FakeLaunch:
     """Stands in for the cell processes: records each command and leaves what a run leaves."""
 
     def __init__(
-        self, fail: tuple[str, ...] = (), interrupt: tuple[str, ...] = (), killed: tuple[str, ...] = ()
+        self, fail: tuple[str, ...] = (), interrupt: tuple[str, ...] = (), killed: dict[str, int] | None = None
     ) -> None:
-        self.fail, self.interrupt, self.killed = fail, interrupt, killed
+        self.fail, self.interrupt, self.killed = fail, interrupt, killed or {}
         self.calls: list[tuple[str, list[str]]] = []
 
     def __call__(self, cell: Cell, command: list[str], log: Path, env: dict[str, str]) -> int:
@@ -68,10 +68,14 @@ class FakeLaunch:
             # Ctrl-C reaches the bench as a KeyboardInterrupt (raised here rather than sent as
             # SIGINT: a background shell, as CI's may be, starts Python with SIGINT ignored)
             raise KeyboardInterrupt
-        if cell.name in self.killed:  # the training process alone got SIGTERM after a checkpoint:
-            (cell.run_dir / "checkpoints").mkdir()  # Lightning ends the fit, exit 0, no final test
+        if cell.name in self.killed:  # the training process alone got a signal after a checkpoint
+            (cell.run_dir / "checkpoints").mkdir(exist_ok=True)
             (cell.run_dir / "checkpoints" / "last.ckpt").write_text("ckpt")
-            return 0
+            code = self.killed[cell.name]
+            if code == 0:  # SIGTERM: Lightning ends the fit, exit 0, no final test
+                with open(log, "a") as f:
+                    f.write("Received SIGTERM: 15\n")
+            return code
         test = {"epoch": 1, "acc": 0.5 + cell.seed / 10, "nmi": 0.4, "ari": 0.3, "l_sp": 9.0 - cell.seed}
         (cell.run_dir / "metrics.json").write_text(json.dumps({"test": test}))
         return 0
@@ -262,10 +266,14 @@ def test_each_attempt_s_set_is_noted_in_the_row(tmp_path):
 
 
 def test_a_training_process_killed_alone_writes_no_row_and_resumes(tmp_path, capsys):
-    bench = load_bench(write_table(tmp_path), root=tmp_path / "runs")
-    runner = Runner(bench, FakeLaunch(killed=("cm_digits_seed1",)))
-    assert runner.run(runner.pending(bench.cells())) == 0
-    assert "cm_digits_seed1: stopped before its final test; run the bench again" in capsys.readouterr().out
+    table = write_table(tmp_path)
+    bench = load_bench(table, root=tmp_path / "runs")
+    argv = ["bench", "--config", str(table), "--root", str(tmp_path / "runs")]
+    assert main(argv, FakeLaunch(killed={"cm_digits_seed1": 0})) == 1  # a cell left without its row
+    out, err = capsys.readouterr()
+    assert "cm_digits_seed1: stopped before its final test; run the bench again" in out
+    assert "1 cell(s) stopped before their final test, no row yet (cm_digits_seed1): run the same command" in err
+    runner = Runner(bench, FakeLaunch())
     assert [(r["method"], r["seed"]) for r in runner.results.rows()] == [("cm", "0"), ("kmeans", "0"), ("kmeans", "1")]
     launch = FakeLaunch()
     runner = Runner(bench, launch)
@@ -274,6 +282,12 @@ def test_a_training_process_killed_alone_writes_no_row_and_resumes(tmp_path, cap
     assert name == "cm_digits_seed1"
     assert command[command.index("--ckpt_path") + 1].endswith("cm_digits_seed1/checkpoints/last.ckpt")
     assert runner.results.rows()[-1]["acc"] == "0.6"
+    # a crash (the kernel's out-of-memory kill: -9) is a failure, not a stop: a failed row
+    other = load_bench(table, root=tmp_path / "runs2", results=tmp_path / "results2" / "t.csv")
+    runner = Runner(other, FakeLaunch(killed={"cm_digits_seed0": -9}))
+    assert runner.run(runner.pending(other.cells())) == 1
+    assert runner.results.rows()[0]["note"] == "exit -9: training"
+    assert not runner.stopped
 
 
 def test_a_set_that_changes_what_is_trained_needs_rows_and_run_dirs_of_its_own(tmp_path, capsys):
@@ -304,6 +318,23 @@ def test_a_set_that_changes_what_is_trained_needs_rows_and_run_dirs_of_its_own(t
         assert [r["note"] for r in csv.DictReader(f) if r["method"] == "cm"] == [
             "set model.init_args.n_clusters=20"
         ] * 2
+
+
+def test_what_sets_reads_what_a_note_changes_in_training():
+    assert what_sets("set model.init_args.n_clusters=20 trainer.precision=32-true compile.enabled=true") == {
+        "model.n_clusters": "20"
+    }
+    assert what_sets("set trainer.devices=[0, 1] data.num_workers=2") == {}  # a value with spaces, speed keys
+    assert what_sets("set model.init_args.channels=[4, 8] trainer.max_epochs=5") == {
+        "model.channels": "[4, 8]",
+        "trainer.max_epochs": "5",
+    }
+    assert what_sets("") == what_sets("exit 1: boom x=1") == {}
+    assert attempts_of("attempts: set model.x=1 / the table's settings; exit 1: y") == [
+        "set model.x=1",
+        "the table's settings",
+    ]
+    assert attempts_of("set a=1; no final test metrics") == ["set a=1"]
 
 
 def test_killed_attempt_counts_until_its_last_checkpoint_not_its_log(tmp_path):
@@ -584,7 +615,10 @@ def test_results_moves_every_file_of_the_table_and_report_takes_root(tmp_path, c
     ]
     table = write_table(tmp_path, methods=methods)
     bench = load_bench(table, results=tmp_path / "elsewhere" / "main.csv")
-    assert set(bench.results_files()) == {tmp_path / "elsewhere" / "main.csv", tmp_path / "elsewhere" / "own.csv"}
+    assert set(bench.results_files()) == {tmp_path / "elsewhere" / "main.csv", tmp_path / "elsewhere" / "main_own.csv"}
+    # a new file beside the table's own moves the entry's file too
+    near = load_bench(table, results=tmp_path / "results" / "t_k20.csv")
+    assert set(near.results_files()) == {tmp_path / "results" / "t_k20.csv", tmp_path / "results" / "t_k20_own.csv"}
     root = ["--root", str(tmp_path / "runs")]
     assert (
         main(
@@ -595,10 +629,10 @@ def test_results_moves_every_file_of_the_table_and_report_takes_root(tmp_path, c
     )
     assert not (tmp_path / "results").exists()  # the table's own files untouched
     assert main(["report", "--config", str(table), *root, "--results", str(tmp_path / "elsewhere" / "main.csv")]) == 0
-    assert (tmp_path / "elsewhere" / "own_table.md").is_file()
+    assert (tmp_path / "elsewhere" / "main_own_table.md").is_file()
 
 
-def test_report_averages_a_column_of_numbers_that_labels_no_row(tmp_path):
+def test_report_does_not_group_by_a_metric_column_such_as_n_clusters_used(tmp_path):
     columns = ["method", "dataset", "seed", "acc", "n_clusters_used"]
     bench = load_bench(write_table(tmp_path, columns=columns), root=tmp_path / "runs")
     results = ResultsFile(bench.results, [*columns, "note"])

@@ -269,6 +269,14 @@ def test_fit_on_unlabelled_data_keeps_last_ckpt_and_scores_l_sp(tmp_path, capsys
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="the checkpoint was trained on")
         assert run_main([*predict, "--data.init_args.path", str(tmp_path / "features.npy")], capsys)[0] == 0
+        # training on from it on the other data: the new run's checkpoints and test are the other data's
+        shutil.copy(run / "checkpoints" / "last.ckpt", tmp_path / "start.ckpt")
+        on = [a if a != str(tmp_path / "features.npy") else str(tmp_path / "other.npy") for a in args]
+        on = [a if a != "2" else "3" for a in on]  # max_epochs
+        assert run_main([*on, "--ckpt_path", str(tmp_path / "start.ckpt")], capsys)[0] == 0
+    newest = max((tmp_path / "lightning_logs").iterdir(), key=lambda p: p.stat().st_mtime)
+    state = torch.load(newest / "checkpoints" / "last.ckpt", weights_only=False)["callbacks"]
+    assert any(str(tmp_path / "other.npy") in str(v.get("trained_on")) for v in state.values())
 
 
 def test_main_stops_on_a_gpu_without_kernels(monkeypatch, capsys, tmp_path):

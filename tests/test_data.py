@@ -239,6 +239,23 @@ def test_image_folder_with_class_subfolders(tmp_path):
     assert gray.input_shape == (1, 3, 3)
 
 
+def test_image_folder_reads_webp_and_gif_in_the_channels_asked(tmp_path):
+    (tmp_path / "a").mkdir()
+    rgba = np.zeros((5, 5, 4), dtype=np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, 255
+    write_png(torch.full((1, 5, 5), 7, dtype=torch.uint8), str(tmp_path / "a" / "0.png"))
+    Image.fromarray(rgba).save(tmp_path / "a" / "1.webp", lossless=True)
+    frames = [Image.fromarray(np.full((5, 5, 3), v, dtype=np.uint8)) for v in (30, 90)]
+    frames[0].save(tmp_path / "a" / "2.gif", save_all=True, append_images=frames[1:])  # animated
+    gray = ImageFolder(str(tmp_path), grayscale=True).splits["train"][0]
+    assert gray.shape == (3, 1, 5, 5)
+    assert gray[1].float().mean() == pytest.approx(0.299 * 200, abs=1)  # the red WebP, as luma
+    assert gray[2].float().mean() == pytest.approx(30, abs=2)  # the GIF's first frame
+    colour = ImageFolder(str(tmp_path)).splits["train"][0]
+    assert colour.shape == (3, 3, 5, 5)  # the alpha channel dropped
+    assert colour[1, 0].float().mean() == 200
+
+
 def test_image_folder_skips_hidden_files_and_names_an_undecodable_image(tmp_path):
     _write_images(tmp_path, {"cat": [(5, 5)] * 2})
     for junk in ("__MACOSX/cat/._0.png", ".ipynb_checkpoints/0.png", "cat/._1.png"):

@@ -19,6 +19,7 @@ from test_cli import QUIET, run_main
 from lightning_protos.data import ArrayFile, Digits
 from lightning_protos.eval.images import (
     InspectionImages,
+    Pictures,
     as_images,
     eval_sample,
     image_grid,
@@ -114,9 +115,23 @@ def test_pictures_of_one_channel_hw_arrays_portrait_thumbnails_and_a_collapsed_e
         assert protos.shape == (2, 2)
 
 
-def test_methods_without_a_similarity_rank_nearest_images_by_distance():
+def test_nearest_images_rank_by_the_methods_similarity_else_by_distance():
     x = digits().features("eval")[:10]
-    assert similarities(tiny_aecm().eval(), x, batch_size=4) is None
+    assert similarities(tiny_aecm().eval(), x, batch_size=4) is None  # no similarity: by distance
+    images = torch.arange(6.0).div(10).reshape(6, 1, 1, 1).expand(6, 1, 2, 2)  # image i is all i / 10
+    z = torch.arange(6.0).reshape(6, 1)  # Euclidean: image 0, then 1, nearest to prototype 0
+    protos = torch.tensor([[0.0], [5.0]])
+    sims = torch.tensor([[0.1, 0], [0.5, 0], [0.2, 0], [0.9, 0], [0.3, 0], [0.0, 1]])  # prototype 0: 3, then 1
+    clusters = torch.tensor([0, 0, 0, 0, 0, 1])  # prototype 0 first: it has most images
+
+    def top_row(sims):
+        out = Pictures()
+        pictures(n_nearest=2)._draw(out, images, z, clusters, protos, None, lambda t: None, sims)
+        grid = out.grids["nearest"]  # tiles of 2 + 2 pixels of padding
+        return [round(float(grid[0, 2, 2 + 4 * c]) * 10) for c in range(2)], out.rows
+
+    assert top_row(sims) == ([3, 1], [0, 1])
+    assert top_row(None) == ([0, 1], [0, 1])
 
 
 def test_as_images_unflattens_decoder_outputs_and_rejects_vectors():

@@ -22,6 +22,7 @@ import csv
 import json
 import os
 import queue
+import re
 import shlex
 import signal
 import subprocess
@@ -182,23 +183,35 @@ def end_attempt(run_dir: Path, started: float) -> None:
     (run_dir / TIMES).write_text(json.dumps(state))
 
 
-# --set keys that change how fast a cell trains, not what it trains: a table finished under
-# another precision or compiled keeps its rows (each row's note says what its run used)
+# --set keys that change how fast a cell trains, not what it trains (``init_args.`` left out):
+# a table finished under another precision or compiled keeps its rows (each row's note says
+# what its run used)
 SPEED_KEYS = (
     "trainer.precision", "trainer.accelerator", "trainer.devices", "trainer.strategy", "trainer.num_nodes",
-    "trainer.enable_progress_bar", "data.init_args.num_workers", "data.init_args.device_fraction",
+    "trainer.enable_progress_bar", "data.num_workers", "data.device_fraction",
 )  # fmt: skip
+SET_ITEM = re.compile(r"(?:^| )([A-Za-z_][\w.]*)=")  # where each KEY=VALUE of a note starts
+
+
+def attempts_of(note: str) -> list[str]:
+    """The ``--set`` note of each attempt in a row's note (before its failure, if any)."""
+    ours = note.split("; ")[0]
+    if ours.startswith("attempts: "):
+        return ours.removeprefix("attempts: ").split(" / ")
+    return [ours if ours.startswith("set ") else ""]
 
 
 def what_sets(note: str) -> dict[str, str]:
-    """The ``KEY=VALUE`` settings that change what is trained in a note of ``--set`` (a row's
-    note, before its failure, or an attempt's note in ``bench.json``; several attempts' merged)."""
+    """The ``KEY=VALUE`` settings of one attempt's ``--set`` note (``set k=v k2=v2``, values may
+    hold spaces) that change what is trained: not the :data:`SPEED_KEYS` nor ``compile.*``."""
+    text = note.removeprefix("set ") if note.startswith("set ") else ""
+    starts = list(SET_ITEM.finditer(text))
     settings = {}
-    for part in note.split("; ")[0].removeprefix("attempts: ").split(" / "):
-        for item in part.removeprefix("set ").split() if part.startswith("set ") else []:
-            key, _, value = item.partition("=")
-            if key not in SPEED_KEYS and not key.startswith("compile."):
-                settings[key] = value
+    for item, after in zip(starts, [*starts[1:], None], strict=False):  # empty: no settings
+        key = item.group(1).replace(".init_args.", ".")
+        value = text[item.end() : after.start() if after else len(text)]
+        if key not in SPEED_KEYS and not key.startswith("compile."):
+            settings[key] = value
     return settings
 
 
@@ -227,6 +240,24 @@ def last_line(log: Path) -> str:
     except OSError:
         return "no log"
     return lines[-1][:300] if lines else "no output"
+
+
+# what Lightning logs when a signal ends a fit early (SIGTERM: exit 0, Ctrl-C: exit 1)
+STOPPED_BY = ("Received SIGTERM", "Detected KeyboardInterrupt")
+
+
+def stopped_by_signal(code: int, log: Path) -> bool:
+    """Whether the cell's process was stopped by SIGTERM or SIGINT (sent to it alone: its bench
+    goes on) rather than failing: a crash (an out-of-memory kill, a segfault) is a failure."""
+    if code in (-signal.SIGTERM, -signal.SIGINT):
+        return True
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 20_000))
+            tail = f.read().decode(errors="replace")
+    except OSError:
+        return False
+    return any(message in tail for message in STOPPED_BY)
 
 
 class Subprocesses:
@@ -282,6 +313,7 @@ class Runner:
         self.files = {path: ResultsFile(path, columns) for path, columns in bench.results_files().items()}
         self.results = self.files.get(bench.results) or ResultsFile(bench.results, bench.columns)
         self.stop = threading.Event()
+        self.stopped: list[str] = []  # cells whose process alone was stopped: no row, resumable
         # each CPU cell's share of the cores when several run at once (see _device)
         self._threads = str(max(1, usable_cores() // jobs)) if jobs > 1 and not gpus else None
         self._gpus: queue.Queue[str] | None = None
@@ -309,14 +341,14 @@ class Runner:
                 continue
             row = rows.get((cell.results, row_key(cell.fields(), self.bench.ids_of(cell.columns))))
             if row is not None:
-                before, where = what_sets(row.get("note") or ""), f"its row in {cell.results}"
+                attempts, where = attempts_of(row.get("note") or ""), f"its row in {cell.results}"
             elif (cell.run_dir / TIMES).is_file():
-                before, where = what_sets(" / ".join(_times(cell.run_dir).get("sets", []))), str(cell.run_dir)
+                attempts, where = _times(cell.run_dir).get("sets", []), str(cell.run_dir)
             else:
                 continue
-            if before != now:
-                said = " ".join(f"{k}={v}" for k, v in before.items()) or "the table's settings"
-                asked = " ".join(f"{k}={v}" for k, v in now.items()) or "the table's settings"
+            other = [a for a in attempts if what_sets(a) != now]
+            if other:
+                said, asked = (n.removeprefix("set ") or "the table's settings" for n in (other[0], self.note))
                 raise BenchError(
                     f"{cell.name} was trained with {said} ({where}), this bench asks for {asked}: "
                     "give a variant results and run dirs of its own (--results NEW.csv --root NEW_DIR)"
@@ -355,10 +387,10 @@ class Runner:
             metrics = final_metrics(run_dir) if code == 0 else None
             if metrics is None and self.stop.wait(2.0):  # stopped by the bench's own interrupt
                 return Outcome(None, ran, time.monotonic() - start)
-            if metrics is None and (code == 0 or code < 0) and last_checkpoint(run_dir):
-                # the training process alone was stopped by a signal (Lightning ends a fit on
-                # SIGTERM with exit 0, before its final test): no row, the next bench resumes it
+            if metrics is None and stopped_by_signal(code, run_dir / LOG):
+                # the training process alone was stopped: no row, the next bench resumes it
                 print(f"[bench] {cell.name}: stopped before its final test; run the bench again to resume it")
+                self.stopped.append(cell.name)
                 return Outcome(None, ran, time.monotonic() - start)
             if metrics is None:
                 note = f"exit {code}: {last_line(run_dir / LOG)}" if code else "no final test metrics"
@@ -516,7 +548,7 @@ def _parser(command: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--results",
         type=Path,
-        help="results CSV instead of the table's `results`; method entries' own files go beside it, same names",
+        help="results CSV instead of the table's `results`; an entry's own file NAME goes beside it as STEM_NAME",
     )
     parser.add_argument("--root", type=Path, help="parent of the run directories (default bench_runs)")
     if command == "bench":
@@ -600,7 +632,13 @@ def main(argv: list[str] | None = None, launch: Launch | None = None) -> int:
             f"[bench] {n_failed} cell(s) failed: see the note column of {', '.join(map(str, runner.files))}",
             file=sys.stderr,
         )
+    if runner.stopped:
+        print(
+            f"[bench] {len(runner.stopped)} cell(s) stopped before their final test, no row yet "
+            f"({', '.join(runner.stopped)}): run the same command again to resume them",
+            file=sys.stderr,
+        )
     if args.report:
         for path in report(bench).values():
             print(f"[report] wrote {path}")
-    return 1 if n_failed else 0
+    return 1 if n_failed or runner.stopped else 0

@@ -258,9 +258,10 @@ def load_bench(path: str | Path, root: str | Path | None = None, results: str | 
     if len(set(curves)) < len(curves):
         _fail(str(path), f"curves: duplicates in {curves}")
     methods = [_check_entry(path, i, e) for i, e in enumerate(raw["methods"] or [])]
-    if results is not None:  # every file of the table moves: an entry's own goes beside it
+    if results is not None:  # every file of the table moves: an entry's own becomes RESULTS-STEM_NAME
+        moved = Path(results)
         methods = [
-            {**m, "results": str(Path(results).parent / Path(m["results"]).name)} if "results" in m else m
+            {**m, "results": str(moved.with_name(f"{moved.stem}_{Path(m['results']).name}"))} if "results" in m else m
             for m in methods
         ]
     if not methods:

@@ -139,7 +139,7 @@ class ImageFolder(ArrayDataModule):
 
     def load(self) -> dict[str, tuple[Tensor, Tensor | None]]:
         from torchvision.io import ImageReadMode, decode_image
-        from torchvision.transforms.v2.functional import resize, to_dtype
+        from torchvision.transforms.v2.functional import resize, rgb_to_grayscale, to_dtype
 
         if not self.path.is_dir():
             raise DataError(f"{self.path}: no such folder")
@@ -161,12 +161,20 @@ class ImageFolder(ArrayDataModule):
         images = []
         for p in files:
             try:
-                img = decode_image(str(p), mode=mode)
+                # WebP and GIF decode in colour whatever the mode (converted below)
+                img = decode_image(str(p), mode=ImageReadMode.RGB if p.suffix.lower() in (".webp", ".gif") else mode)
             except (RuntimeError, OSError) as err:
                 cause = (str(err).splitlines() or [""])[0]
                 raise DataError(f"{p}: cannot decode this image ({cause}); remove or convert it") from None
             if img.dtype != torch.uint8:  # 16-bit PNGs (X-rays often are): scaled to 0-255
                 img = to_dtype(img, torch.uint8, scale=True)
+            if img.ndim == 4:  # an animated GIF: its first frame
+                img = img[0]
+            img = img[:3]  # an alpha channel dropped
+            if self.grayscale and len(img) == 3:
+                img = rgb_to_grayscale(img)
+            elif not self.grayscale and len(img) == 1:
+                img = img.expand(3, -1, -1)
             if self.image_size:
                 img = resize(img, [self.image_size, self.image_size], antialias=True)
             images.append(img)

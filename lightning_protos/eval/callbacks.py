@@ -127,9 +127,8 @@ class ClusteringEvaluator(EvaluationCallback):
         self.results: dict[str, dict[str, float]] = {}
         self.trained_on: str | None = None
 
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        if stage == "fit":
-            self.trained_on = getattr(trainer.datamodule, "source", None)
+    def on_fit_start(self, trainer, pl_module) -> None:  # after a checkpoint's state was restored
+        self.trained_on = getattr(trainer.datamodule, "source", None)
 
     def state_dict(self) -> dict[str, str | None]:
         return {"trained_on": self.trained_on}

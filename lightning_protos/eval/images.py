@@ -46,17 +46,10 @@ def as_images(x: Tensor | None, image_shape: tuple[int, ...] | None) -> Tensor |
 
 @torch.no_grad()
 def similarities(pl_module, x: Tensor, batch_size: int) -> Tensor | None:
-    """``(N, K)`` similarity of each input to each prototype, as the method's ``predict_step``
-    reports it (``similarity``, VAESim's; written as ``sim_k`` by ``predict``), on the CPU;
-    ``None`` for methods that report none."""
-    parts = []
-    for i in range(0, len(x), batch_size):
-        xb = x[i : i + batch_size].to(pl_module.device)
-        out = pl_module.predict_step({"x": xb, "index": torch.arange(i, i + len(xb))}, 0)
-        if "similarity" not in out:
-            return None
-        parts.append(out["similarity"].float().cpu())
-    return torch.cat(parts) if parts else None
+    """``(N, K)`` ``similarities`` of the inputs ``x`` to the prototypes, in batches, on the CPU
+    (VAESim's, written as ``sim_k`` by ``predict``); ``None`` for methods that have none."""
+    parts = [pl_module.similarities(x[i : i + batch_size].to(pl_module.device)) for i in range(0, len(x), batch_size)]
+    return None if not parts or parts[0] is None else torch.cat([p.float().cpu() for p in parts])
 
 
 def rows_note(rows: list[int]) -> str:
@@ -198,7 +191,7 @@ class InspectionImages(L.Callback):
       sample's latents (the latent scale differs between methods).
     * ``interpolations``: per row, ``steps`` decodings on the segment between two prototypes.
     * ``nearest``: per row, a decoded prototype (when there is a decoder) then the
-      ``n_nearest`` sample images most similar to it by the method's own similarity (VAESim's
+      ``n_nearest`` sample images most similar to it by the method's ``similarities`` (VAESim's
       ``sim_k``, as ``prototype_neighbours.csv``), else closest in the latent space (Euclidean).
       The prototype of each row is logged as text (``{stage}/rows``) and, with PNGs, in ``rows.txt``.
     * ``latent_map``: the 2-D map of :func:`latent_map`, coloured by true label and by cluster,
@@ -283,7 +276,8 @@ class InspectionImages(L.Callback):
             out.notes.append("decode is None (no decoder): no decoded pictures")
         if images is not None:
             out.tile = images.shape[-1]
-            sims = similarities(pl_module, x, getattr(datamodule, "eval_batch_size", 1024))
+            batch_size = getattr(datamodule, "eval_batch_size", 1024)
+            sims = None if protos is None else similarities(pl_module, x, batch_size)
             self._draw(out, images, z, clusters, protos, decoded_protos, decode, sims)
         out.coords, out.prototype_coords = latent_map(
             z.cpu().numpy(), None if protos is None else protos.cpu().numpy(), self.latent_map, self.seed

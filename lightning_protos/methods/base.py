@@ -183,6 +183,12 @@ class ClusteringMethod(L.LightningModule):
         """``(B, p)`` latents -> ``(B, *input_shape)`` inputs, or ``None`` without a decoder."""
         return None
 
+    def similarities(self, x: Tensor) -> Tensor | None:
+        """``(B, K)`` similarity of each input to each prototype by the method's own measure
+        (VAESim's), or ``None`` (the default): it ranks a prototype's nearest images, which
+        are otherwise the closest in the embedding."""
+        return None
+
     def selection_criteria(self, x: Tensor) -> dict[str, Tensor]:
         """Unsupervised model-selection criteria as sums over the batch (summed over the data
         by the evaluator), e.g. the CM's L_sp. Empty by default."""
