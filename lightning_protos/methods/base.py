@@ -115,7 +115,8 @@ class ClusteringMethod(L.LightningModule):
 
     Subclasses implement ``training_step`` (manual optimization: each method writes out its
     own updates) and the contract members :meth:`cluster_probs` and :meth:`embed`; methods
-    with centroids or a decoder also override :meth:`prototypes` and :meth:`decode`.
+    with centroids or a decoder also override :meth:`prototypes` and :meth:`decode`, and those
+    with their own measure of likeness to a prototype :meth:`similarities`.
 
     Args:
         n_clusters: K, the number of clusters / prototypes (>= ``min_clusters``).
