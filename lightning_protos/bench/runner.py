@@ -346,9 +346,9 @@ class Runner:
                 attempts, where = _times(cell.run_dir).get("sets", []), str(cell.run_dir)
             else:
                 continue
-            other = [a for a in attempts if what_sets(a) != now]
-            if other:
-                said, asked = (n.removeprefix("set ") or "the table's settings" for n in (other[0], self.note))
+            other = next((a for a in attempts if what_sets(a) != now), None)
+            if other is not None:
+                said, asked = (n.removeprefix("set ") or "the table's settings" for n in (other, self.note))
                 raise BenchError(
                     f"{cell.name} was trained with {said} ({where}), this bench asks for {asked}: "
                     "give a variant results and run dirs of its own (--results NEW.csv --root NEW_DIR)"
