@@ -188,14 +188,15 @@ def cli_fit_then_predict(tmp_path: Path, capsys, config: str, data: Path, *model
         return predicted, list(csv.DictReader(f))
 
 
-def spy_step(model, x: Tensor, optimizers=None) -> tuple[dict[str, float], list]:
-    """What one ``training_step`` of ``model`` does on the batch ``x``, without optimising: the
-    loss terms it sums (``check_and_log``), as floats, and the optimizers it steps, in order."""
+def spy_step(model, x: Tensor, optimizers=None, index: Tensor | None = None) -> tuple[dict[str, float], list]:
+    """What one ``training_step`` of ``model`` does on the batch ``x`` (its samples' ``index`` in
+    the data set: 0..B-1 by default), without optimising: the loss terms it sums
+    (``check_and_log``), as floats, and the optimizers it steps, in order."""
     terms, stepped = {}, []
     model.check_and_log = lambda t, **kw: terms.update({k: float(v) for k, v in t.items()}) or sum(t.values())
     model.optimize = lambda loss, optimizer, *args, **kwargs: stepped.append(optimizer)
     model.optimizers = lambda: optimizers
-    model.training_step({"x": x, "index": torch.arange(len(x))}, 0)
+    model.training_step({"x": x, "index": torch.arange(len(x)) if index is None else index}, 0)
     return terms, stepped
 
 

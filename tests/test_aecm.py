@@ -79,6 +79,26 @@ def test_the_cm_alone_step_sums_eq7_on_the_codes():
     )
 
 
+@pytest.mark.parametrize("lsp", ["cm", "orthonormal"])
+def test_l_sp_is_the_chosen_sparsity_criterion_by_hand(lsp):
+    """``lsp: cm``: E2 + E3 of Eq. 7 (with the centroids' norms) on the codes; ``orthonormal``:
+    the orthonormal E2 plus L_orth, the latter shared out over the evaluation's batches (a batch
+    of 6 of 24 samples carries a quarter of it)."""
+    torch.manual_seed(0)
+    model = _small(lsp=lsp, lam=0.3, average_last_epoch=False)
+    model.trainer = type("Trainer", (), {"datamodule": type("Data", (), {"n_of": lambda self, split: 24})()})()
+    x = torch.rand(6, 10)
+    with torch.no_grad():
+        got = float(model.selection_criteria(x)["l_sp"])
+        z = model.encode(x)
+        want = by_hand(x, x, z, model.cm(z), model.cm.centroids(), alpha=5.0)
+    if lsp == "cm":
+        assert abs(want["E3"]) > 0.1 * abs(want["E2_norms"])
+        assert got == pytest.approx(want["E2_norms"] + want["E3"], rel=1e-5)
+    else:
+        assert got == pytest.approx(want["E2"] + 0.3 * want["orth"] * 6 / 24, rel=1e-5)
+
+
 def test_centroids_stay_orthonormal(tmp_path):
     L.seed_everything(0)
     model = _small(lam=1.0)

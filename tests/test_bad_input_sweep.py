@@ -130,13 +130,14 @@ def test_each_bad_input_gets_one_line_and_leaves_existing_runs_alone(inputs, sub
 def test_bench_bad_input_gets_one_line(inputs, capsys, monkeypatch):
     monkeypatch.chdir(inputs["tmp"])
     before = snapshot(inputs["tmp"])
-    for name, argv in {
-        "malformed YAML": ["bench", "--config", str(inputs["bad_yaml"])],
-        "missing config": ["bench", "--config", str(inputs["tmp"] / "no_such.yaml")],
+    for name, (argv, says) in {
+        "malformed YAML": (["bench", "--config", str(inputs["bad_yaml"])], ": not YAML"),
+        "missing config": (["bench", "--config", str(inputs["tmp"] / "no_such.yaml")], "no_such.yaml: no such bench"),
     }.items():
         code, err = protos(argv, capsys)
         assert code != 0, f"bench, {name}: exit status 0"
-        assert err.startswith("protos"), f"bench, {name}: {err!r}"
+        assert err.startswith("protos bench: error: "), f"bench, {name}: {err!r}"
+        assert says in err, f"bench, {name}: {err!r}"
         assert "\n" not in err, f"bench, {name}: {err!r}"
     after = snapshot(inputs["tmp"])
     assert {k: v for k, v in after.items() if k in before} == before

@@ -104,6 +104,21 @@ def test_terms_and_e3_weight_choose_and_scale_what_the_step_sums():
     assert step_terms(x, terms=("E1", "E2"))[1] == pytest.approx({"E1": want["E1"], "E2": want["E2"]}, rel=1e-6)
 
 
+def test_l_sp_is_e2_plus_e3_of_eq7_by_hand():
+    """The model-selection criterion L_sp = E2 + E3 (Eq. 7 with the centroids' norms and their
+    cross products), written out with loops in float64."""
+    torch.manual_seed(0)
+    model = CM(n_clusters=3, input_shape=(2,), alpha=2.0)
+    x = torch.randn(7, 2)
+    with torch.no_grad():
+        got = float(model.selection_criteria(x)["l_sp"])
+        g, m = (t.double().numpy() for t in (model.cm(x), model.cm.centroids()))
+    e2 = sum(g[i, k] * (1 - g[i, k]) * (m[k] @ m[k]) for i in range(7) for k in range(3))
+    e3 = -sum(g[i, k] * g[i, j] * (m[k] @ m[j]) for i in range(7) for k in range(3) for j in range(3) if j != k)
+    assert abs(e3) > 0.1 * abs(e2)  # both terms weigh: dropping or negating E3 shows
+    assert got == pytest.approx(e2 + e3, rel=1e-5)
+
+
 def test_sgd_is_plain_sgd_at_the_learning_rate():
     optimizer = CM(n_clusters=3, input_shape=(2,), optimizer="sgd", lr=0.5).configure_optimizers()
     assert type(optimizer) is torch.optim.SGD

@@ -10,7 +10,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import make_trainer
+from conftest import make_trainer, spy_step
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import lightning_protos.methods.pretrain as pretrain_module
@@ -100,6 +100,10 @@ def test_dkm_loss_tends_to_the_kmeans_loss():
     assert all(gap >= -tiny for gap in gaps)  # a convex combination of distances >= their minimum
     assert all(a >= b - tiny for a, b in itertools.pairwise(gaps))  # d/d alpha = -Var_G(d)
     assert gaps[-1] < 1e-9 * km
+    # at a finite alpha: sum_i sum_k d_ik exp(-alpha d_ik) / sum_l exp(-alpha d_il), with d the squared distances
+    d2 = ((z.numpy()[:, None] - r.numpy()[None]) ** 2).sum(-1)
+    weights = np.exp(-0.7 * d2) / np.exp(-0.7 * d2).sum(1, keepdims=True)
+    assert float(dkm_clustering_loss(z, r, 0.7)) == pytest.approx((d2 * weights).sum(), rel=1e-12)
 
 
 def test_annealed_alpha_schedule():
@@ -213,6 +217,74 @@ def test_cluster_adam_eps_sets_the_clustering_phase_alone(name, tmp_path):
     assert [opt.defaults["eps"] for opt in default.configure_optimizers()] == [1e-7, 1e-7]
     with pytest.raises(ProtosError, match="cluster_adam_eps must be > 0"):
         small(name, tmp_path, cluster_adam_eps=0.0)
+
+
+def _student_t_numpy(z: np.ndarray, mu: np.ndarray) -> np.ndarray:
+    """DEC Eq. 1 with one degree of freedom."""
+    q = 1 / (1 + ((z[:, None] - mu[None]) ** 2).sum(-1))
+    return q / q.sum(1, keepdims=True)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [("dec", {}), ("idec", {"gamma": 0.3}), ("dcn", {"lam": 0.7}), ("dkm", {"lam": 0.7, "alpha": 0.5})],
+)
+def test_a_clustering_step_sums_the_papers_terms_with_their_weights(name, kwargs, tmp_path):
+    """One clustering step's logged terms against the papers' equations in float64 NumPy, on the
+    step's own codes and reconstructions: DEC's KL(P || Q) (Eq. 2) against the stored targets of
+    the batch's samples (by index), IDEC's L_r + gamma L_c, DCN's L_rec + lambda / 2 sum ||z_i -
+    M s_i||^2 with the stored assignments, DKM's summed squared error + lambda sum_ik d_ik G_ik."""
+    model = small(name, tmp_path, init="random", **kwargs)
+    n, index = 20, torch.tensor([3, 17, 5, 0, 11, 8])
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(len(index), 10, generator=g)
+    model.size_per_sample_buffers(n)
+    with torch.no_grad():
+        centroids = model.centroids if name in ("dcn", "dkm") else model.mu
+        centroids.copy_(torch.randn(4, 4, generator=g))
+        if name in ("dec", "idec"):
+            model.target_p.copy_(torch.distributions.Dirichlet(torch.ones(4)).sample((n,)))
+        if name == "dcn":
+            model.assignments.copy_(torch.randint(0, 4, (n,), generator=g))
+        z, x_rec = (t.double().numpy() for t in model.autoencode(x))
+    m = centroids.detach().double().numpy().copy()
+    stored = model.assignments[index].numpy().copy() if name == "dcn" else None
+    model.cluster_iteration = lambda batch_idx: 1  # between two target refreshes (update_interval 12)
+    got = spy_step(model, x, optimizers=["pretrain", "cluster"], index=index)[0]
+    x = x.double().numpy()
+    squared_error = ((x - x_rec) ** 2).mean(1).sum()  # per-sample mean, summed (the AE-CM code's)
+    if name in ("dec", "idec"):
+        p, q = model.target_p[index].double().numpy(), _student_t_numpy(z, m)
+        kl = (p * np.log(p / q)).sum()
+        want = {"L_c": kl} if name == "dec" else {"L_r": squared_error, "L_c": 0.3 * kl}
+    elif name == "dcn":
+        m_s = m[stored]  # s_i before the step's own reassignment (b)
+        want = {"L_rec": squared_error, "L_km": 0.7 / 2 * ((z - m_s) ** 2).sum()}
+    else:
+        d2 = ((z[:, None] - m[None]) ** 2).sum(-1)
+        weights = np.exp(-0.5 * d2) / np.exp(-0.5 * d2).sum(1, keepdims=True)
+        want = {"L_rec": ((x - x_rec) ** 2).sum(), "L_clust": 0.7 * (d2 * weights).sum()}
+    assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_a_target_refresh_stores_eq3_of_the_whole_training_sets_q():
+    """Step 2: Q of every training sample under the current encoder and centroids (Eq. 1), P from
+    it (Eq. 3, the cluster frequencies over the whole set, not a batch's), and the assignments
+    argmax Q."""
+    L.seed_everything(0, verbose=False)
+    model = DEC(n_clusters=4, input_shape=(10,), latent_dim=4, hidden=(32, 32), init="random")
+    g = torch.Generator().manual_seed(1)
+    data = torch.randn(30, 10, generator=g)
+    model._fit_x = data
+    model.size_per_sample_buffers(30)
+    with torch.no_grad():
+        model.mu.copy_(torch.randn(4, 4, generator=g))
+        q = _student_t_numpy(model.encode(data).double().numpy(), model.mu.double().numpy())
+    assert model.refresh_target(0) is False  # iteration 0 never stops
+    p = q**2 / q.sum(0)
+    p /= p.sum(1, keepdims=True)
+    np.testing.assert_allclose(model.target_p.numpy(), p, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(model.assignments.numpy(), q.argmax(1))
 
 
 def test_dcn_counts_grow_by_the_samples_seen(tmp_path):

@@ -42,6 +42,7 @@ def test_scores_match_formulas_and_sklearn(case):
     y_true, y_pred = CASES[case]
     scores = clustering_scores(y_true, y_pred)
     assert set(scores) == {"acc", "nmi", "ari", "homogeneity"}
+    assert scores["acc"] == pytest.approx(brute_force_acc(y_true, y_pred))
     assert scores["ari"] == pytest.approx(ari_pairs(y_true, y_pred))
     assert scores["ari"] == pytest.approx(skm.adjusted_rand_score(y_true, y_pred))
     assert scores["homogeneity"] == pytest.approx(homogeneity(y_true, y_pred))

@@ -205,6 +205,33 @@ def test_augmentations():
     assert torch.equal(random_equalize(x, p=0.0), x)
 
 
+def test_random_augmentations_draw_over_their_whole_ranges(monkeypatch):
+    """One draw per image, uniform over each range: angle in (-15, 15) degrees (both signs), scale
+    in (0.9, 1.1), shifts within 10% of the width (x) and of the height (y) of a non-square image;
+    equalisation of about half the images at p = 0.5, each either equalised or untouched."""
+    import lightning_protos.ops.augment as augment
+
+    drawn = {}
+    monkeypatch.setattr(augment, "affine", lambda x, angle, scale, shift: drawn.update(a=angle, s=scale, t=shift) or x)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4000, 1, 8, 20, generator=g)
+    augment.random_affine(x, degrees=15.0, translate=0.1, scale=(0.9, 1.1), generator=g)
+    edges = {"a": (-15.0, 15.0), "s": (0.9, 1.1)}
+    edges.update(tx=(-2.0, 2.0), ty=(-0.8, 0.8))  # 10% of 20 and of 8 pixels
+    values = {"a": drawn["a"], "s": drawn["s"], "tx": drawn["t"][:, 0], "ty": drawn["t"][:, 1]}
+    for name, (low, high) in edges.items():
+        v, margin = values[name], 0.01 * (high - low)
+        assert v.shape == (4000,)
+        assert low <= float(v.min()) < low + margin, name
+        assert high - margin < float(v.max()) <= high, name
+        assert abs(float(v.mean()) - (low + high) / 2) < 0.05 * (high - low), name  # a symmetric draw
+    equalised = TF.equalize((x[:, :, :8, :8] * 255).round().to(torch.uint8)).float() / 255
+    out = random_equalize(x[:, :, :8, :8], p=0.5, generator=g)
+    chosen = (out - equalised).abs().amax((1, 2, 3)) < 1e-6
+    assert torch.equal(out[~chosen], x[~chosen][:, :, :8, :8])
+    assert abs(float(chosen.float().mean()) - 0.5) < 0.03
+
+
 # -- latent walks (inspection) --------------------------------------------------------------
 def test_interpolate_is_evenly_spaced_on_the_segment():
     a, b = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64), torch.tensor([3.0, 4.0, -1.5], dtype=torch.float64)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TwoSplits, make_trainer
+from conftest import TwoSplits, make_trainer, spy_step
 from reference import mmd_loops, sinkhorn_numpy
 from scipy.special import logsumexp
 
@@ -263,6 +263,36 @@ def test_l_reg_is_the_per_cluster_mmd_to_draws_around_each_prototype(monkeypatch
         codes = z[assign == k].numpy()
         want += mmd_loops(codes, np.tile(v[:, k] + 0.3, (len(codes), 1)), 5.0)
     assert float(got) == pytest.approx(want, rel=1e-4)
+
+
+def test_a_step_after_the_warm_up_logs_eq10_eq5_and_eq2_by_hand(monkeypatch):
+    """One step of Alg. 1 after the warm-up, its three terms in float64 NumPy: L_prot, the cross
+    entropy of the Sinkhorn codes against softmax(S / tau) (Eq. 10-12, positive: minimised);
+    L_reg, the MMD of each cluster (argmax of the codes, >= 2 samples) to draws around its
+    prototype (Eq. 5; the unit noise set to 0.3); L_rec, the pixels' mean BCE (Eq. 2)."""
+    model = protovae(n_clusters=3, warmup_epochs=0, mmd_bandwidth=5.0)
+    monkeypatch.setattr(torch, "randn_like", lambda t: torch.full_like(t, 0.3))
+    x = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # the network does not move: the spy's optimize is a no-op
+        z = model.embed(x)
+        s, x_rec = model.scores(z).double().numpy(), model.decoder(z).double().numpy()
+    z, v, xs = z.double().numpy(), model.V.detach().double().numpy(), x.double().numpy()
+    codes = sinkhorn_numpy(s, 0.05, 3)
+    log_p = s / 0.1 - logsumexp(s / 0.1, axis=1, keepdims=True)
+    assign = codes.argmax(1)
+    l_reg = sum(
+        mmd_loops(z[assign == k], np.tile(v[:, k] + 0.3, ((assign == k).sum(), 1)), 5.0)
+        for k in range(3)
+        if (assign == k).sum() >= 2
+    )
+    want = {
+        "L_prot": -(codes * log_p).sum(1).mean(),
+        "L_reg": l_reg,
+        "L_rec": -(xs * np.log(x_rec) + (1 - xs) * np.log(1 - x_rec)).mean(),
+    }
+    assert len(set(assign)) >= 2
+    assert want["L_reg"] > 0
+    assert spy_step(model, x, optimizers=("a", "b", "c"))[0] == pytest.approx(want, rel=1e-4)
 
 
 def test_checkpoint_restores_strictly_and_resumes_after_the_warm_up(tmp_path):

@@ -27,6 +27,7 @@ from lightning_protos.eval.callbacks import AssignmentWriter, ClusteringEvaluato
 from lightning_protos.eval.probes import ProbeEvaluator
 from lightning_protos.methods.gmvae import GMVAE
 from lightning_protos.methods.vade import VaDE
+from lightning_protos.methods.vae import VAE
 from lightning_protos.ops.mixture import (
     VAR_FLOOR,
     categorical_kl,
@@ -205,6 +206,65 @@ def test_gmvae_step_terms_are_the_docstrings_recomputed_in_numpy():
         model.hparams.kl_c_floor = floor
         got = spy_step(model, images)[0]
         assert got == pytest.approx({**want, "KL_c": weight * max(floor, kl_c.mean())}, rel=1e-5)
+
+
+def diag_kl_numpy(mu, logvar, mu_p, logvar_p):
+    """Element-wise KL(N(mu, e^logvar) || N(mu_p, e^logvar_p)), broadcast."""
+    return 0.5 * (logvar_p - logvar + (np.exp(logvar) + (mu - mu_p) ** 2) / np.exp(logvar_p) - 1)
+
+
+def fixed_draw(mu, logvar):
+    return mu + 0.5 * torch.exp(0.5 * logvar)
+
+
+def test_vae_step_is_the_elbo_of_its_docstring_in_numpy():
+    """One VAE step: L_recon the squared error averaged over pixels and batch, KL = beta times the
+    KL to N(0, s^2 I) averaged over batch and latent dimensions (methods/vae.py); the draw fixed
+    at mu + 0.5 sigma. The VAE family (VAESim included) sums these two terms."""
+    L.seed_everything(0, verbose=False)
+    model = VAE(**SMALL, beta=0.3, prior_std=0.8)
+    model.reparameterise = fixed_draw
+    images = image_blobs(8, 0)[0]
+    with torch.no_grad():  # the step's forward pass (train mode: batch statistics)
+        x = model.to_net(images)
+        mu, logvar = model.encoder(x)
+        out = model.reconstruct(fixed_draw(mu, logvar))
+    x, out, mu, logvar = (t.double().numpy() for t in (x, out, mu, logvar))
+    want = {"L_recon": ((out - x) ** 2).mean(), "KL": 0.3 * diag_kl_numpy(mu, logvar, 0.0, 2 * np.log(0.8)).mean()}
+    assert spy_step(model, images)[0] == pytest.approx(want, rel=1e-5)
+
+
+def test_vade_step_is_the_papers_closed_form_weighted_by_beta_over_q():
+    """One VaDE step after pretraining: KL_z = E_gamma KL(q(z|x) || p(z|c)) and KL_c = KL(gamma ||
+    pi), each summed over its dimensions, times beta / q and averaged over the batch, with gamma =
+    p(c | z) at the draw (fixed at mu + 0.5 sigma), under a non-uniform mixture."""
+    model = make("vade", beta=0.3)
+    model.trainer = type("Trainer", (), {"current_epoch": 3})()  # after the 3 pretraining epochs
+    model.reparameterise = fixed_draw
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        model.pi_logits.copy_(torch.randn(3, generator=g))
+        model.mu_c.copy_(torch.randn(3, 4, generator=g))
+        model.logvar_raw.copy_(0.5 * torch.randn(3, 4, generator=g))
+    images = image_blobs(8, 0)[0]
+    with torch.no_grad():
+        x = model.to_net(images)
+        mu, logvar = model.encoder(x)
+        z = fixed_draw(mu, logvar)
+        out = model.reconstruct(z)
+        pi, mu_c, logvar_c = (t.double().numpy() for t in (model.log_pi.exp(), model.mu_c, model.logvar_c))
+    mu, logvar, z = (t.double().numpy() for t in (mu, logvar, z))
+    log_joint = np.log(pi) + norm.logpdf(z[:, None], mu_c, np.exp(0.5 * logvar_c)).sum(-1)  # (B, K)
+    gamma = np.exp(log_joint - log_joint.max(1, keepdims=True))
+    gamma /= gamma.sum(1, keepdims=True)
+    kl_z = (gamma * diag_kl_numpy(mu[:, None], logvar[:, None], mu_c, logvar_c).sum(-1)).sum(1)
+    kl_c = (gamma * np.log(gamma / pi)).sum(1)
+    want = {
+        "L_recon": ((out.double().numpy() - x.double().numpy()) ** 2).mean(),
+        "KL_z": 0.3 / 4 * kl_z.mean(),
+        "KL_c": 0.3 / 4 * kl_c.mean(),
+    }
+    assert spy_step(model, images, optimizers=("vade", "pretrain"))[0] == pytest.approx(want, rel=1e-5)
 
 
 def test_variances_stay_positive_when_driven_to_zero():
