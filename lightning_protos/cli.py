@@ -112,21 +112,22 @@ class ProtosCLI(LightningCLI):
             problem = check_cpu_bf16(trainer.get("precision"), on_cpu, cpu_has_native_bf16())
             if problem:
                 rank_zero_warn(problem)
-        self._continued_from = None  # the logger as given, where the fit continues a run
+        # where the fit continues a run: (the logger as given,), a 1-tuple since that may be None
+        self._given_logger: tuple | None = None
         if config is not None and config.get("ckpt_path"):
             logger = config.trainer.get("logger")
             given = logger.clone() if isinstance(logger, Namespace) else logger
             if continue_run(config, fit=self.subcommand == "fit"):
-                self._continued_from = (given,)
+                self._given_logger = (given,)
 
     def before_fit(self) -> None:
-        if self._continued_from is not None:
+        if self._given_logger is not None:
             # the run's config.yaml is the one that trains it from the start: without the
             # checkpoint it continued from and the version that pinned its directory, so that
             # `--config RUN/config.yaml` neither resumes a fit nor writes into RUN
             saver = next(c for c in self.trainer.callbacks if isinstance(c, SaveConfigCallback))
             saver.config = saver.config.clone()
-            saver.config.trainer.logger, saver.config.ckpt_path = self._continued_from[0], None
+            saver.config.trainer.logger, saver.config.ckpt_path = self._given_logger[0], None
         # best.ckpt is picked by a score against the labels (val/acc by default): data without
         # labels (a user's .npy, an image folder without class sub-folders) keep last.ckpt only
         if self.datamodule.labels("eval") is None:

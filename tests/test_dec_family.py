@@ -170,7 +170,7 @@ def test_dec_trains_without_its_decoder_and_idec_with_it(name, tmp_path):
 
     class AtClusterStart(L.Callback):
         def on_train_epoch_start(self, trainer, pl_module):
-            if trainer.current_epoch == pl_module.cluster_start:
+            if trainer.current_epoch == pl_module.pretrain_end:
                 snaps["decoder"] = [p.detach().clone() for p in pl_module.ae.decoder.parameters()]
 
     fit(model, dm, epochs=8, callbacks=[AtClusterStart()])
@@ -428,7 +428,7 @@ def test_pretraining_cache_is_hit_on_the_second_run(tmp_path, monkeypatch):
 
     class AtClusterStart(L.Callback):
         def on_train_epoch_start(self, trainer, pl_module):
-            if trainer.current_epoch == pl_module.cluster_start:
+            if trainer.current_epoch == pl_module.pretrain_end:
                 seen["ae"] = {k: v.clone() for k, v in pl_module.ae.state_dict().items()}
 
     second = small("dcn", tmp_path)  # another method, same DAE, data and seed

@@ -538,10 +538,17 @@ def with_sets(cells: list[Cell], sets: list[str]) -> list[Cell]:
     return [c if c.reference is not None else replace(c, overrides=(*c.overrides, *extra)) for c in cells]
 
 
+DESCRIPTIONS = {
+    "bench": (__doc__ or "").split("\n")[0],
+    "report": "``protos report``: a table's Markdown table, summary CSV and chart (mean ± std over seeds) "
+    "from its results rows so far, and its learning curves where it lists them.",
+}
+
+
 def _parser(command: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=f"protos {command}",
-        description=(__doc__ or "").split("\n")[0],
+        description=DESCRIPTIONS[command],
         epilog="bench table schema: see lightning_protos/bench/spec.py",
     )
     parser.add_argument("--config", required=True, type=Path, help="bench table, e.g. configs/bench/smoke.yaml")

@@ -1,8 +1,9 @@
 """Pictures of what a method found, read through its contract only (``embed``,
-``predict_clusters``, ``prototypes``, ``decode``): decoded prototypes, reconstructions, samples
-around each prototype, interpolations between prototypes, each prototype's nearest real images,
-a 2-D map of the latent and TensorBoard's embedding projector (VAESim Figs. 3-6, ProtoVAE
-Figs. 2-5, AE-CM Sec. 5.3.6).
+``predict_clusters``, ``prototypes``, ``decode``, the optional ``similarities`` that ranks each
+prototype's nearest images, and ``prepare_evaluation`` before drawing): decoded prototypes,
+reconstructions, samples around each prototype, interpolations between prototypes, each
+prototype's nearest real images, a 2-D map of the latent and TensorBoard's embedding projector
+(VAESim Figs. 3-6, ProtoVAE Figs. 2-5, AE-CM Sec. 5.3.6).
 
 Functions first (tensors in, pictures out), then :class:`InspectionImages`, the callback that
 logs them to TensorBoard during ``fit`` and at test end and, on request (``protos inspect``),

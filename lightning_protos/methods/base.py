@@ -210,6 +210,11 @@ class ClusteringMethod(L.LightningModule):
         batch on, a DDP rank > 0 draws from a stream of its own.)"""
         return torch.initial_seed() if self._run_seed is None else self._run_seed
 
+    @property
+    def sklearn_seed(self) -> int:
+        """:attr:`run_seed` as scikit-learn's ``random_state`` takes it (below 2^31)."""
+        return self.run_seed % 2**31
+
     # -- helpers for subclasses -------------------------------------------------------
     def flat(self, x: Tensor) -> Tensor:
         """``(B, *input_shape)`` -> ``(B, D)``."""
@@ -353,7 +358,8 @@ class ClusteringMethod(L.LightningModule):
         own_stream, self._own_stream = self._own_stream, False
         if resumed is not None:
             rank = self.global_rank
-            states = resumed["rng_ranks"] if "rng_ranks" in resumed else [resumed["rng"]]  # before 2026-12-07
+            # checkpoints written before 2026-12-07 hold one state, rank 0's: still loadable
+            states = resumed["rng_ranks"] if "rng_ranks" in resumed else [resumed["rng"]]
             own_stream = rank >= len(states)
             if not own_stream and not set_rng_state(states[rank]) and rank > 0:
                 torch.cuda.manual_seed_all(self._rank_seed())  # at least not rank 0's CUDA stream
@@ -503,8 +509,13 @@ class ClusteringMethod(L.LightningModule):
         """See :meth:`validation_step`."""
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        probs = self.cluster_probs(batch["x"])
-        out = {"index": batch["index"], "cluster": probs.argmax(-1), "probs": probs}
+        return self.prediction(batch, self.cluster_probs(batch["x"]))
+
+    @staticmethod
+    def prediction(batch: dict[str, Tensor], probs: Tensor, **extra: Tensor) -> dict[str, Tensor]:
+        """A predicted batch as the AssignmentWriter reads it: index, cluster (argmax of
+        ``probs``), probs, the label where the batch has one, and ``extra`` outputs."""
+        out = {"index": batch["index"], "cluster": probs.argmax(-1), "probs": probs, **extra}
         if "y" in batch:
             out["y"] = batch["y"]
         return out

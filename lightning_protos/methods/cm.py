@@ -48,7 +48,8 @@ class CM(AveragingEpoch, ClusteringMethod):
         average: average ``all`` parameters (argmax uses the averaged encoder) or only the
             ``centroids`` (then predict by the nearest averaged centroid).
         e3_weight: weight of the merging term E3 (Fig. 11 uses 0, 1, 1.5).
-        terms: the loss terms kept (Table 3 ablation), a subset of E1..E4.
+        terms: the loss terms kept (Table 3 ablation), a subset of E1..E4 (Table 3 numbers
+            them E0..E3: its E0 is Eq. 3's E1, and so on).
         step_batch: the batch size of one Adam step when it is smaller than the loaded batch:
             each loaded batch is cut into steps of this size (``None``: one step per loaded
             batch). With ``data.batch_size`` a multiple of it, the steps are exactly those of
@@ -125,7 +126,7 @@ class CM(AveragingEpoch, ClusteringMethod):
     def on_fit_start(self) -> None:
         super().on_fit_start()
         if not bool(self.initialised):  # k-means++ (checkpoints keep the flag: no re-init)
-            seed = self.run_seed % 2**31
+            seed = self.sklearn_seed
             x = self.fit_features().reshape(-1, self.input_dim)
             centres = on_rank0(kmeans_pp_centres, x, self.n_clusters, seed, self.hparams.init_lloyd_steps)
             self.cm.init_from_centres(centres)

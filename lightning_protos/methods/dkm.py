@@ -113,7 +113,7 @@ class DKM(AutoencoderMethod):
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
         if self.hparams.alpha is None and self.phase(self.current_epoch) == "cluster":  # step 3
-            step = (self.current_epoch - self.cluster_start) // self.hparams.anneal_every
+            step = (self.current_epoch - self.pretrain_end) // self.hparams.anneal_every
             self.alpha_step.fill_(step)
             self.alpha.fill_(annealed_alpha(step))
 

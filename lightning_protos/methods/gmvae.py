@@ -19,7 +19,7 @@ Gumbel-softmax, no sampling of c. Each batch, one draw z ~ q(z|x) and one w ~ q(
 Prediction: gamma at z = z_mu, w = w_mu. Prototypes: mu_c(w = 0), the component means at the
 mode of p(w). Samples of cluster c: d(mu_c(w) + sigma_c(w) * eps) with w ~ N(0, I).
 
-Scaled as the family's ELBO (``ConvVAEMethod.elbo_terms``): L_recon is a mean over pixels, the
+Scaled as the family's ELBO (``VAEMethod.elbo_terms``): L_recon is a mean over pixels, the
 KL terms (nats) are weighted by beta per latent dimension q. The component variances are
 floored smoothly at 1e-6 (ops.floored_logvar), so they are positive for every output of the
 prior network. Ours where the paper's MNIST settings are not in our notes (METHODS 3: the
@@ -48,10 +48,10 @@ from ..ops import (
     mixture_log_responsibilities,
     mixture_responsibilities,
 )
-from .vae import VADE_HIDDEN, ConvVAEMethod, Network, Reconstruction
+from .vae import VADE_HIDDEN, Network, Reconstruction, VAEMethod
 
 
-class GMVAE(ConvVAEMethod):
+class GMVAE(VAEMethod):
     """The Gaussian-mixture VAE with exact marginalisation over the K components.
 
     Args:
@@ -63,12 +63,12 @@ class GMVAE(ConvVAEMethod):
         prior_hidden: the hidden units of the prior network w -> (mu_c(w), sigma_c^2(w)) (ours: 256).
         beta: weight of the KL terms per latent dimension (ours: the family's 5e-3).
         kl_c_floor: lambda, the floor of the z-prior term in nats, in [0, log K) (ours: 0.5).
-        encoder: ``bn_relu`` or ``linear`` (see :class:`ConvVAEMethod`).
+        encoder: ``bn_relu`` or ``linear`` (see :class:`VAEMethod`).
         channels: encoder widths (ours: 64-128-256); the decoder mirrors them.
         lr: Adam learning rate (ours: 1e-3).
-        lr_step_epochs: see :class:`ConvVAEMethod` (``None``: constant).
-        lr_step_gamma: see :class:`ConvVAEMethod`.
-        network, hidden, reconstruction: see :class:`ConvVAEMethod` (ours: conv, MSE); q(w|x)
+        lr_step_epochs: see :class:`VAEMethod` (``None``: constant).
+        lr_step_gamma: see :class:`VAEMethod`.
+        network, hidden, reconstruction: see :class:`VAEMethod` (ours: conv, MSE); q(w|x)
             shares the encoder's trunk either way.
     """
 
@@ -93,8 +93,9 @@ class GMVAE(ConvVAEMethod):
         reconstruction: Reconstruction = "mse",
     ) -> None:
         super().__init__(
-            n_clusters, input_shape, latent_dim, 0, beta, 1.0, encoder, channels, lr, lr_step_epochs, lr_step_gamma,
-            network, hidden, reconstruction,
+            n_clusters=n_clusters, input_shape=input_shape, latent_dim=latent_dim, condition_dim=0, beta=beta,
+            prior_std=1.0, encoder=encoder, channels=channels, lr=lr, lr_step_epochs=lr_step_epochs,
+            lr_step_gamma=lr_step_gamma, network=network, hidden=hidden, reconstruction=reconstruction,
         )  # fmt: skip
         check_positive(w_dim=w_dim, prior_hidden=prior_hidden)
         if not 0 <= kl_c_floor < math.log(n_clusters):

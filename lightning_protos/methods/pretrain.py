@@ -179,12 +179,12 @@ class AutoencoderMethod(ClusteringMethod):
 
     # -- phases -----------------------------------------------------------------------
     @property
-    def cluster_start(self) -> int:
+    def pretrain_end(self) -> int:
         """First epoch after pretraining."""
         return self._pretrain_epochs
 
     def clustering_start(self) -> int:
-        return self.cluster_start
+        return self.pretrain_end
 
     def phase(self, epoch: int) -> str:
         """``pretrain`` or ``cluster`` (subclasses may split the latter)."""
@@ -192,7 +192,7 @@ class AutoencoderMethod(ClusteringMethod):
 
     def cluster_iteration(self, batch_idx: int) -> int:
         """Training iterations since the clustering phase began (counts from 0)."""
-        return (self.current_epoch - self.cluster_start) * int(self.trainer.num_training_batches) + batch_idx
+        return (self.current_epoch - self.pretrain_end) * int(self.trainer.num_training_batches) + batch_idx
 
     # -- to implement -----------------------------------------------------------------
     def init_from_codes(self, z: Tensor) -> None:
@@ -237,7 +237,7 @@ class AutoencoderMethod(ClusteringMethod):
     def kmeans(self, z: Tensor) -> Tensor:
         """``(K, p)`` k-means centres of codes ``z`` (k-means++, ``kmeans_n_init`` restarts), seeded
         by the run's seed; fitted by rank 0 alone under DDP."""
-        seed = self.run_seed % 2**31
+        seed = self.sklearn_seed
         return on_rank0(kmeans_centres, z, self.n_clusters, seed, self._kmeans_n_init).to(z.device)
 
     def fit_data(self) -> Tensor:

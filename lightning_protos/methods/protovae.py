@@ -20,7 +20,7 @@ dec(v_k + xi), xi ~ N(0, I) (ops.around).
 Choices where the paper is silent (METHODS 3.2): 3x3 convs and widths 32-64(-128); a 256-unit
 bottleneck; a linear projection head (ReLU as an option); no L2 normalisation of z and V
 (an option); tau 0.1, eps 0.05, 3 Sinkhorn iterations, kernel bandwidth 2 sigma^2 = 256; the
-codes for step (b) are recomputed on the new Z; V has Keras' default (Glorot uniform) init.
+codes for step 1b are recomputed on the new Z; V has Keras' default (Glorot uniform) init.
 K = 1 is allowed (the paper's K = 1 run): its codes are all 1 and L_prot is 0.
 
 Baselines (METHODS 2), one Adam optimiser each:
@@ -49,7 +49,7 @@ from ..ops.mmd import grouped_mmd, mmd
 from ..ops.sinkhorn import sinkhorn
 from ..ops.vaesim import similarity
 from .base import ClusteringMethod, adam
-from .vae import ConvVAEMethod
+from .vae import VAEMethod
 
 
 class ReconstructionMethod(ClusteringMethod):
@@ -147,7 +147,7 @@ class _VariationalBaseline(ReconstructionMethod):
     """VAE-KL and InfoVAE: a mu head (``head``) and a log-variance head, z reparameterised, and a
     regulariser switched on after ``warmup_epochs``."""
 
-    reparameterise = staticmethod(ConvVAEMethod.reparameterise)
+    reparameterise = staticmethod(VAEMethod.reparameterise)
 
     def __init__(self, input_shape, latent_dim, channels, bottleneck_dim, lr, warmup_epochs) -> None:
         super().__init__(1, input_shape, latent_dim, channels, bottleneck_dim, lr)
@@ -306,8 +306,7 @@ class ProtoVAE(ReconstructionMethod):
         v_k detached. 0 (still a function of z) when no cluster has 2 samples."""
         with self.full_precision():
             z, v = z.float(), self.V.detach().float()  # v: (latent_dim, K)
-            # All the draws in one call, y_i ~ N(v_{k_i}, I): the same estimator as one MMD per
-            # cluster, but a different random stream from the former per-cluster loop.
+            # all the draws in one call, y_i ~ N(v_{k_i}, I): the estimator of one MMD per cluster
             y = v[:, assign].T + torch.randn_like(z)
             return grouped_mmd(z, y, assign, self.n_clusters, self.hparams.mmd_bandwidth)
 
@@ -316,9 +315,9 @@ class ProtoVAE(ReconstructionMethod):
         lr = self.hparams.lr
         encoder = [*self.encoder.parameters(), *self.head.parameters()]
         return [
-            adam([*encoder, self.V], lr),  # step a: L_prot
-            adam(encoder, lr),  # step b: L_reg
-            adam([*encoder, *self.decoder.parameters()], lr),  # step c: L_rec
+            adam([*encoder, self.V], lr),  # step 1a: L_prot
+            adam(encoder, lr),  # step 1b: L_reg
+            adam([*encoder, *self.decoder.parameters()], lr),  # step 2: L_rec
         ]
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:

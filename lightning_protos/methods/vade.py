@@ -21,7 +21,7 @@ p(c|z) in closed form (§3.2).
 Prediction: gamma at z = z_mu; its argmax is the cluster. Prototypes: mu_c. Samples of cluster
 c: d(mu_c + sigma_c * eps).
 
-The ELBO is scaled as the family's (``ConvVAEMethod.elbo_terms``): L_recon is a mean over
+The ELBO is scaled as the family's (``VAEMethod.elbo_terms``): L_recon is a mean over
 the d pixels, and the KL terms, in nats per latent dimension, are weighted by beta; with beta =
 5e-3 the VAESim network's ELBO. The paper's -ELBO sums the Bernoulli terms over the d pixels and
 the KL terms over z, so with ``bce`` and beta = q / d our loss is exactly the paper's divided by
@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from ..errors import check_non_negative, check_positive
 from ..ops import floored_logvar, mixture_responsibilities, raw_logvar, vade_kl_terms
 from .base import ClusteringMethod, adam, broadcast_from_rank0, on_rank0
-from .vae import VADE_HIDDEN, ConvVAEMethod, Network, Reconstruction
+from .vae import VADE_HIDDEN, Network, Reconstruction, VAEMethod
 
 
 def diagonal_gmm(z: Tensor, k: int, seed: int, n_init: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -66,7 +66,7 @@ def diagonal_gmm(z: Tensor, k: int, seed: int, n_init: int) -> tuple[Tensor, Ten
     return tuple(torch.as_tensor(a) for a in (gmm.weights_, gmm.means_, gmm.covariances_))
 
 
-class VaDE(ConvVAEMethod):
+class VaDE(VAEMethod):
     """VaDE on the VAESim network (or, with ``network: mlp``, on the paper's).
 
     Args:
@@ -76,7 +76,7 @@ class VaDE(ConvVAEMethod):
         latent_dim: q (ours: 32, METHODS 3; the paper: 10).
         beta: weight of the KL terms per latent dimension (ours: the family's 5e-3; the paper's
             ELBO: q / d with ``bce``).
-        encoder: ``bn_relu`` or ``linear`` (see :class:`ConvVAEMethod`).
+        encoder: ``bn_relu`` or ``linear`` (see :class:`VAEMethod`).
         channels: encoder widths (ours: 64-128-256); the decoder mirrors them.
         lr: Adam learning rate of both phases (the VaDE code: 2e-3).
         lr_step_epochs: multiply the learning rate by ``lr_step_gamma`` every this many epochs
@@ -85,7 +85,7 @@ class VaDE(ConvVAEMethod):
         pretrain_epochs: autoencoder pretraining epochs before the GMM is fitted (0: the GMM
             is fitted on the codes of the untrained network).
         gmm_n_init: restarts of the GaussianMixture (scikit-learn's default: 1).
-        network: ``conv`` (ours) or ``mlp`` (the paper's d-500-500-2000-q, see :class:`ConvVAEMethod`).
+        network: ``conv`` (ours) or ``mlp`` (the paper's d-500-500-2000-q, see :class:`VAEMethod`).
         hidden: the ``mlp`` encoder's hidden widths (the paper: 500-500-2000).
         reconstruction: ``mse`` (ours) or ``bce`` (the paper's Bernoulli decoder).
     """
@@ -110,8 +110,9 @@ class VaDE(ConvVAEMethod):
         reconstruction: Reconstruction = "mse",
     ) -> None:
         super().__init__(
-            n_clusters, input_shape, latent_dim, 0, beta, 1.0, encoder, channels, lr, lr_step_epochs, lr_step_gamma,
-            network, hidden, reconstruction,
+            n_clusters=n_clusters, input_shape=input_shape, latent_dim=latent_dim, condition_dim=0, beta=beta,
+            prior_std=1.0, encoder=encoder, channels=channels, lr=lr, lr_step_epochs=lr_step_epochs,
+            lr_step_gamma=lr_step_gamma, network=network, hidden=hidden, reconstruction=reconstruction,
         )  # fmt: skip
         check_positive(gmm_n_init=gmm_n_init)
         check_non_negative(pretrain_epochs=pretrain_epochs)
@@ -166,7 +167,7 @@ class VaDE(ConvVAEMethod):
         """The prior p(c), p(z|c) from a GaussianMixture (diagonal) fitted on the codes ``z``
         ``(N, q)``, and q(z|x)'s variance head set to the components' spread; fitted by rank 0
         alone under DDP."""
-        seed = self.run_seed % 2**31
+        seed = self.sklearn_seed
         fitted = on_rank0(diagonal_gmm, z, self.n_clusters, seed, self.hparams.gmm_n_init)
         weights, means, variances = (a.to(self.mu_c) for a in fitted)
         self.pi_logits.copy_(torch.log(weights))

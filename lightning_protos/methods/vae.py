@@ -50,9 +50,9 @@ Reconstruction = Literal["mse", "bce"]
 VADE_HIDDEN = (500, 500, 2000)  # VaDE's fully connected encoder widths (the decoder mirrors them)
 
 
-class ConvVAEMethod(ClusteringMethod):
-    """The network, the ELBO and the optimiser shared by :class:`VAE`, VAESim, VaDE and GMVAE
-    (named for its default, VAESim's conv network; ``network: mlp`` swaps in VaDE's).
+class VAEMethod(ClusteringMethod):
+    """The network, the ELBO and the optimiser shared by :class:`VAE`, VAESim, VaDE and GMVAE:
+    VAESim's conv network by default, VaDE's fully connected one with ``network: mlp``.
 
     Args:
         n_clusters: K.
@@ -194,7 +194,7 @@ class ConvVAEMethod(ClusteringMethod):
             self.lr_schedulers().step()
 
 
-class VAE(ConvVAEMethod):
+class VAE(VAEMethod):
     """A plain VAE (the decoder sees z only), clustered by k-means on z_mu after training.
 
     Args:
@@ -203,16 +203,16 @@ class VAE(ConvVAEMethod):
         latent_dim: q (VAESim's baseline: 32).
         beta: weight of the KL term (ours, = VAESim's: 5e-3).
         prior_std: s of the prior N(0, s^2 I).
-        encoder: ``bn_relu`` or ``linear`` (see :class:`ConvVAEMethod`).
+        encoder: ``bn_relu`` or ``linear`` (see :class:`VAEMethod`).
         channels: encoder widths (ours: 64-128-256).
         lr: Adam learning rate (the authors' code: 1e-4).
-        lr_step_epochs: see :class:`ConvVAEMethod`.
-        lr_step_gamma: see :class:`ConvVAEMethod`.
+        lr_step_epochs: see :class:`VAEMethod`.
+        lr_step_gamma: see :class:`VAEMethod`.
         k_min: ``None`` for k-means with K = ``n_clusters``; else K is chosen by the elbow of
             the inertia over K = k_min..n_clusters.
         kmeans_n_init: k-means restarts per K (1: scikit-learn's default since 1.4; the
             authors' 2022 code, through yellowbrick's ``KMeans()``, got that release's 10).
-        network, hidden, reconstruction: see :class:`ConvVAEMethod` (ours: conv, MSE).
+        network, hidden, reconstruction: see :class:`VAEMethod` (ours: conv, MSE).
 
     The k-means centres are a ``(n_clusters, q)`` buffer of which the first ``k`` rows are used
     (``k``, a buffer too, is 0 until k-means has run), so a checkpoint restores the fitted
@@ -240,8 +240,9 @@ class VAE(ConvVAEMethod):
         reconstruction: Reconstruction = "mse",
     ) -> None:
         super().__init__(
-            n_clusters, input_shape, latent_dim, 0, beta, prior_std, encoder, channels, lr, lr_step_epochs,
-            lr_step_gamma, network, hidden, reconstruction,
+            n_clusters=n_clusters, input_shape=input_shape, latent_dim=latent_dim, condition_dim=0, beta=beta,
+            prior_std=prior_std, encoder=encoder, channels=channels, lr=lr, lr_step_epochs=lr_step_epochs,
+            lr_step_gamma=lr_step_gamma, network=network, hidden=hidden, reconstruction=reconstruction,
         )  # fmt: skip
         check_positive(kmeans_n_init=kmeans_n_init)
         if k_min is not None and not 2 <= k_min < n_clusters - 1:
@@ -283,7 +284,7 @@ class VAE(ConvVAEMethod):
         def on_codes(fit, *args):  # rank 0's work only: the other ranks take its result
             return fit(self.embed_all(self.fit_features()), *args)
 
-        seed = self.run_seed % 2**31
+        seed = self.sklearn_seed
         h = self.hparams
         self.centres.zero_()
         self.inertias.zero_()

@@ -51,10 +51,10 @@ from ..ops import (
 )
 from ..ops.vaesim import Schedule, Similarity
 from .base import broadcast_from_rank0
-from .vae import VADE_HIDDEN, ConvVAEMethod, Network, Reconstruction
+from .vae import VADE_HIDDEN, Network, Reconstruction, VAEMethod
 
 
-class VAESim(ConvVAEMethod):
+class VAESim(VAEMethod):
     """The conditional VAE with EMA prototypes.
 
     Args:
@@ -82,7 +82,7 @@ class VAESim(ConvVAEMethod):
         lr_step_gamma: the factor of that decay.
         augment: VAEsim (aug): random equalisation (p = 0.5) and a random affine move (+-15
             degrees, +-10% shift, scale 0.9-1.1) of each training image (ours: magnitudes).
-        network, hidden, reconstruction: see :class:`~.vae.ConvVAEMethod` (J: conv, MSE).
+        network, hidden, reconstruction: see :class:`~.vae.VAEMethod` (J: conv, MSE).
     """
 
     def __init__(
@@ -111,8 +111,10 @@ class VAESim(ConvVAEMethod):
         reconstruction: Reconstruction = "mse",
     ) -> None:
         super().__init__(
-            n_clusters, input_shape, latent_dim, n_clusters, beta, prior_std, encoder, channels, lr,
-            lr_step_epochs, lr_step_gamma, network, hidden, reconstruction,
+            n_clusters=n_clusters, input_shape=input_shape, latent_dim=latent_dim, condition_dim=n_clusters,
+            beta=beta, prior_std=prior_std, encoder=encoder, channels=channels, lr=lr,
+            lr_step_epochs=lr_step_epochs, lr_step_gamma=lr_step_gamma, network=network, hidden=hidden,
+            reconstruction=reconstruction,
         )  # fmt: skip
         check_positive(tau_start=tau_start, tau_end=tau_end, tau_hot=tau_hot)
         if not 0 <= eta < 1:
@@ -168,11 +170,7 @@ class VAESim(ConvVAEMethod):
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         """Adds ``similarity`` ``(B, K)`` to the base output (written as ``sim_k`` columns)."""
         sims = self.similarities(batch["x"])
-        probs = torch.softmax(sims / self.tau, dim=-1)
-        out = {"index": batch["index"], "cluster": probs.argmax(-1), "probs": probs, "similarity": sims}
-        if "y" in batch:
-            out["y"] = batch["y"]
-        return out
+        return self.prediction(batch, torch.softmax(sims / self.tau, dim=-1), similarity=sims)
 
     # -- training ---------------------------------------------------------------------
     def setup(self, stage: str) -> None:

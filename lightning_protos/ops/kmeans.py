@@ -1,4 +1,6 @@
-"""k-means initialisations (scikit-learn) and the CM's pseudo-inverse encoder."""
+"""k-means initialisations (scikit-learn), the CM's pseudo-inverse encoder, and the cluster
+arithmetic of the centroid methods: squared distances, per-cluster sums (all-reduced across
+ranks on request) and DCN's running-mean centroid update."""
 
 from __future__ import annotations
 
