@@ -427,6 +427,23 @@ def test_vade_pretrains_then_fits_the_gmm_once_on_the_codes():
     assert not torch.equal(seen[-1][1], seen[9][1])  # and is then trained with the network
 
 
+def test_uniform_mixture_weights_stay_one_over_k_while_the_rest_trains():
+    """``mixture_weights: uniform``: the GMM sets the means and variances but not pi, which stays
+    1/K through training; ``learned`` takes the GMM's weights and trains them."""
+    dm = blobs_data()
+    weights = {}
+    for how in ("uniform", "learned"):
+        model = make("vade", mixture_weights=how)
+        fit(model, dm, 5)  # 3 pretraining + 2 VaDE epochs
+        weights[how] = model.pi_logits.detach().clone()
+        assert bool(model.initialised)
+        assert not torch.equal(model.mu_c.detach(), torch.zeros(3, 4))
+    assert torch.equal(weights["uniform"], torch.zeros(3))  # softmax: 1/3 each
+    assert (torch.softmax(weights["learned"], 0) - 1 / 3).abs().max() > 1e-3
+    with pytest.raises(ProtosError, match="mixture_weights must be one of learned, uniform"):
+        make("vade", mixture_weights="fixed")
+
+
 @pytest.mark.parametrize("kind", ["vade", "gmvae"])
 def test_checkpoint_restores_the_mixture_strictly(kind, tmp_path):
     dm = blobs_data()

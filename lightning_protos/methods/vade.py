@@ -39,6 +39,11 @@ the VaDE epochs only); the log-variance head set at the GMM fit (left at its ran
 initialisation, it draws z with variance ~1 around codes whose components are far tighter, and
 the first VaDE steps merged the clusters of well-separated test blobs on 3 seeds of 4: ARI 1.0
 after the GMM, 0.55 after training; 1.0 on all 4 with the head set).
+
+``mixture_weights: uniform``: the VaDE authors' code (slim1017/VaDE, VaDE.py) starts its weights
+theta at 1/K, never sets them from the GMM (only the means and variances), and lets Adam move
+them unnormalised; gamma's normalisation cancels a common growth, so their prior stays close to
+uniform. A fixed uniform pi is the nearest choice with a normalised prior.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from ..errors import check_non_negative, check_positive
+from ..errors import check_choices, check_non_negative, check_positive
 from ..ops import floored_logvar, mixture_responsibilities, raw_logvar, vade_kl_terms
 from .base import ClusteringMethod, adam, broadcast_from_rank0, on_rank0
 from .vae import VADE_HIDDEN, Network, Reconstruction, VAEMethod
@@ -85,6 +90,8 @@ class VaDE(VAEMethod):
         pretrain_epochs: autoencoder pretraining epochs before the GMM is fitted (0: the GMM
             is fitted on the codes of the untrained network).
         gmm_n_init: restarts of the GaussianMixture (scikit-learn's default: 1).
+        mixture_weights: ``learned`` (the paper: pi from the GMM, then trained) or ``uniform``
+            (pi = 1/K throughout, not trained; close to what the VaDE code does, see below).
         network: ``conv`` (ours) or ``mlp`` (the paper's d-500-500-2000-q, see :class:`VAEMethod`).
         hidden: the ``mlp`` encoder's hidden widths (the paper: 500-500-2000).
         reconstruction: ``mse`` (ours) or ``bce`` (the paper's Bernoulli decoder).
@@ -105,6 +112,7 @@ class VaDE(VAEMethod):
         lr_step_gamma: float = 0.9,
         pretrain_epochs: int = 10,
         gmm_n_init: int = 1,
+        mixture_weights: Literal["learned", "uniform"] = "learned",
         network: Network = "conv",
         hidden: Sequence[int] = VADE_HIDDEN,
         reconstruction: Reconstruction = "mse",
@@ -115,11 +123,12 @@ class VaDE(VAEMethod):
             lr_step_gamma=lr_step_gamma, network=network, hidden=hidden, reconstruction=reconstruction,
         )  # fmt: skip
         check_positive(gmm_n_init=gmm_n_init)
+        check_choices(mixture_weights=(mixture_weights, ("learned", "uniform")))
         check_non_negative(pretrain_epochs=pretrain_epochs)
         self.save_hyperparameters()
         # The mixture prior, set by the GMM at the end of pretraining: pi = softmax(pi_logits),
         # sigma_c^2 = exp(logvar_raw) + 1e-6 (positive whatever the optimiser does).
-        self.pi_logits = nn.Parameter(torch.zeros(n_clusters))
+        self.pi_logits = nn.Parameter(torch.zeros(n_clusters), requires_grad=mixture_weights == "learned")
         self.mu_c = nn.Parameter(torch.zeros(n_clusters, latent_dim))
         self.logvar_raw = nn.Parameter(torch.zeros(n_clusters, latent_dim))
         self.register_buffer("initialised", torch.tensor(False))  # the GMM has been fitted
@@ -170,7 +179,8 @@ class VaDE(VAEMethod):
         seed = self.sklearn_seed
         fitted = on_rank0(diagonal_gmm, z, self.n_clusters, seed, self.hparams.gmm_n_init)
         weights, means, variances = (a.to(self.mu_c) for a in fitted)
-        self.pi_logits.copy_(torch.log(weights))
+        if self.hparams.mixture_weights == "learned":
+            self.pi_logits.copy_(torch.log(weights))
         self.mu_c.copy_(means)
         self.logvar_raw.copy_(raw_logvar(variances))
         head = self.encoder.logvar  # q(z|x) starts at the components' spread, not at N(0, I)'s
