@@ -128,3 +128,9 @@ def mmd_loops(x, y, bandwidth: float) -> float:
     yy = sum(w(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
     xy = sum(w(x[i], y[j]) for i in range(n) for j in range(m)) / (n * m)
     return xx + yy - 2 * xy
+
+
+def kmeans_loss(z, r) -> float:
+    """sum_i min_k ||z_i - r_k||^2, the k-means loss of codes ``z`` ``(B, p)`` and centres ``r`` ``(K, p)``."""
+    z, r = np.asarray(z, dtype=np.float64), np.asarray(r, dtype=np.float64)
+    return float(((z[:, None] - r[None]) ** 2).sum(-1).min(1).sum())

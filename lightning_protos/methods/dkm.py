@@ -89,6 +89,7 @@ class DKM(AutoencoderMethod):
         self.save_hyperparameters()
         self.centroids = nn.Parameter(torch.zeros(n_clusters, latent_dim))  # r, set by k-means
         self.register_buffer("alpha_step", torch.tensor(0))  # position in the annealing schedule
+        # the alpha in use (hparams.alpha is the constant asked for, or None: annealed)
         self.register_buffer("alpha", torch.tensor(annealed_alpha(0) if alpha is None else alpha))
 
     # -- contract ---------------------------------------------------------------------

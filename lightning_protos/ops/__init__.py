@@ -3,7 +3,7 @@
 from .augment import affine, random_affine, random_equalize
 from .cm import aecm_terms, cm_terms, dirichlet_term
 from .dec import kl_clustering_loss, student_t_assign, student_t_logits, target_distribution
-from .dkm import annealed_alpha, dkm_clustering_loss, dkm_weights, kmeans_loss
+from .dkm import annealed_alpha, dkm_clustering_loss, dkm_weights
 from .elbow import elbow_kmeans, kneedle_elbow
 from .kmeans import (
     cluster_sums,
@@ -61,7 +61,6 @@ __all__ = [
     "interpolate",
     "kl_clustering_loss",
     "kmeans_centres",
-    "kmeans_loss",
     "kmeans_pp_centres",
     "kneedle_elbow",
     "mixture_log_responsibilities",

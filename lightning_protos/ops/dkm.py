@@ -22,7 +22,7 @@ def dkm_clustering_loss(z: Tensor, r: Tensor, alpha: float | Tensor) -> Tensor:
     """sum_i sum_k ||z_i - r_k||^2 G_k(z_i): the differentiable k-means term, summed over the batch.
 
     As alpha grows, G_k tends to the one-hot of the nearest centroid and the term to the
-    k-means loss :func:`kmeans_loss`.
+    k-means loss sum_i min_k ||z_i - r_k||^2.
 
     Args:
         z: ``(B, p)`` codes.
@@ -31,11 +31,6 @@ def dkm_clustering_loss(z: Tensor, r: Tensor, alpha: float | Tensor) -> Tensor:
     """
     d2 = squared_distances(z, r)
     return (d2 * dkm_weights(d2, alpha)).sum()
-
-
-def kmeans_loss(z: Tensor, r: Tensor) -> Tensor:
-    """sum_i min_k ||z_i - r_k||^2, the k-means loss of codes ``z`` ``(B, p)`` and centroids ``r`` ``(K, p)``."""
-    return squared_distances(z, r).min(dim=1).values.sum()
 
 
 def annealed_alpha(step: int, alpha_1: float = ALPHA_1) -> float:
