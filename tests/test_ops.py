@@ -17,6 +17,7 @@ from lightning_protos.ops import (
     dirichlet_term,
     interpolate,
     kmeans_pp_centres,
+    nearest_one_hot,
     pinv_encoder,
     random_affine,
     random_equalize,
@@ -150,6 +151,18 @@ def test_posterior_encoder_gives_the_isotropic_gmm_responsibilities():
         np.testing.assert_allclose(cm(x).numpy(), expected, rtol=1e-10)
         torch.testing.assert_close(cm.centroids(), centres)
     assert (cm(x).argmax(1).numpy() == sq.argmin(1)).all()  # the k-means partition
+
+
+def test_nearest_one_hot_marks_the_closest_centre_by_scipy():
+    from scipy.spatial.distance import cdist
+
+    g = torch.Generator().manual_seed(0)
+    x, c = torch.randn(30, 3, generator=g, dtype=torch.float64), torch.randn(4, 3, generator=g, dtype=torch.float64)
+    want = np.eye(6)[cdist(x.numpy(), c.numpy()).argmin(1)]  # 6 columns: the last 2 stay 0
+    got = nearest_one_hot(x, c, 6)
+    assert got.dtype == torch.float64
+    np.testing.assert_array_equal(got.numpy(), want)
+    np.testing.assert_array_equal(nearest_one_hot(x, c).numpy(), want[:, :4])
 
 
 def test_kmeans_pp_centres_shape_and_determinism():

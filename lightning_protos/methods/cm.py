@@ -23,7 +23,7 @@ from torch import Tensor
 from ..errors import check_positive
 from ..nets import ClusteringModule
 from ..nets.mlp import BiasInit
-from ..ops import cm_terms, kmeans_pp_centres
+from ..ops import cm_terms, kmeans_pp_centres, nearest_one_hot
 from .averaging import AveragingEpoch
 from .base import ClusteringMethod, adam, broadcast_from_rank0, on_rank0
 
@@ -95,9 +95,7 @@ class CM(AveragingEpoch, ClusteringMethod):
     def cluster_probs(self, x: Tensor) -> Tensor:
         x = self.flat(x)
         if self.hparams.average == "centroids" and not self.training:
-            # nearest averaged centroid, as a (hard) one-hot assignment
-            nearest = torch.cdist(x, self.cm.centroids()).argmin(-1)
-            return torch.nn.functional.one_hot(nearest, self.n_clusters).to(x.dtype)
+            return nearest_one_hot(x, self.cm.centroids())  # nearest averaged centroid (hard)
         return self.cm(x)
 
     def prototypes(self) -> Tensor:

@@ -56,7 +56,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..errors import ProtosError, check_choices, check_non_negative, check_positive
-from ..ops import cluster_sums, running_mean_update, squared_distances
+from ..ops import cluster_sums, nearest_one_hot, running_mean_update, squared_distances
 from .pretrain import AutoencoderMethod, encode_all, reconstruction_loss
 
 
@@ -153,8 +153,9 @@ class DCN(AutoencoderMethod):
 
     def cluster_probs(self, x: Tensor) -> Tensor:
         """The one-hot of the nearest centroid: DCN's assignments are hard."""
-        nearest = self.nearest(self.embed(x))
-        return torch.nn.functional.one_hot(nearest, self.n_clusters).to(self.centroids.dtype)
+        z = self.embed(x)
+        with self.full_precision():
+            return nearest_one_hot(z.float(), self.centroids)
 
     def prototypes(self) -> Tensor:
         return self.centroids.clone()

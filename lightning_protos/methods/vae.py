@@ -40,7 +40,7 @@ from torch import Tensor
 from ..errors import ProtosError, check_choices, check_non_negative, check_positive
 from ..nets.conv import NET_SIZE, ConvDecoder, ConvEncoder, resize
 from ..nets.mlp import MLPDecoder, MLPEncoder
-from ..ops import elbow_kmeans, gaussian_kl, kmeans_centres
+from ..ops import elbow_kmeans, gaussian_kl, kmeans_centres, nearest_one_hot
 from .base import ClusteringMethod, adam, on_rank0
 from .pretrain import encode_all
 
@@ -259,9 +259,7 @@ class VAE(VAEMethod):
         k = int(self.k)
         if k == 0:
             raise ProtosError("the VAE's k-means has not run yet: train the model first (or load a checkpoint)")
-        z = self.embed(x).float()
-        nearest = torch.cdist(z, self.centres[:k]).argmin(dim=1)
-        return F.one_hot(nearest, self.n_clusters).to(z.dtype)
+        return nearest_one_hot(self.embed(x).float(), self.centres[:k], self.n_clusters)
 
     def prototypes(self) -> Tensor | None:
         """The ``k`` fitted k-means centres ``(k, q)``, or ``None`` before k-means."""

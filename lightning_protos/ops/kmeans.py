@@ -40,6 +40,14 @@ def squared_distances(x: Tensor, c: Tensor) -> Tensor:
     return (x.unsqueeze(1) - c.unsqueeze(0)).pow(2).sum(dim=-1)
 
 
+def nearest_one_hot(x: Tensor, c: Tensor, n_columns: int | None = None) -> Tensor:
+    """``(N, n_columns)`` one-hot of the nearest of the centres ``c`` ``(K, d)`` to each row of
+    ``x`` ``(N, d)`` (columns past K stay 0; ``None``: K), in ``x``'s dtype: a hard assignment
+    as ``cluster_probs`` returns it."""
+    nearest = squared_distances(x, c).argmin(dim=1)
+    return torch.nn.functional.one_hot(nearest, len(c) if n_columns is None else n_columns).to(x.dtype)
+
+
 def cluster_sums(z: Tensor, assign: Tensor, k: int, over_ranks: bool = False) -> tuple[Tensor, Tensor]:
     """Per-cluster sums ``(K, p)`` and sizes ``(K,)`` (long) of codes ``z`` ``(B, p)`` under hard
     assignments ``assign`` ``(B,)``: the sufficient statistics of :func:`running_mean_update`.
