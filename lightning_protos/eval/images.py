@@ -374,12 +374,8 @@ class InspectionImages(L.Callback):
         dm = getattr(trainer, "datamodule", None)
         if not trainer.is_global_zero or dm is None or not (writers or png):
             return
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
+        with pl_module.evaluating():
             pictures = self.pictures(pl_module, dm)
-        finally:
-            pl_module.train(was_training)
         for note in pictures.notes:
             if note not in self._noted:
                 rank_zero_info(f"InspectionImages ({type(pl_module).__name__}): {note}")

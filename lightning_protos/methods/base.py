@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import lightning as L
@@ -405,6 +406,17 @@ class ClusteringMethod(L.LightningModule):
             for (_, t), part in zip(stats, flat.split([t.numel() for _, t in stats]), strict=True):
                 t.copy_(part.view_as(t))
         return dict(stats)
+
+    @contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Eval mode for the block (BatchNorm's running statistics, which it leaves alone), then
+        the mode the method was in."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield
+        finally:
+            self.train(was_training)
 
     def full_precision(self):
         """Context for loss terms: float32 even under ``--trainer.precision bf16-mixed`` (the

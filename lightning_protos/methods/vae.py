@@ -173,12 +173,8 @@ class VAEMethod(ClusteringMethod):
     @torch.no_grad()
     def embed_all(self, x: Tensor, batch_size: int = 1024) -> Tensor:
         """``(N, *input_shape)`` -> ``(N, q)`` z_mu in eval mode (BatchNorm running statistics)."""
-        was_training = self.training
-        self.eval()
-        try:
+        with self.evaluating():
             return encode_all(lambda xb: self.embed(xb).float(), x, batch_size)
-        finally:
-            self.train(was_training)
 
     # -- optimisation -----------------------------------------------------------------
     def configure_optimizers(self):

@@ -196,10 +196,8 @@ class VAESim(VAEMethod):
             chosen = z[torch.randperm(len(z), device=z.device)[: self.n_clusters]]
         else:
             noise = torch.rand(self.n_clusters, *self.input_shape, device=z.device)
-            was_training = self.training
-            self.eval()  # leaves the BatchNorm statistics alone
-            mu, logvar = self.encode(noise)
-            self.train(was_training)
+            with self.evaluating():
+                mu, logvar = self.encode(noise)
             chosen = self.reparameterise(mu, logvar)
         self.Q.copy_(chosen.float())
         broadcast_from_rank0([self.Q])
