@@ -87,6 +87,13 @@ def test_fit_on_all_versus_train(two_splits):
     assert on_train.n_train == 20
     assert on_train.n_of("eval") == 10
     assert torch.equal(on_train.labels("eval"), test[1])
+    # all: the training split then the test split, each image with its own label (labels without a period)
+    g = torch.Generator().manual_seed(1)
+    train, test = (train[0], torch.randint(0, 3, (20,), generator=g)), (test[0], torch.randint(0, 3, (10,), generator=g))
+    on_all = TwoSplits(train, test, fit_on="all")
+    for stage in ("fit", "eval"):
+        assert torch.equal(on_all.features(stage), torch.cat([train[0], test[0]]).float() / 255)
+        assert torch.equal(on_all.labels(stage), torch.cat([train[1], test[1]]))
     assert on_all.input_shape == (1, 4, 4)
     assert on_all.input_dim == 16
     assert on_all.n_classes == 3

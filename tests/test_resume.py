@@ -243,6 +243,20 @@ def test_the_loader_skips_the_batches_served_before_a_mid_epoch_checkpoint():
     assert len([b for b in later]) == len(full)
 
 
+
+def test_each_epoch_is_its_own_seeded_permutation():
+    """EpochShuffle: epoch e is randperm(N) from seed + e, so epochs differ and a resumed run
+    redraws the same order for the same epoch."""
+    dataset = TensorBatches(torch.arange(10).reshape(10, 1), None, with_labels=False)
+    sampler = EpochShuffle(dataset, seed=5)
+    orders = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        orders.append(list(sampler))
+        assert orders[-1] == torch.randperm(10, generator=torch.Generator().manual_seed(5 + epoch)).tolist()
+    assert orders[0] != orders[1] != orders[2]
+
+
 # -- a non-finite loss: the run stops, the last good checkpoint stays --------------------
 class PoisonAt(L.Callback):
     """Puts a NaN into the batch of step ``step`` (bad data, or an overflow, in a long run)."""
