@@ -89,7 +89,8 @@ def test_fit_on_all_versus_train(two_splits):
     assert torch.equal(on_train.labels("eval"), test[1])
     # all: the training split then the test split, each image with its own label (labels without a period)
     g = torch.Generator().manual_seed(1)
-    train, test = (train[0], torch.randint(0, 3, (20,), generator=g)), (test[0], torch.randint(0, 3, (10,), generator=g))
+    train = (train[0], torch.randint(0, 3, (20,), generator=g))
+    test = (test[0], torch.randint(0, 3, (10,), generator=g))
     on_all = TwoSplits(train, test, fit_on="all")
     for stage in ("fit", "eval"):
         assert torch.equal(on_all.features(stage), torch.cat([train[0], test[0]]).float() / 255)

@@ -182,6 +182,62 @@ def test_knn_and_linear_probes_on_separable_embeddings():
     assert linear_probe_accuracy(*many, lr=1e-2, epochs=100, batch_size=16, n_outputs=10) == 1.0
 
 
+class NoisyStub(torch.nn.Module):
+    """A stand-in method: a fixed random linear embedding and 6 clusters read off it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 4)
+        torch.nn.init.normal_(self.proj.weight, generator=torch.Generator().manual_seed(3))
+
+    @property
+    def device(self):
+        return torch.device("cpu")
+
+    def embed(self, x):
+        return self.proj(x.reshape(len(x), -1))
+
+    def predict_clusters(self, x):
+        return (self.embed(x)[:, 0] * 2).floor().clamp(-3, 2).long() + 3
+
+
+@pytest.mark.parametrize("fit_on", ["train", "all"])
+def test_the_probes_fit_on_the_fitting_split_and_score_the_evaluation_split(fit_on):
+    """ProbeEvaluator's four accuracies equal the plain probes on the contract's outputs: the
+    cluster-to-label map, kNN and both linear probes fitted on the fitting samples and scored on
+    the evaluation samples (with one split, the holdout_split of the fitting samples)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (300, 1, 4, 4), dtype=torch.uint8, generator=g)
+    y = ((x.float().reshape(300, -1)[:, :3].sum(1) / 128).long() + torch.randint(0, 2, (300,), generator=g)) % 4
+    dm = TwoSplits((x[:200], y[:200]), (x[200:], y[200:]), fit_on=fit_on, batch_size=50)
+    stub = NoisyStub()
+    evaluator = ProbeEvaluator(
+        knn_k=3, linear_lr=0.05, linear_epochs=20, linear_batch_size=32, reference_linear=True, seed=4
+    )
+    with torch.no_grad():
+        got = evaluator.scores(stub, dm)
+        fit_x, fit_y = dm.features("fit"), dm.labels("fit")
+        if fit_on == "train":
+            eval_x, eval_y = dm.features("eval"), dm.labels("eval")
+        else:
+            fit_i, eval_i = holdout_split(fit_y.numpy(), 0.2, 4)
+            fit_x, fit_y, eval_x, eval_y = fit_x[fit_i], fit_y[fit_i], fit_x[eval_i], fit_y[eval_i]
+        fz, ez = stub.embed(fit_x), stub.embed(eval_x)
+        fk, ek = stub.predict_clusters(fit_x), stub.predict_clusters(eval_x)
+    want = {
+        "stat_acc": statistical_accuracy(fk.numpy(), fit_y.numpy(), ek.numpy(), eval_y.numpy()),
+        "knn_acc": knn_accuracy(fz.numpy(), fit_y.numpy(), ez.numpy(), eval_y.numpy(), 3),
+        "linear_acc": linear_probe_accuracy(fz, fit_y, ez, eval_y, lr=0.05, epochs=20, batch_size=32, seed=4),
+        "linear_acc_reference": linear_probe_accuracy(fz, fit_y, ez, eval_y, 1e-3, 10, 512, 10, seed=4),
+    }
+    assert got == want
+    # the cluster-to-label map and the kNN fitted on the evaluation samples would score otherwise
+    assert statistical_accuracy(ek.numpy(), eval_y.numpy(), ek.numpy(), eval_y.numpy()) != want["stat_acc"]
+    assert knn_accuracy(ez.numpy(), eval_y.numpy(), ez.numpy(), eval_y.numpy(), 3) != want["knn_acc"]
+    on_eval = linear_probe_accuracy(ez, eval_y, ez, eval_y, lr=0.05, epochs=20, batch_size=32, seed=4)
+    assert on_eval != want["linear_acc"]
+
+
 def test_probes_hold_out_a_share_of_data_with_one_split(tmp_path):
     # scored on its own training samples, a 1-NN vote finds each sample itself: accuracy 1 on
     # labels that nothing predicts; held out, it is at chance
