@@ -243,7 +243,6 @@ def test_the_loader_skips_the_batches_served_before_a_mid_epoch_checkpoint():
     assert len([b for b in later]) == len(full)
 
 
-
 def test_each_epoch_is_its_own_seeded_permutation():
     """EpochShuffle: epoch e is randperm(N) from seed + e, so epochs differ and a resumed run
     redraws the same order for the same epoch."""
