@@ -510,23 +510,52 @@ def bench_cmd(*args: str) -> list[str]:
 
 
 def test_real_cell_then_rerun_trains_nothing(tmp_path, monkeypatch, capsys):
-    """One real `protos fit` child (1 epoch on digits); the rerun starts no process."""
+    """One real `protos fit` child (1 epoch on digits, seed 1 over the config's 0); the rerun
+    starts no process."""
     monkeypatch.chdir(ROOT)
-    table = write_table(tmp_path, seeds=[0], methods=[{"method": "cm", "config": "configs/cm_{dataset}.yaml"}])
+    table = write_table(tmp_path, seeds=[1], methods=[{"method": "cm", "config": "configs/cm_{dataset}.yaml"}])
     args = ["bench", "--config", str(table), "--root", str(tmp_path / "runs")]
     assert main(args) == 0
-    run_dir = tmp_path / "runs" / "t" / "cm_digits_seed0"
+    run_dir = tmp_path / "runs" / "t" / "cm_digits_seed1"
     assert {"metrics.json", "config.yaml", "log.txt", "bench.json"} <= {p.name for p in run_dir.iterdir()}
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["seed_everything"] == 1  # the cell's seed ran
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert not list(run_dir.rglob("version_*"))
     (row,) = ResultsFile(tmp_path / "results" / "t.csv", [*COLUMNS, "note"]).rows()
     assert row["epochs"] == "1"
     assert float(row["acc"]) > 0.2
     assert float(row["seconds"]) > 0
-    refuse = FakeLaunch(fail=("cm_digits_seed0",))
+    refuse = FakeLaunch(fail=("cm_digits_seed1",))
     assert main(args, refuse) == 0
     assert refuse.calls == []
     assert "1 in " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("name", "init"), [("kmeans", "random"), ("kmeans", None), ("gmm", "random")])
+def test_a_reference_cell_scores_scikit_learns_fit_with_its_seed_and_init(name, init, tmp_path):
+    """`python -m lightning_protos.bench.reference` on digits, seeds 0 and 1: the scores of
+    scikit-learn's own KMeans / GaussianMixture with that seed and init on the raw features."""
+    from sklearn.cluster import KMeans
+    from sklearn.datasets import load_digits
+    from sklearn.metrics import adjusted_rand_score
+    from sklearn.mixture import GaussianMixture
+
+    from lightning_protos.bench.reference import main as reference_main
+
+    x, y = load_digits(return_X_y=True)
+    x = x / 16.0  # the data layer's scaling of the 0..16 pixel values
+    aris = []
+    for seed in (0, 1):
+        argv = [name, "--dataset", "digits", "--seed", str(seed), "--run-dir", str(tmp_path / str(seed))]
+        reference_main([*argv, *(["--init", init] if init else [])])
+        got = json.loads((tmp_path / str(seed) / "metrics.json").read_text())["test"]
+        if name == "kmeans":
+            model = KMeans(10, init=init or "k-means++", n_init=1, random_state=seed)
+        else:
+            model = GaussianMixture(10, covariance_type="full", init_params=init, random_state=seed)
+        assert got["ari"] == pytest.approx(adjusted_rand_score(y, model.fit_predict(x)), abs=1e-9)
+        aris.append(got["ari"])
+    assert aris[0] != aris[1]  # the seed reaches the fit
 
 
 @pytest.mark.slow
