@@ -66,6 +66,28 @@ def digits(tmp_path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+def test_best_ckpt_is_the_epoch_with_the_highest_val_acc(tmp_path, capsys):
+    """best.ckpt holds the validation with the highest val/acc of the run (as logged to
+    TensorBoard), and testing it scores that accuracy (digits: one split, validated and tested
+    on the same samples)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = digits(tmp_path, "--trainer.max_epochs", "4", "--trainer.check_val_every_n_epoch", "1")
+    code, _, err = run_main(["fit", *args, "--model.init_args.lr", "0.3", "--final_test", "false"], capsys)
+    assert code == 0, err
+    run = tmp_path / "lightning_logs" / "version_0"
+    events = EventAccumulator(str(run)).Reload()
+    accs = [e.value for e in events.Scalars("val/acc")]
+    assert len(accs) == 4
+    assert len(set(accs)) > 1  # the choice matters
+    best = run / "checkpoints" / "best.ckpt"
+    assert torch.load(best, weights_only=False)["epoch"] == int(np.argmax(accs))
+    code, _, err = run_main(["test", *digits(tmp_path, "--ckpt_path", str(best))], capsys)
+    assert code == 0, err
+    tested = json.loads((tmp_path / "lightning_logs" / "version_1" / "metrics.json").read_text())
+    assert tested["test"]["acc"] == pytest.approx(max(accs), abs=1e-6)
+
+
 def test_fit_test_predict_round_trip_on_digits(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv(CONTINUED, "unset")  # what `--ckpt_path last` sets there is removed after the test
     code, out, err = run_main(
