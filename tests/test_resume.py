@@ -35,8 +35,8 @@ def _decoded_prototypes(model) -> torch.Tensor:
         return torch.empty(0) if protos is None else model.decode(protos)  # InfoVAE: no prototypes
 
 
-def _fit(tmp_path, model, epochs: int, ckpt_path=None) -> L.Trainer:
-    L.seed_everything(0)
+def _fit(tmp_path, model, epochs: int, ckpt_path=None, seed: int = 0) -> L.Trainer:
+    L.seed_everything(seed)
     every_epoch = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, filename="{epoch}")
     trainer = L.Trainer(
         max_epochs=epochs, enable_progress_bar=False, logger=False, enable_model_summary=False,
@@ -73,7 +73,7 @@ def test_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path, make, epoch
     _fit(tmp_path / "a", straight, epochs)
     L.seed_everything(123)  # the resumed process starts from a different global RNG state ...
     resumed = make()
-    _fit(tmp_path / "b", resumed, epochs, ckpt_path=tmp_path / "a" / "ckpt" / "epoch=1.ckpt")
+    _fit(tmp_path / "b", resumed, epochs, ckpt_path=tmp_path / "a" / "ckpt" / "epoch=1.ckpt", seed=123)
     x = Digits(flatten=True).features("eval")
     assert torch.allclose(_decoded_prototypes(straight), _decoded_prototypes(resumed), atol=1e-6)
     with torch.no_grad():

@@ -216,6 +216,18 @@ class ArrayDataModule(L.LightningDataModule):
         self._all: tuple[Tensor, Tensor | None] | None = None
         self._sample_shape: tuple[int, ...] = ()
         self.class_names: list[str] | None = None  # label k's name, where the data name them
+        self._shuffle_seed: int | None = None  # the training order's seed, kept in checkpoints
+
+    # -- checkpoints ------------------------------------------------------------------
+    def state_dict(self) -> dict[str, int]:
+        """The seed of the training order: Lightning restores it before the loaders are built,
+        so that a run resumed at an epoch's end (where Lightning hands the loader no state)
+        shuffles its next epochs as the uninterrupted run, whatever seed the new process has."""
+        return {} if self._shuffle_seed is None else {"shuffle_seed": self._shuffle_seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if "shuffle_seed" in state:
+            self._shuffle_seed = int(state["shuffle_seed"])
 
     # -- subclasses -------------------------------------------------------------------
     def load(self) -> dict[str, tuple[Tensor, Tensor | None]]:
@@ -358,6 +370,9 @@ class ArrayDataModule(L.LightningDataModule):
         dataset = TensorBatches(x, y, with_labels=labels)
         seed = torch.initial_seed() % 2**31  # set by seed_everything (the CLI's seed_everything)
         if shuffle:  # one permutation per epoch; Lightning swaps in its DistributedSampler under DDP
+            if self._shuffle_seed is None:
+                self._shuffle_seed = seed
+            seed = self._shuffle_seed
             sampler = EpochShuffle(dataset, seed)
         elif self.trainer is not None and self.trainer.world_size > 1:
             # evaluation under DDP: each rank takes every world_size-th sample, none twice (the
