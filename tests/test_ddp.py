@@ -9,6 +9,7 @@ buffers and its evaluator's scores, compared afterwards in the test process."""
 
 from __future__ import annotations
 
+import csv
 import importlib
 import os
 import socket
@@ -26,7 +27,7 @@ from lightning.pytorch.strategies import DDPStrategy
 
 from lightning_protos.compile import Compile
 from lightning_protos.data import Digits
-from lightning_protos.eval.callbacks import ClusteringEvaluator
+from lightning_protos.eval.callbacks import AssignmentWriter, ClusteringEvaluator
 from lightning_protos.eval.metrics import clustering_scores
 from lightning_protos.methods.aecm import AECM
 from lightning_protos.methods.base import on_rank0
@@ -141,7 +142,11 @@ def _rank(rank: int, port: int, out: str, names: list[str], world: int) -> None:
             accelerator="cpu", devices=world, strategy="ddp",
             max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
             enable_model_summary=False, num_sanity_val_steps=0,
-            callbacks=[evaluator, Compile(enabled=name in COMPILED)],
+            callbacks=[
+                evaluator,
+                Compile(enabled=name in COMPILED),
+                AssignmentWriter(f"{name}_predictions.csv", f"{name}_neighbours.csv"),
+            ],
             default_root_dir=out,
         )  # fmt: skip
         trainer.fit(model, data())
@@ -158,6 +163,7 @@ def _rank(rank: int, port: int, out: str, names: list[str], world: int) -> None:
         }
         trainer.validate(model, data(), verbose=False)  # the trained model, scored under DDP
         state["val"] = evaluator.results.get("val")
+        trainer.predict(model, data(), return_predictions=False)  # each rank its shard; rank zero writes
         torch.save(state, os.path.join(out, f"{name}.rank{rank}.pt"))
 
 
@@ -166,7 +172,7 @@ def run_ddp(tmp_path, names: list[str], world: int = WORLD) -> dict[str, list[di
     return {n: [torch.load(tmp_path / f"{n}.rank{r}.pt", weights_only=False) for r in range(world)] for n in names}
 
 
-def check(name: str, ranks: list[dict]) -> None:
+def check(name: str, ranks: list[dict], out: Path) -> None:
     zero, one = ranks
     assert zero["steps"] > 0
     assert zero["broadcast_buffers"] is False
@@ -185,13 +191,19 @@ def check(name: str, ranks: list[dict]) -> None:
     model.eval()
     x, y = dm.features("eval"), dm.labels("eval")
     with torch.no_grad():
-        want = clustering_scores(y.numpy(), model.predict_clusters(x).numpy())
+        clusters = model.predict_clusters(x)
+        want = clustering_scores(y.numpy(), clusters.numpy())
         criteria = {k: float(v) for k, v in model.selection_criteria(x).items()}
     got = zero["val"]
     assert got is not None  # rank zero reports (the others record nothing, or the same)
     assert one["val"] in (None, got)
     for key, value in {**want, **criteria}.items():
         assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    # predict under DDP: one row per sample, in index order, with the whole set's clusters
+    with open(out / f"{name}_predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["index"]) for r in rows] == list(range(len(x)))
+    assert [int(r["cluster"]) for r in rows] == clusters.tolist()
 
 
 def test_cm_under_two_process_ddp(tmp_path):
@@ -199,7 +211,7 @@ def test_cm_under_two_process_ddp(tmp_path):
     weights agree on both ranks, and its ACC / NMI / ARI and L_sp under DDP are those of the
     whole digits set (1797 samples: one rank has one more). About 15 s idle, 27 s on the shared
     2 cores, mostly starting the two processes."""
-    check("cm", run_ddp(tmp_path, ["cm"])["cm"])
+    check("cm", run_ddp(tmp_path, ["cm"])["cm"], tmp_path)
 
 
 @pytest.mark.slow
@@ -207,7 +219,7 @@ def test_every_method_with_batch_updated_state_agrees_across_ranks(tmp_path):
     names = [n for n in CASES if n != "cm"]
     results = run_ddp(tmp_path, names)
     for name in names:
-        check(name, results[name])
+        check(name, results[name], tmp_path)
 
 
 @pytest.mark.slow
@@ -222,7 +234,7 @@ def test_the_other_methods_fit_and_evaluate_under_plain_ddp(tmp_path):
 def test_compiled_conv_nets_agree_across_ranks(tmp_path):
     ranks = run_ddp(tmp_path, ["vaesim_compiled"])["vaesim_compiled"]
     assert all(rank["compiled"] for rank in ranks)
-    check("vaesim_compiled", ranks)
+    check("vaesim_compiled", ranks, tmp_path)
 
 
 class StopAfterFirstEpoch(L.Callback):
