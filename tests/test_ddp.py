@@ -30,10 +30,10 @@ from lightning_protos.data import Digits
 from lightning_protos.eval.callbacks import AssignmentWriter, ClusteringEvaluator
 from lightning_protos.eval.metrics import clustering_scores
 from lightning_protos.methods.aecm import AECM
-from lightning_protos.methods.base import on_rank0
 from lightning_protos.methods.cm import CM
 from lightning_protos.methods.dcn import DCN
 from lightning_protos.methods.dec import DEC, IDEC
+from lightning_protos.methods.distributed import on_rank0
 from lightning_protos.methods.dkm import DKM
 from lightning_protos.methods.gmvae import GMVAE
 from lightning_protos.methods.pretrain import PretrainCache

@@ -379,7 +379,7 @@ def test_a_resume_onto_another_gpu_count_reseeds_cuda_on_ranks_above_zero(monkey
     step), so that it does not draw rank 0's; rank 0 keeps the stream it has."""
     from types import SimpleNamespace
 
-    from lightning_protos.methods.base import rank_seed, rng_state, set_rng_state
+    from lightning_protos.methods.distributed import rank_seed, rng_state, set_rng_state
 
     state = {**rng_state(), "cuda": [torch.zeros(8, dtype=torch.uint8), torch.ones(8, dtype=torch.uint8)]}
     restored, seeded = [], []

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import lightning as L
-import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
@@ -19,6 +17,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import ProtosError
 from ..hardware import check_device
+from .distributed import gather_objects, is_distributed, rank_seed, rng_state, set_rng_state
 
 T = TypeVar("T")
 
@@ -28,87 +27,6 @@ def adam(params, lr: float, eps: float = 1e-8) -> torch.optim.Adam:
     as the default multi-tensor step, in one pass over each parameter (the MNIST DAE encoder's
     step, 1.66M parameters: 2.5 ms against 10-14 ms on one CPU thread; BENCHMARKS.md)."""
     return torch.optim.Adam(params, lr=lr, eps=eps, fused=True)
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def broadcast_from_rank0(tensors) -> None:
-    """Under DDP, rank 0's values of ``tensors`` (parameters or buffers) on every rank, in place;
-    nothing otherwise. For the initialisations each rank sets (the first prototypes, and what
-    the ranks derive from a fit shared by :func:`on_rank0`): DDP synchronises the parameters
-    only when it wraps the model, before them, and the ranks' codes, computed on their own
-    devices, need not agree to the last bit."""
-    if _distributed():
-        for tensor in tensors:
-            dist.broadcast(tensor.data, src=0)
-
-
-def on_rank0(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """``fn(*args, **kwargs)`` computed by global rank 0 alone and sent, pickled, to every rank
-    under DDP (``broadcast_object_list``); a plain call otherwise. For the CPU fits of the
-    initialisations (k-means, the elbow's k-means, a GMM): called by every rank, they would
-    repeat the same fit once per process, each process on all of the node's cores, and
-    multi-threaded fits may differ in their last bits between ranks."""
-    if not _distributed():
-        return fn(*args, **kwargs)
-    box: list[Any] = [None]
-    if dist.get_rank() == 0:
-        try:
-            box = [(True, fn(*args, **kwargs))]
-        except Exception as error:  # the others learn of it, instead of waiting for the result
-            dist.broadcast_object_list([(False, f"{type(error).__name__}: {error}")], src=0)
-            raise
-    dist.broadcast_object_list(box, src=0)
-    ok, value = box[0]
-    if not ok:
-        raise RuntimeError(f"rank 0 failed in {getattr(fn, '__qualname__', fn)}: {value}")
-    return value
-
-
-def rng_state() -> dict[str, Any]:
-    """The global random generators' states (torch, CUDA, NumPy, Python) as tensors and plain
-    Python values, so that a checkpoint holding them loads with ``weights_only``."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
-        "python": random.getstate(),
-    }
-
-
-def gather_objects(obj: Any) -> list[Any]:
-    """Every rank's ``obj``, by rank, under DDP (a collective: every rank calls it); ``[obj]``
-    otherwise."""
-    if not _distributed():
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def rank_seed(seed: int, rank: int, step: int) -> int:
-    """The seed of the random stream of a process of rank ``rank`` > 0 from the optimizer step
-    ``step`` on, derived from the run's ``seed`` (numpy's ``SeedSequence``: streams independent
-    of each other and of rank 0's)."""
-    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> 1)
-
-
-def set_rng_state(state: dict[str, Any]) -> bool:
-    """Restores what :func:`rng_state` returned; ``False`` where CUDA's generators could not be
-    restored (a checkpoint from another number of visible GPUs, or without them)."""
-    torch.set_rng_state(state["torch"])
-    cuda_restored = not torch.cuda.is_available()
-    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-        cuda_restored = True
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-    return cuda_restored
 
 
 class ClusteringMethod(L.LightningModule):
@@ -396,7 +314,7 @@ class ClusteringMethod(L.LightningModule):
         ``--trainer.sync_batchnorm true``, averages inside the forward pass, on GPUs only; the
         mean then leaves the equal values as they are.)
         """
-        if not _distributed():
+        if not is_distributed():
             return {}
         stats = self._batchnorm_stats()
         if stats:

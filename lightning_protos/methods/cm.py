@@ -25,7 +25,8 @@ from ..nets import ClusteringModule
 from ..nets.mlp import BiasInit
 from ..ops import cm_terms, kmeans_pp_centres, nearest_one_hot
 from .averaging import AveragingEpoch
-from .base import ClusteringMethod, adam, broadcast_from_rank0, on_rank0
+from .base import ClusteringMethod, adam
+from .distributed import broadcast_from_rank0, on_rank0
 
 
 class CM(AveragingEpoch, ClusteringMethod):

@@ -31,7 +31,8 @@ from ..errors import check_choices, check_non_negative, check_positive
 from ..nets import MLPAutoencoder
 from ..nets.mlp import BiasInit
 from ..ops import kmeans_centres
-from .base import ClusteringMethod, adam, broadcast_from_rank0, on_rank0
+from .base import ClusteringMethod, adam
+from .distributed import broadcast_from_rank0, on_rank0
 
 
 def reconstruction_loss(x: Tensor, x_rec: Tensor) -> Tensor:

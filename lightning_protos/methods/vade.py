@@ -57,7 +57,8 @@ from torch import Tensor, nn
 
 from ..errors import check_choices, check_non_negative, check_positive
 from ..ops import floored_logvar, mixture_responsibilities, raw_logvar, vade_kl_terms
-from .base import ClusteringMethod, adam, broadcast_from_rank0, on_rank0
+from .base import ClusteringMethod, adam
+from .distributed import broadcast_from_rank0, on_rank0
 from .vae import VADE_HIDDEN, Network, Reconstruction, VAEMethod
 
 

@@ -41,7 +41,8 @@ from ..errors import ProtosError, check_choices, check_non_negative, check_posit
 from ..nets.conv import NET_SIZE, ConvDecoder, ConvEncoder, resize
 from ..nets.mlp import MLPDecoder, MLPEncoder
 from ..ops import elbow_kmeans, gaussian_kl, kmeans_centres, nearest_one_hot
-from .base import ClusteringMethod, adam, on_rank0
+from .base import ClusteringMethod, adam
+from .distributed import on_rank0
 from .pretrain import encode_all
 
 IMAGE_SIZES = ((28, 28), (32, 32))

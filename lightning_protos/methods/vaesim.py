@@ -50,7 +50,7 @@ from ..ops import (
     temperature,
 )
 from ..ops.vaesim import Schedule, Similarity
-from .base import broadcast_from_rank0
+from .distributed import broadcast_from_rank0
 from .vae import VADE_HIDDEN, Network, Reconstruction, VAEMethod
 
 
