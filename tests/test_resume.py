@@ -80,6 +80,25 @@ def test_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path, make, epoch
         assert torch.equal(straight.predict_clusters(x), resumed.predict_clusters(x))
 
 
+def test_a_data_module_reused_for_a_new_fit_shuffles_by_that_fit_s_seed(tmp_path):
+    """The training order's seed is kept for a resume, not across fits: a second fit of the same
+    data module under another seed draws another order, and under the same seed the same one."""
+    dm = Digits(batch_size=64, flatten=True)
+    firsts = []
+
+    class FirstBatch(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 0:
+                firsts.append(batch["index"].tolist())
+
+    for seed in (1, 2, 1):
+        L.seed_everything(seed, verbose=False)
+        model = CM(10, (64,), alpha=20.0, init="kmeans++")
+        make_trainer(max_epochs=1, limit_train_batches=1, callbacks=[FirstBatch()]).fit(model, dm)
+    assert firsts[0] != firsts[1]
+    assert firsts[0] == firsts[2]
+
+
 # -- mid-epoch: a run killed between two batches --------------------------------------
 class Killed(RuntimeError):
     """Stands for the job being killed."""

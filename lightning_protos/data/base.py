@@ -270,6 +270,8 @@ class ArrayDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self.splits  # noqa: B018
+        if stage == "fit":  # each fit draws its order's seed anew (a resumed fit then restores it)
+            self._shuffle_seed = None
         device = self.resident_device()
         if device is not None:
             self.move_to(device)

@@ -15,6 +15,7 @@ T = TypeVar("T")
 
 
 def is_distributed() -> bool:
+    """Whether this process is one of several in an initialised process group."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
