@@ -10,9 +10,10 @@ p(c|z) in closed form (§3.2).
 1. epochs [0, pretrain_epochs): the network as a plain autoencoder, x~ = d(z_mu),
    minimise L_recon (the VAE family's reconstruction: MSE, or BCE with ``bce``)   (§3.3)
 2. at epoch pretrain_epochs, once: fit scikit-learn's GaussianMixture (diagonal covariances)
-   on z_mu of the whole training split; pi, mu_c, sigma_c^2 <- its weights, means, variances;
+   on z_mu of the whole training split; pi, mu_c, sigma_c^2 <- its weights (``mixture_weights:
+   learned``; ``uniform`` keeps pi = 1/K), means, variances;
    the encoder's log-variance head (which the autoencoder never trained) is set to output
-   log sum_c pi_c sigma_c^2, the mean spread of a component (ours, see below)
+   log sum_c w_c sigma_c^2 with the GMM's weights w, the mean spread of a component (ours, see below)
 3. each batch after that (ops.vade_kl_terms):                                     (§3.2)
      z = z_mu + exp(z_logvar / 2) * eps,  x~ = d(z),  gamma = p(c | z)
      minimise -ELBO = L_recon + beta / q * (KL_z + KL_c), batch means, with
