@@ -174,13 +174,22 @@ def test_gmvae_kl_terms_are_non_negative_and_zero_where_posterior_equals_prior()
     assert float(terms["KL_c"]) >= 0.5 * 5e-3 / 4 * (1 - 1e-6)  # beta / q * lambda: the floor
 
 
+def diag_kl_numpy(mu, logvar, mu_p, logvar_p):
+    """Element-wise KL(N(mu, e^logvar) || N(mu_p, e^logvar_p)), broadcast."""
+    return 0.5 * (logvar_p - logvar + (np.exp(logvar) + (mu - mu_p) ** 2) / np.exp(logvar_p) - 1)
+
+
+def fixed_draw(mu, logvar):
+    return mu + 0.5 * torch.exp(0.5 * logvar)
+
+
 def test_gmvae_step_terms_are_the_docstrings_recomputed_in_numpy():
     """One training step's L_recon, KL_cond, KL_w and KL_c (methods/gmvae.py's docstring) from
     the step's own encoder and prior-network outputs, in float64 NumPy: the weight beta / q, the
     responsibilities at the drawn z, and the floor lambda on the batch mean of KL_c (not on each
     sample's). The draws are fixed at mu + 0.5 sigma."""
     model = make("gmvae", kl_c_floor=0.0)
-    model.reparameterise = lambda mu, logvar: mu + 0.5 * torch.exp(0.5 * logvar)
+    model.reparameterise = fixed_draw
     images = image_blobs(8, 0)[0]
     with torch.no_grad():  # the step's forward pass (train mode: batch statistics)
         x = model.to_net(images)
@@ -192,7 +201,7 @@ def test_gmvae_step_terms_are_the_docstrings_recomputed_in_numpy():
     log_density = -0.5 * (np.log(2 * np.pi) + lv_c + (z[:, None] - mu_c) ** 2 / np.exp(lv_c)).sum(-1)  # (B, K)
     gamma = np.exp(log_density - log_density.max(1, keepdims=True))
     gamma /= gamma.sum(1, keepdims=True)  # p(c | z, w) under the uniform p(c)
-    kl_to_c = 0.5 * (lv_c - z_lv[:, None] + (np.exp(z_lv[:, None]) + (z_mu[:, None] - mu_c) ** 2) / np.exp(lv_c) - 1)
+    kl_to_c = diag_kl_numpy(z_mu[:, None], z_lv[:, None], mu_c, lv_c)
     kl_c = (gamma * np.log(gamma * 3)).sum(1)  # per sample
     weight = 5e-3 / 4  # beta / q
     want = {
@@ -206,15 +215,6 @@ def test_gmvae_step_terms_are_the_docstrings_recomputed_in_numpy():
         model.hparams.kl_c_floor = floor
         got = spy_step(model, images)[0]
         assert got == pytest.approx({**want, "KL_c": weight * max(floor, kl_c.mean())}, rel=1e-5)
-
-
-def diag_kl_numpy(mu, logvar, mu_p, logvar_p):
-    """Element-wise KL(N(mu, e^logvar) || N(mu_p, e^logvar_p)), broadcast."""
-    return 0.5 * (logvar_p - logvar + (np.exp(logvar) + (mu - mu_p) ** 2) / np.exp(logvar_p) - 1)
-
-
-def fixed_draw(mu, logvar):
-    return mu + 0.5 * torch.exp(0.5 * logvar)
 
 
 def test_vae_step_is_the_elbo_of_its_docstring_in_numpy():
