@@ -28,7 +28,8 @@ Choices where the papers are silent or differ (METHODS 2 and 3.5, REFERENCE_CODE
   batch-mean KL, i.e. 1e-3 B on our batch sum: ``cluster_adam_eps`` sets it for the clustering
   phase alone (their DAE pretraining is a separate SGD run), and it damps the small late
   gradients of L_c (REFERENCE_CODE 5; on USPS it is worth ~2.5 ARI points to DEC^p).
-- ``tol`` defaults to the DEC paper's 0.1%; the AE-CM authors' code has no stop (``tol: null``).
+- No early stop by default: the AE-CM paper states no tolerance and its authors' code has none;
+  ``tol: 0.001`` is the DEC paper's stop (< 0.1% of the assignments changed between refreshes).
 - Random init starts the centroids from k-means on the untrained network's codes (step 1); the
   AE-CM authors' code, behind Table 5's ^r rows, draws them Glorot-uniform instead (REFERENCE_CODE
   5). The same code runs IDEC with Adam epsilon 1e-3 too; our IDEC configs keep 1e-8 (IDEC^p meets
@@ -68,7 +69,7 @@ class DEC(AutoencoderMethod):
         target: ``dataset`` (the papers': P from Q over all samples at each refresh) or
             ``batch`` (ClustPy's: P from each batch's own Q, every step).
         tol: stop when the share of changed assignments between two refreshes falls below it
-            (DEC paper: 0.001); ``None`` never stops early (the AE-CM authors' code).
+            (DEC paper: 0.001); ``None`` (default) never stops early, as the AE-CM authors' code.
         dof: degrees of freedom a of the Student's t kernel (1).
         lr: Adam learning rate (0.001).
         adam_eps: Adam epsilon (every phase, unless ``cluster_adam_eps``).
@@ -91,7 +92,7 @@ class DEC(AutoencoderMethod):
         hidden: Sequence[int] = (500, 500, 2000),
         update_interval: int = 140,
         target: Literal["dataset", "batch"] = "dataset",
-        tol: float | None = 0.001,
+        tol: float | None = None,
         dof: float = 1.0,
         lr: float = 1e-3,
         adam_eps: float = 1e-8,

@@ -15,7 +15,9 @@ random init (DKM^r): no pretraining; then, for both:
 Prediction: argmax_k G_k = the nearest centroid.
 
 Choices (METHODS 2 and 3.5, REFERENCE_CODE 5):
-- ReLU activations (``slope: 0``), as the AE-CM paper's App. 3 states for DKM.
+- ReLU activations (``slope: 0``), as the AE-CM paper's App. 3 states for DKM. DKM^p pretrains
+  this ReLU DAE itself; the AE-CM authors' code loads the LeakyReLU DAE of the other methods
+  into it instead.
 - L_rec is the squared norm summed over the features, as in the DKM paper and both the DKM
   and the AE-CM authors' code, against which Table 14's lambdas were set (the AE-CM paper says
   "mean square error" for every model, which would make lambda d times stronger).
