@@ -104,6 +104,7 @@ class ProtosCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else None
         if config is not None:
+            absolute_data_paths(config)
             trainer = config.get("trainer") or {}
             accelerator = str(trainer.get("accelerator") or "auto")
             on_cpu = accelerator == "cpu" or (
@@ -160,6 +161,18 @@ class ProtosCLI(LightningCLI):
                     if isinstance(v, (int, float)) and k != "epoch"
                 )
                 print(f"final evaluation: {shown}\nrun directory: {run_dir(self.trainer)}")
+
+
+def absolute_data_paths(config: Namespace) -> None:
+    """Makes the data's relative ``path`` and ``data_dir`` absolute (from the current directory),
+    in the data module and in the run's saved ``config.yaml``, so that ``--config RUN/config.yaml``
+    finds the data from any directory."""
+    data = config.get("data")
+    args = data.get("init_args") if isinstance(data, Namespace) else None
+    for key in ("path", "data_dir"):
+        value = args.get(key) if isinstance(args, Namespace) else None
+        if isinstance(value, (str, os.PathLike)) and not Path(value).expanduser().is_absolute():
+            args[key] = str(Path(value).expanduser().absolute())
 
 
 # The checkpoint ``--ckpt_path last`` chose, for the DDP processes launched after the choice.

@@ -14,6 +14,7 @@ import torch
 
 from lightning_protos.cli import main
 from lightning_protos.methods.aecm import AECM
+from lightning_protos.methods.cm import CM
 
 SUBCOMMANDS = ["fit", "validate", "test", "predict"]
 CM_DIGITS = """seed_everything: 0
@@ -66,6 +67,10 @@ def inputs(tmp_path_factory):
     bare = {"state_dict": other.state_dict(), "pytorch-lightning_version": L.__version__, "epoch": 0, "global_step": 0}
     torch.save({**bare, "hyper_parameters": dict(other.hparams)}, run / "checkpoints" / "last.ckpt")
     torch.save(bare, run / "checkpoints" / "other_no_hparams.ckpt")  # the weights alone reach the model
+    narrow = CM(10, (32,), alpha=20.0)  # the configs' CM, trained on 32 features instead of digits' 64
+    hparams = {"_class_path": "lightning_protos.methods.cm.CM", **narrow.hparams}  # as the CLI saves them
+    state = {"state_dict": narrow.state_dict(), "hyper_parameters": hparams}
+    torch.save({**bare, **state}, run / "checkpoints" / "narrow.ckpt")
     good = tmp / "cm_digits.yaml"
     good.write_text(CM_DIGITS.replace("ROOT", str(runs)))
     bad_yaml = tmp / "malformed.yaml"
@@ -95,6 +100,7 @@ def inputs(tmp_path_factory):
     )
     return {"tmp": tmp, "runs": runs, "good": good, "bad_yaml": bad_yaml, "truncated": truncated,
             "other": run / "checkpoints" / "last.ckpt", "bare": run / "checkpoints" / "other_no_hparams.ckpt",
+            "narrow": run / "checkpoints" / "narrow.ckpt",
             "array_file": array_file, "mnist": mnist}  # fmt: skip
 
 
@@ -106,6 +112,10 @@ def cases(sub: str, i: dict) -> dict[str, tuple[list[str], str]]:
         "missing config": ([sub, "--config", str(i["tmp"] / "no_such.yaml")], "no_such.yaml"),
         "checkpoint of another method": ([sub, *good, ckpt, str(i["other"])], "hyperparameters do not fit"),
         "weights of another method": ([sub, *good, ckpt, str(i["bare"])], "does not fit this CM"),
+        "data of another shape": (
+            [sub, *good, ckpt, str(i["narrow"])],
+            "trained on inputs of shape (32,), these data give (64,)",
+        ),
         "truncated checkpoint": ([sub, *good, ckpt, str(i["truncated"])], "truncated.ckpt is unreadable"),
         "corrupt .npz": ([sub, "--config", str(i["array_file"])], "cannot read"),
         "corrupt MNIST file": ([sub, "--config", str(i["mnist"])], "expected MNIST/raw/train-images-idx3-ubyte"),

@@ -86,6 +86,7 @@ def test_best_ckpt_is_the_epoch_with_the_highest_val_acc(tmp_path, capsys):
     assert code == 0, err
     tested = json.loads((tmp_path / "lightning_logs" / "version_1" / "metrics.json").read_text())
     assert tested["test"]["acc"] == pytest.approx(max(accs), abs=1e-6)
+    assert tested["test"]["epoch"] == int(np.argmax(accs)) + 1  # epochs trained, as its validation counted
 
 
 def test_fit_test_predict_round_trip_on_digits(tmp_path, capsys, monkeypatch):
@@ -111,7 +112,10 @@ def test_fit_test_predict_round_trip_on_digits(tmp_path, capsys, monkeypatch):
     assert code == 0, err
     tested = json.loads((tmp_path / "lightning_logs" / "version_1" / "metrics.json").read_text())
     assert tested["test"]["acc"] == pytest.approx(metrics["test"]["acc"])
-    assert tested["test"]["epoch"] == torch.load(last, weights_only=False)["epoch"] > 0  # not Lightning's 0
+    # one count of epochs trained everywhere: the fit's last validation, its final test, and a
+    # test of its last.ckpt (whose own "epoch" is Lightning's 0-based index, not Lightning's 0)
+    assert metrics["val"]["epoch"] == metrics["test"]["epoch"] == tested["test"]["epoch"] == 2
+    assert torch.load(last, weights_only=False)["epoch"] == 1
 
     code, _, err = run_main(["test", *digits(tmp_path, "--ckpt_path", "last")], capsys)  # the newest run's
     assert code == 0, err
@@ -299,6 +303,33 @@ def test_fit_on_unlabelled_data_keeps_last_ckpt_and_scores_l_sp(tmp_path, capsys
     newest = max((tmp_path / "lightning_logs").iterdir(), key=lambda p: p.stat().st_mtime)
     state = torch.load(newest / "checkpoints" / "last.ckpt", weights_only=False)["callbacks"]
     assert any(str(tmp_path / "other.npy") in str(v.get("trained_on")) for v in state.values())
+
+
+def test_a_run_config_finds_relative_data_paths_from_any_directory(tmp_path, capsys, monkeypatch):
+    """A data path given relative to the current directory is saved absolute in the run's
+    config.yaml, so that ``--config RUN/config.yaml`` predicts on the same data from elsewhere."""
+    work = tmp_path / "work"
+    work.mkdir()
+    x = np.random.default_rng(0).normal(size=(90, 4)).astype(np.float32)
+    np.savez(work / "mine.npz", X=x, y=np.arange(90) % 3)
+    monkeypatch.chdir(work)
+    args = [
+        "fit", "--model", "lightning_protos.methods.cm.CM", "--model.init_args.n_clusters", "3",
+        "--data", "lightning_protos.data.ArrayFile", "--data.init_args.path", "mine.npz",
+        "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(tmp_path / "runs"), *QUIET,
+    ]  # fmt: skip
+    code, _, err = run_main(args, capsys)
+    assert code == 0, err
+    run = tmp_path / "runs" / "lightning_logs" / "version_0"
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["data"]["init_args"]["path"] == str(work / "mine.npz")
+    monkeypatch.chdir(tmp_path)
+    predict = ["predict", "--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints" / "last.ckpt")]
+    code, _, err = run_main(predict, capsys)
+    assert code == 0, err
+    with open(tmp_path / "runs" / "lightning_logs" / "version_1" / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["label"]) for r in rows] == (np.arange(90) % 3).tolist()
 
 
 def test_main_stops_on_a_gpu_without_kernels(monkeypatch, capsys, tmp_path):

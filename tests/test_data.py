@@ -211,6 +211,14 @@ def test_array_file_csv_with_a_byte_order_mark_or_a_header_of_numbers(tmp_path):
         ("data.txt", "1 2 3", "unsupported file type"),
         ("uneven.npz", {"X": np.zeros((4, 2)), "y": np.zeros(3)}, "4 samples but 3 labels"),
         ("unlabelled.npz", {"X": np.zeros((3, 2)), "y": np.array([0, -1, 1])}, "labels must be >= 0, found -1"),
+        ("words.csv", "f1,f2\n0.5,dog\n", r"every value, labels included, must be a number \(NumPy: could not convert"),
+        (
+            "ragged.csv",
+            "1,2,3\n4,5\n",
+            r"must be a number \(NumPy: the number of columns changed from 3 to 2 at row 2\)$",
+        ),
+        ("table.csv", "f1,label\n0.5,1\n", r"no column 'lbl' for label_column \(the header names f1, label\)"),
+        ("plain.csv", "0.5,1\n1.5,0\n", "no column 'lbl' for label_column \\(the file has no header\\)"),
     ],
 )
 def test_array_file_errors(tmp_path, name, content, match):
@@ -220,8 +228,36 @@ def test_array_file_errors(tmp_path, name, content, match):
     elif content is not None:
         path.write_text(content)
     with pytest.raises(DataError, match=match) as err:
-        ArrayFile(str(path)).splits  # noqa: B018
+        ArrayFile(str(path), label_column="lbl" if name in ("table.csv", "plain.csv") else None).splits  # noqa: B018
     assert "\n" not in str(err.value)
+
+
+def test_array_file_csv_label_column_out_of_range_or_from_the_end(tmp_path):
+    path = tmp_path / "plain.csv"
+    path.write_text("0.5,1\n1.5,0\n")
+    with pytest.raises(DataError, match="label_column 2 is outside the file's 2 columns"):
+        ArrayFile(str(path), label_column="2").splits  # noqa: B018
+    x, y = ArrayFile(str(path), label_column="-1").splits["train"]
+    assert x.tolist() == [[0.5], [1.5]]
+    assert y.tolist() == [1, 0]
+
+
+def test_array_file_csv_warns_of_a_label_column_read_as_a_feature(tmp_path):
+    path = tmp_path / "table.csv"
+    path.write_text("f1,Label\n0.5,1\n1.5,0\n")
+    with pytest.warns(
+        UserWarning, match="column 'Label' is read as a feature; if it holds labels, set label_column: Label"
+    ):
+        x, y = ArrayFile(str(path)).splits["train"]
+    assert x.shape == (2, 2)
+    assert y is None
+
+
+def test_array_file_one_dimensional_x_is_one_feature(tmp_path):
+    np.savez(tmp_path / "one.npz", X=np.arange(5.0), y=np.arange(5) % 2)
+    dm = ArrayFile(str(tmp_path / "one.npz"))
+    assert dm.input_shape == (1,)
+    assert dm.splits["train"][0][:, 0].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
 
 
 def _write_images(folder, sizes_by_class):

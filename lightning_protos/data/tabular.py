@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,9 @@ import torch
 from torch import Tensor
 
 from .base import ArrayDataModule, DataError, channels_first, from_numpy, missing_files_error
+
+# header names that usually hold labels: read as features unless label_column says so, with a warning
+LABEL_NAMES = ("label", "labels", "y", "target", "class")
 
 PENDIGITS_URL = "https://archive.ics.uci.edu/ml/machine-learning-databases/pendigits/"
 
@@ -81,6 +85,8 @@ class ArrayFile(ArrayDataModule):
             x, y = self._read_csv()
         else:
             raise DataError(f"{self.path}: unsupported file type {suffix!r}; use .npz, .npy or .csv")
+        if x.ndim == 1:  # one feature per sample
+            x = x[:, None]
         xt = channels_first(from_numpy(x))
         yt = None if y is None else torch.as_tensor(np.asarray(y).reshape(-1), dtype=torch.long)
         if yt is not None and len(yt) != len(xt):
@@ -100,13 +106,37 @@ class ArrayFile(ArrayDataModule):
             except ValueError:
                 names = True
         header = [h.strip() for h in first] if names else None
-        a = np.loadtxt(
-            self.path, delimiter=",", skiprows=1 if names else 0, dtype=np.float64, ndmin=2, encoding="utf-8-sig"
-        )
+        try:
+            a = np.loadtxt(
+                self.path, delimiter=",", skiprows=1 if names else 0, dtype=np.float64, ndmin=2, encoding="utf-8-sig"
+            )
+        except ValueError as err:  # NumPy's reason, without its advice on its own arguments
+            reason = str(err).splitlines()[0].split("; use `usecols`")[0]
+            raise DataError(f"{self.path}: every value, labels included, must be a number (NumPy: {reason})") from None
         if self.label_column is None:
+            labels_like = [h for h in header or [] if h.lower() in LABEL_NAMES]
+            if labels_like:
+                warnings.warn(
+                    f"{self.path}: column {labels_like[0]!r} is read as a feature; if it holds labels, "
+                    f"set label_column: {labels_like[0]}",
+                    stacklevel=2,
+                )
             return a.astype(np.float32), None
-        col = header.index(self.label_column) if header and self.label_column in header else int(self.label_column)
+        col = self._label_index(header, a.shape[1])
         return np.delete(a, col, axis=1).astype(np.float32), a[:, col].astype(np.int64)
+
+    def _label_index(self, header: list[str] | None, n_columns: int) -> int:
+        """The position of ``label_column``: its name in the header, else a 0-based index."""
+        if header and self.label_column in header:
+            return header.index(self.label_column)
+        try:
+            col = int(self.label_column)
+        except ValueError:
+            found = f"the header names {', '.join(header)}" if header else "the file has no header"
+            raise DataError(f"{self.path}: no column {self.label_column!r} for label_column ({found})") from None
+        if not -n_columns <= col < n_columns:
+            raise DataError(f"{self.path}: label_column {col} is outside the file's {n_columns} columns")
+        return col % n_columns
 
 
 def hidden(name: str) -> bool:

@@ -31,11 +31,15 @@ def run_dir(trainer: L.Trainer) -> Path:
 
 
 def evaluated_epoch(trainer: L.Trainer, pl_module) -> int:
-    """The epoch of the weights being evaluated: the fit's, or, for a ``test`` / ``validate`` of
-    a checkpoint, the checkpoint's (Lightning does not restore the epoch outside ``fit``)."""
-    loaded = getattr(pl_module, "checkpoint_epoch", None)
+    """The training epochs behind the weights being evaluated (``metrics.json``'s ``epoch``), one
+    count for every stage: 2 after a 2-epoch fit, for its validation at the end of the second
+    epoch, its final test, and a later ``test`` of its ``last.ckpt`` (Lightning does not restore
+    the epoch outside ``fit``: the checkpoint's count, ``methods.base.epochs_trained``)."""
+    loaded = getattr(pl_module, "checkpoint_epochs", None)
     if trainer.state.fn != TrainerFn.FITTING and trainer.ckpt_path and loaded is not None:
         return loaded
+    if trainer.state.fn == TrainerFn.FITTING:  # a validation at an epoch's end counts that epoch
+        return trainer.current_epoch + int(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
     return trainer.current_epoch
 
 

@@ -139,7 +139,9 @@ class ProbeEvaluator(L.Callback):
         linear_outputs: its outputs; default the number of classes.
         reference_linear: also report ``linear_acc_reference``, the authors' code's probe
             (Adam 1e-3, 10 epochs, batch 512, 10 outputs or one a class where there are more;
-            REFERENCE_CODE 1.2).
+            REFERENCE_CODE 1.2). On a few hundred samples that is 10 Adam steps, which may leave
+            it predicting a class the data do not have (a score near 0); ``linear_acc`` is the
+            trained probe.
         stages: ``val`` and / or ``test``.
         holdout: the share scored on data with one split (scikit-learn's ``train_test_split``).
         seed: seed of the linear probe's initialisation and shuffling, and of that split.

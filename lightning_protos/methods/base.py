@@ -29,6 +29,18 @@ def adam(params, lr: float, eps: float = 1e-8) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, eps=eps, fused=True)
 
 
+def epochs_trained(checkpoint: dict[str, Any]) -> int | None:
+    """The training epochs behind a checkpoint's weights, counted as ``trainer.current_epoch``
+    counts them after a fit: its ``epoch`` is the index of the epoch it was written in, one more
+    where that epoch's last batch had been trained (``last.ckpt`` at an epoch's end, ``best.ckpt``
+    from the validation at an epoch's end)."""
+    epoch = checkpoint.get("epoch")
+    if epoch is None:
+        return None
+    batches = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
+    return int(epoch) + int(bool(batches.get("is_last_batch")))
+
+
 class ClusteringMethod(L.LightningModule):
     """Base of every method: the contract read by evaluation, plus manual-optimization helpers.
 
@@ -52,10 +64,10 @@ class ClusteringMethod(L.LightningModule):
     # Buffers with a row per training sample, sized by the data (``AutoencoderMethod``'s
     # ``register_per_sample_buffer``): a checkpoint gives them its own shape.
     _per_sample: tuple[str, ...] | list[str] = ()
-    # The epoch of the checkpoint the weights were last loaded from (``None`` until one is):
-    # what the evaluators record for a ``test`` / ``predict`` of a checkpoint, where Lightning
-    # leaves ``current_epoch`` at 0.
-    checkpoint_epoch: int | None = None
+    # The training epochs behind the checkpoint the weights were last loaded from (``None`` until
+    # one is): what the evaluators record for a ``test`` / ``predict`` of a checkpoint, where
+    # Lightning leaves ``current_epoch`` at 0.
+    checkpoint_epochs: int | None = None
     # Steps between the reads of the non-finite-loss flag (:meth:`check_and_log`); ``None``: every
     # step on a CPU, where reading a tensor is free, every 50 on an accelerator, where each read
     # is a host round trip that stops the host from queuing the next steps ahead of the device.
@@ -235,7 +247,7 @@ class ClusteringMethod(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuses, in one line, a checkpoint whose weights are not this model's (another method,
         or another configuration), before Lightning loads them."""
-        self.checkpoint_epoch = checkpoint.get("epoch")
+        self.checkpoint_epochs = epochs_trained(checkpoint)
         stored, own = checkpoint.get("state_dict", {}), self.state_dict()
         per_sample = set(self._per_sample)
         missing = [k for k in own if k not in stored]
@@ -252,6 +264,12 @@ class ClusteringMethod(L.LightningModule):
             raise ProtosError(
                 f"the checkpoint's per-sample buffers ({', '.join(other)}) hold {len(stored[other[0]])} training "
                 f"samples, the data {n_train}: resume it on the data it was trained on"
+            )
+        trained_on = (checkpoint.get("hyper_parameters") or {}).get("input_shape")
+        if reshaped and trained_on is not None and tuple(trained_on) != tuple(self.input_shape):
+            raise ProtosError(
+                f"the checkpoint was trained on inputs of shape {tuple(trained_on)}, these data give "
+                f"{tuple(self.input_shape)}"
             )
         if missing or unexpected or reshaped:
             what = ", ".join(
