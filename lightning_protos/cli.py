@@ -105,6 +105,7 @@ class ProtosCLI(LightningCLI):
         config = self.config.get(self.subcommand) if self.subcommand else None
         if config is not None:
             absolute_data_paths(config)
+            check_own_callbacks((config.get("trainer") or {}).get("callbacks"))
             trainer = config.get("trainer") or {}
             accelerator = str(trainer.get("accelerator") or "auto")
             on_cpu = accelerator == "cpu" or (
@@ -161,6 +162,23 @@ class ProtosCLI(LightningCLI):
                     if isinstance(v, (int, float)) and k != "epoch"
                 )
                 print(f"final evaluation: {shown}\nrun directory: {run_dir(self.trainer)}")
+
+
+# The callbacks every run has, and the option groups that set them (``add_arguments_to_parser``).
+OWN_CALLBACKS = {ClusteringEvaluator: "evaluation", AssignmentWriter: "assignments", Compile: "compile"}
+
+
+def check_own_callbacks(callbacks) -> None:
+    """Refuses, in one line, a callback in ``trainer.callbacks`` that the CLI adds itself (a
+    second copy would fail later, in Lightning, on its duplicate state)."""
+    for callback in callbacks or []:
+        path = callback if isinstance(callback, str) else callback.get("class_path")
+        for cls, group in OWN_CALLBACKS.items():
+            if str(path).rsplit(".", 1)[-1] == cls.__name__:
+                raise ProtosError(
+                    f"trainer.callbacks lists {cls.__name__}, which every protos run has: remove it and "
+                    f"set its options under {group}: (--{group}.<option>)"
+                )
 
 
 def absolute_data_paths(config: Namespace) -> None:

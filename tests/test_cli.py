@@ -144,6 +144,22 @@ def test_every_config_parses(config, capsys):
     assert code == 0, err
     assert "class_path: lightning_protos." in out
     assert "trainer:" in out
+    printed = yaml.safe_load(out)
+    cli.check_own_callbacks(printed["trainer"].get("callbacks"))  # no second evaluator
+    if (printed["model"].get("init_args") or {}).get("n_clusters", 1) == 1:  # constant ACC: pick best by MSE
+        assert printed["checkpoint"]["monitor"] == "val/mse"
+        assert printed["checkpoint"]["mode"] == "min"
+
+
+def test_a_callback_the_cli_adds_itself_is_a_one_line_error(tmp_path, capsys):
+    own = "lightning_protos.eval.callbacks.ClusteringEvaluator"
+    code, _, err = run_main(["fit", *digits(tmp_path, "--trainer.callbacks+", own)], capsys)
+    assert code == 1
+    assert protos_error(err) == (
+        "protos: error: trainer.callbacks lists ClusteringEvaluator, which every protos run has: remove it "
+        "and set its options under evaluation: (--evaluation.<option>)"
+    )
+    assert not (tmp_path / "lightning_logs").exists()  # before any run directory
 
 
 @pytest.mark.parametrize(

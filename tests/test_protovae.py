@@ -392,3 +392,24 @@ def test_a_bernoulli_reconstruction_refuses_data_outside_0_1_before_training():
         with pytest.raises(ProtosError, match=r"Bernoulli reconstruction \(BCE\) needs inputs in \[0, 1\]; .* \[0"):
             trainer.fit(model, TwoSplits((x, None), batch_size=8))
         assert trainer.global_step == 0
+
+
+def test_pictures_share_the_scalars_steps_with_three_updates_a_batch(tmp_path):
+    """After the warm-up ProtoVAE takes three optimizer steps a batch (global_step 3 a batch);
+    its pictures are drawn at the step its epoch's scalars are logged at (counted in batches),
+    so that TensorBoard shows them at the same epoch's point of the curves."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lightning_protos.eval.images import InspectionImages
+
+    logger = TensorBoardLogger(tmp_path, name="", version="run")
+    pictures = InspectionImages(every_n_epochs=1, n_points=24, latent_map="pca", projector_points=0)
+    trainer = make_trainer(max_epochs=3, logger=logger, callbacks=[pictures])
+    trainer.fit(protovae(), tiny_images())
+    assert trainer.global_step == 2 + 2 * 2 * 3  # warm-up epoch, then two epochs of 2 batches x 3
+    logger.experiment.flush()
+    events = EventAccumulator(str(tmp_path / "run"), size_guidance={"images": 0}).Reload()
+    scalar_steps = sorted({e.step for e in events.Scalars("train/loss")})
+    assert scalar_steps == [1, 3, 5]  # Lightning logs an epoch's scalars at its last batch
+    assert [e.step for e in events.Images("fit/prototypes")] == scalar_steps  # not global_step's 2, 8, 14
