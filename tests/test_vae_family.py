@@ -215,6 +215,10 @@ def test_gmvae_step_terms_are_the_docstrings_recomputed_in_numpy():
         model.hparams.kl_c_floor = floor
         got = spy_step(model, images)[0]
         assert got == pytest.approx({**want, "KL_c": weight * max(floor, kl_c.mean())}, rel=1e-5)
+    logged = {}  # beside the terms, outside the loss: KL_c before the (last, highest) floor
+    model.check_and_log = lambda t, metrics=None: logged.update({k: float(v) for k, v in metrics.items()}) or 0
+    model.training_step({"x": images, "index": torch.arange(len(images))}, 0)
+    assert logged == pytest.approx({"KL_c_unfloored": weight * kl_c.mean()}, rel=1e-5)
 
 
 def test_vae_step_is_the_elbo_of_its_docstring_in_numpy():

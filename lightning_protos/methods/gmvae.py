@@ -155,10 +155,12 @@ class GMVAE(VAEMethod):
             log_gamma = mixture_log_responsibilities(z, self.log_prior_c, mu_c, logvar_c)
             gamma = log_gamma.exp()
             weight = h.beta / h.latent_dim
+            kl_c = categorical_kl(log_gamma, self.log_prior_c).mean()  # the floor lambda is on this mean
             terms = {
                 "L_recon": self.reconstruction_loss(x, out),
                 "KL_cond": weight * expected_gaussian_kl(z_mu, z_logvar, gamma, mu_c, logvar_c).mean(),
                 "KL_w": weight * gaussian_kl(w_mu.float(), w_logvar.float()).sum(-1).mean(),
-                "KL_c": weight * categorical_kl(log_gamma, self.log_prior_c).mean().clamp_min(h.kl_c_floor),
+                "KL_c": weight * kl_c.clamp_min(h.kl_c_floor),
             }
-        self.optimize(self.check_and_log(terms), self.optimizers())
+        # the floored term hides a collapse of the cluster posterior onto its prior: log it unfloored too
+        self.optimize(self.check_and_log(terms, metrics={"KL_c_unfloored": weight * kl_c}), self.optimizers())
