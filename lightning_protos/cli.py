@@ -169,9 +169,12 @@ OWN_CALLBACKS = {ClusteringEvaluator: "evaluation", AssignmentWriter: "assignmen
 
 
 def check_own_callbacks(callbacks) -> None:
-    """Refuses, in one line, a callback in ``trainer.callbacks`` that the CLI adds itself (a
-    second copy would fail later, in Lightning, on its duplicate state)."""
-    for callback in callbacks or []:
+    """Refuses, in one line, a callback in ``trainer.callbacks`` (a list, or a single one) that the
+    CLI adds itself: a second ClusteringEvaluator stops Lightning on its duplicate state, a second
+    AssignmentWriter or Compile would run twice."""
+    if callbacks is None or isinstance(callbacks, (Namespace, dict, str)):
+        callbacks = [] if callbacks is None else [callbacks]
+    for callback in callbacks:
         path = callback if isinstance(callback, str) else callback.get("class_path")
         for cls, group in OWN_CALLBACKS.items():
             if str(path).rsplit(".", 1)[-1] == cls.__name__:
@@ -189,7 +192,7 @@ def absolute_data_paths(config: Namespace) -> None:
     args = data.get("init_args") if isinstance(data, Namespace) else None
     for key in ("path", "data_dir"):
         value = args.get(key) if isinstance(args, Namespace) else None
-        if isinstance(value, (str, os.PathLike)) and not Path(value).expanduser().is_absolute():
+        if value and isinstance(value, (str, os.PathLike)) and not Path(value).expanduser().is_absolute():
             args[key] = str(Path(value).expanduser().absolute())
 
 

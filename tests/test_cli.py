@@ -151,15 +151,52 @@ def test_every_config_parses(config, capsys):
         assert printed["checkpoint"]["mode"] == "min"
 
 
-def test_a_callback_the_cli_adds_itself_is_a_one_line_error(tmp_path, capsys):
+@pytest.mark.parametrize("listed", ["--trainer.callbacks+", "--trainer.callbacks"], ids=["in-a-list", "alone"])
+def test_a_callback_the_cli_adds_itself_is_a_one_line_error(tmp_path, capsys, listed):
     own = "lightning_protos.eval.callbacks.ClusteringEvaluator"
-    code, _, err = run_main(["fit", *digits(tmp_path, "--trainer.callbacks+", own)], capsys)
+    code, _, err = run_main(["fit", *digits(tmp_path, listed, own)], capsys)
     assert code == 1
     assert protos_error(err) == (
         "protos: error: trainer.callbacks lists ClusteringEvaluator, which every protos run has: remove it "
         "and set its options under evaluation: (--evaluation.<option>)"
     )
     assert not (tmp_path / "lightning_logs").exists()  # before any run directory
+
+
+def test_a_single_callback_of_the_users_own_trains():
+    """``trainer.callbacks`` may be one callback instead of a list (Lightning takes both)."""
+    single = Namespace(class_path="lightning.pytorch.callbacks.ModelSummary", init_args=Namespace(max_depth=1))
+    cli.check_own_callbacks(single)  # no error, as for [single] and None
+    cli.check_own_callbacks([single])
+    cli.check_own_callbacks(None)
+    with pytest.raises(ProtosError, match="lists AssignmentWriter"):
+        cli.check_own_callbacks({"class_path": "lightning_protos.eval.callbacks.AssignmentWriter"})
+
+
+def test_data_paths_made_absolute_are_only_relative_ones_given(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = Namespace(data=Namespace(class_path="x", init_args=Namespace(path="a/b.npz", data_dir="")))
+    cli.absolute_data_paths(config)
+    assert config.data.init_args.path == str(tmp_path / "a" / "b.npz")
+    assert config.data.init_args.data_dir == ""  # unset: $PROTOS_DATA_DIR, not the current directory
+    config.data.init_args.path, config.data.init_args.data_dir = "~/b.npz", "/abs"
+    cli.absolute_data_paths(config)
+    assert (config.data.init_args.path, config.data.init_args.data_dir) == ("~/b.npz", "/abs")
+
+
+def test_a_fit_cut_short_mid_epoch_counts_its_epochs_as_a_test_of_its_last_ckpt(tmp_path, capsys):
+    """max_steps inside the second epoch: Lightning counts that epoch (current_epoch 2 after the
+    fit), and so do the fit's final test and a later test of its last.ckpt."""
+    code, _, err = run_main(
+        ["fit", *digits(tmp_path, "--trainer.max_epochs", "5", "--trainer.max_steps", "70")], capsys
+    )
+    assert code == 0, err
+    run = tmp_path / "lightning_logs" / "version_0"
+    fitted = json.loads((run / "metrics.json").read_text())["test"]["epoch"]
+    code, _, err = run_main(["test", *digits(tmp_path, "--ckpt_path", str(run / "checkpoints" / "last.ckpt"))], capsys)
+    assert code == 0, err
+    tested = json.loads((tmp_path / "lightning_logs" / "version_1" / "metrics.json").read_text())["test"]["epoch"]
+    assert (fitted, tested) == (2, 2)  # 57 batches an epoch: 70 steps end in the second
 
 
 @pytest.mark.parametrize(

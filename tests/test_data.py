@@ -211,11 +211,12 @@ def test_array_file_csv_with_a_byte_order_mark_or_a_header_of_numbers(tmp_path):
         ("data.txt", "1 2 3", "unsupported file type"),
         ("uneven.npz", {"X": np.zeros((4, 2)), "y": np.zeros(3)}, "4 samples but 3 labels"),
         ("unlabelled.npz", {"X": np.zeros((3, 2)), "y": np.array([0, -1, 1])}, "labels must be >= 0, found -1"),
-        ("words.csv", "f1,f2\n0.5,dog\n", r"every value, labels included, must be a number \(NumPy: could not convert"),
+        ("words.csv", "f1,f2\n0.5,dog\n", r"expected numbers only, as many in every row \(NumPy: could not convert"),
         (
             "ragged.csv",
             "1,2,3\n4,5\n",
-            r"must be a number \(NumPy: the number of columns changed from 3 to 2 at row 2\)$",
+            r"expected numbers only, as many in every row "
+            r"\(NumPy: the number of columns changed from 3 to 2 at row 2\)$",
         ),
         ("table.csv", "f1,label\n0.5,1\n", r"no column 'lbl' for label_column \(the header names f1, label\)"),
         ("plain.csv", "0.5,1\n1.5,0\n", "no column 'lbl' for label_column \\(the file has no header\\)"),
@@ -237,6 +238,10 @@ def test_array_file_csv_label_column_out_of_range_or_from_the_end(tmp_path):
     path.write_text("0.5,1\n1.5,0\n")
     with pytest.raises(DataError, match="label_column 2 is outside the file's 2 columns"):
         ArrayFile(str(path), label_column="2").splits  # noqa: B018
+    short = tmp_path / "short.csv"  # the header names a label column the rows lack
+    short.write_text("f1,f2,label\n0.5,1\n")
+    with pytest.raises(DataError, match="the header names 3 columns, the rows hold 2"):
+        ArrayFile(str(short), label_column="label").splits  # noqa: B018
     x, y = ArrayFile(str(path), label_column="-1").splits["train"]
     assert x.tolist() == [[0.5], [1.5]]
     assert y.tolist() == [1, 0]

@@ -405,11 +405,15 @@ def test_pictures_share_the_scalars_steps_with_three_updates_a_batch(tmp_path):
 
     logger = TensorBoardLogger(tmp_path, name="", version="run")
     pictures = InspectionImages(every_n_epochs=1, n_points=24, latent_map="pca", projector_points=0)
-    trainer = make_trainer(max_epochs=3, logger=logger, callbacks=[pictures])
-    trainer.fit(protovae(), tiny_images())
+    trainer = make_trainer(max_epochs=3, logger=logger, callbacks=[pictures, ClusteringEvaluator()])
+    model, data = protovae(), tiny_images()
+    trainer.fit(model, data)
     assert trainer.global_step == 2 + 2 * 2 * 3  # warm-up epoch, then two epochs of 2 batches x 3
+    trainer.test(model, data, verbose=False)
     logger.experiment.flush()
     events = EventAccumulator(str(tmp_path / "run"), size_guidance={"images": 0}).Reload()
     scalar_steps = sorted({e.step for e in events.Scalars("train/loss")})
     assert scalar_steps == [1, 3, 5]  # Lightning logs an epoch's scalars at its last batch
     assert [e.step for e in events.Images("fit/prototypes")] == scalar_steps  # not global_step's 2, 8, 14
+    test_step = [e.step for e in events.Scalars("test/acc")]
+    assert [e.step for e in events.Images("test/prototypes")] == test_step == [6]  # the test's, after 6 batches

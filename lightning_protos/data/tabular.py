@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from .base import ArrayDataModule, DataError, channels_first, from_numpy, missing_files_error
@@ -112,14 +112,13 @@ class ArrayFile(ArrayDataModule):
             )
         except ValueError as err:  # NumPy's reason, without its advice on its own arguments
             reason = str(err).splitlines()[0].split("; use `usecols`")[0]
-            raise DataError(f"{self.path}: every value, labels included, must be a number (NumPy: {reason})") from None
+            raise DataError(f"{self.path}: expected numbers only, as many in every row (NumPy: {reason})") from None
         if self.label_column is None:
             labels_like = [h for h in header or [] if h.lower() in LABEL_NAMES]
             if labels_like:
-                warnings.warn(
+                rank_zero_warn(
                     f"{self.path}: column {labels_like[0]!r} is read as a feature; if it holds labels, "
-                    f"set label_column: {labels_like[0]}",
-                    stacklevel=2,
+                    f"set label_column: {labels_like[0]}"
                 )
             return a.astype(np.float32), None
         col = self._label_index(header, a.shape[1])
@@ -127,6 +126,8 @@ class ArrayFile(ArrayDataModule):
 
     def _label_index(self, header: list[str] | None, n_columns: int) -> int:
         """The position of ``label_column``: its name in the header, else a 0-based index."""
+        if header and len(header) != n_columns:
+            raise DataError(f"{self.path}: the header names {len(header)} columns, the rows hold {n_columns}")
         if header and self.label_column in header:
             return header.index(self.label_column)
         try:

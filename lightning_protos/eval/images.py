@@ -384,10 +384,10 @@ class InspectionImages(L.Callback):
         if stage == "fit":  # a test from a checkpoint does not know the epoch
             title += f", after {trainer.current_epoch + 1} epochs"
         for writer in writers:
-            # at the step Lightning logs an epoch's scalars at (its last batch, counted in batches):
-            # global_step counts optimizer steps, three a batch in ProtoVAE, and drew its pictures
-            # ever further right of its curves
-            step = max(trainer.fit_loop.epoch_loop._batches_that_stepped - 1, 0)
+            # at the step Lightning logs the stage's scalars at, counted in batches trained (a
+            # training epoch's at its last batch, one before): global_step counts optimizer
+            # steps, three a batch in ProtoVAE, and drew its pictures ever further right of its curves
+            step = trainer.fit_loop.epoch_loop._batches_that_stepped - (stage == "fit")
             self.write_tensorboard(writer, pictures, stage, step, title)
         if png:
             self.written = self.save_pngs(pictures, run_dir(trainer) / "inspect", title)

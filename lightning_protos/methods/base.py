@@ -31,14 +31,17 @@ def adam(params, lr: float, eps: float = 1e-8) -> torch.optim.Adam:
 
 def epochs_trained(checkpoint: dict[str, Any]) -> int | None:
     """The training epochs behind a checkpoint's weights, counted as ``trainer.current_epoch``
-    counts them after a fit: its ``epoch`` is the index of the epoch it was written in, one more
-    where that epoch's last batch had been trained (``last.ckpt`` at an epoch's end, ``best.ckpt``
-    from the validation at an epoch's end)."""
+    counts them after a fit. Its ``epoch`` is the index of the epoch it was written in: one more
+    where that epoch's last batch had been trained (``best.ckpt`` from the validation at an
+    epoch's end), or where the epoch had ended (``last.ckpt``, written at each epoch's end, also
+    of an epoch that ``max_steps`` cut short, which Lightning counts)."""
     epoch = checkpoint.get("epoch")
     if epoch is None:
         return None
-    batches = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
-    return int(epoch) + int(bool(batches.get("is_last_batch")))
+    loop = checkpoint.get("loops", {}).get("fit_loop", {})
+    last_batch = bool(loop.get("epoch_loop.batch_progress", {}).get("is_last_batch"))
+    ended = int(loop.get("epoch_progress", {}).get("current", {}).get("processed", 0))
+    return max(int(epoch) + last_batch, ended)
 
 
 class ClusteringMethod(L.LightningModule):
