@@ -177,7 +177,7 @@ def check_own_callbacks(callbacks) -> None:
     for callback in callbacks:
         path = callback if isinstance(callback, str) else callback.get("class_path")
         for cls, group in OWN_CALLBACKS.items():
-            if str(path).rsplit(".", 1)[-1] == cls.__name__:
+            if str(path).startswith("lightning_protos.") and str(path).rsplit(".", 1)[-1] == cls.__name__:
                 raise ProtosError(
                     f"trainer.callbacks lists {cls.__name__}, which every protos run has: remove it and "
                     f"set its options under {group}: (--{group}.<option>)"

@@ -169,6 +169,7 @@ def test_a_single_callback_of_the_users_own_trains():
     cli.check_own_callbacks(single)  # no error, as for [single] and None
     cli.check_own_callbacks([single])
     cli.check_own_callbacks(None)
+    cli.check_own_callbacks("my_lab.callbacks.Compile")  # a user's own class of the same name
     with pytest.raises(ProtosError, match="lists AssignmentWriter"):
         cli.check_own_callbacks({"class_path": "lightning_protos.eval.callbacks.AssignmentWriter"})
 
