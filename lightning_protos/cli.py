@@ -58,8 +58,10 @@ class ProtosCLI(LightningCLI):
         )
 
     def init_parser(self, **kwargs) -> LightningArgumentParser:
-        # Raise instead of printing the whole usage: ``main`` reports the error in one line.
+        # Raise instead of printing the whole usage: ``main`` reports the error in one line; and
+        # take no abbreviated option (``--trainer.max_e 3``): a typo must not pass as a prefix.
         kwargs.setdefault("exit_on_error", False)
+        kwargs.setdefault("allow_abbrev", False)
         return super().init_parser(**kwargs)
 
     def _parse_ckpt_path(self) -> None:

@@ -320,6 +320,42 @@ def test_a_set_that_changes_what_is_trained_needs_rows_and_run_dirs_of_its_own(t
         ] * 2
 
 
+def test_a_table_edited_since_its_runs_needs_rows_and_run_dirs_of_its_own(tmp_path, capsys):
+    """An override of the table changed between two benches (here max_epochs 1 -> 2): its
+    finished row would be averaged with new ones, its interrupted run resumed under the new
+    setting. Both are refused, naming the change; a change of speed only is not."""
+    table = write_table(tmp_path)
+    argv = ["bench", "--config", str(table), "--root", str(tmp_path / "runs")]
+    assert main(argv, FakeLaunch(interrupt=("cm_digits_seed1",))) == 130  # seed 0 has a row, seed 1 a run
+    capsys.readouterr()
+    write_table(tmp_path, overrides={"trainer.max_epochs": 2})
+    launch = FakeLaunch()
+    assert main(argv, launch) == 2
+    err = capsys.readouterr().err
+    assert "cm_digits_seed0 was trained with other settings (" in err
+    assert "trainer.max_epochs 1 -> 2): give the changed table results and run dirs of its own" in err
+    assert launch.calls == []
+    assert main([*argv, "--only", "cm_*seed1"], launch) == 2  # the interrupted run, too
+    assert "cm_digits_seed1 was trained with other settings" in capsys.readouterr().err
+    write_table(tmp_path, overrides={"trainer.max_epochs": 1, "trainer.precision": "32-true"})
+    assert main(argv, launch) == 0
+    assert names(launch) == ["cm_digits_seed1", "kmeans-random_digits_seed1"]
+
+
+def test_a_cell_left_to_the_process_training_it_is_no_success(tmp_path, capsys, monkeypatch):
+    """A cell that another process is still training gets no row from this bench: exit 1 and a
+    closing line, so that ``protos bench ... && protos report`` does not go on as if complete."""
+    table = write_table(tmp_path)
+    busy = "cm_digits_seed1"
+    monkeypatch.setattr(runner_module, "training_elsewhere", lambda cell: 4242 if cell.name == busy else None)
+    launch = FakeLaunch()
+    assert main(["bench", "--config", str(table), "--root", str(tmp_path / "runs")], launch) == 1
+    out, err = capsys.readouterr()
+    assert f"{busy}: process 4242 is training it already" in out
+    assert f"1 cell(s) left to the process training them, no row yet ({busy}): run the same command" in err
+    assert busy not in names(launch)
+
+
 def test_what_sets_reads_what_a_note_changes_in_training():
     assert what_sets("set model.init_args.n_clusters=20 trainer.precision=32-true compile.enabled=true") == {
         "model.n_clusters": "20"
@@ -446,6 +482,11 @@ BAD_TABLES = [
     ({"methods": [KM, KM]}, "share a run dir"),
     ({"methods": [{**GMM, "init": "random"}, {**GMM, "init": "kmeans"}]}, "or a results row"),
     ({"colour": "red"}, "unknown key(s) colour"),
+    ({"results": 5}, "results: give a .csv path, e.g. benchmarks/results/NAME.csv, got 5"),
+    ({"results": None}, "results: give a .csv path"),
+    ({"methods": [{**CM, "results": "elsewhere"}]}, "methods[0].results: give a .csv path"),
+    ({"methods": [{**KM, "method": "gmm"}]}, "method 'gmm' with reference 'kmeans'"),
+    ({"overrides": {"trainer.max_e": 1}}, "override trainer.max_e=1 rejected"),  # no abbreviation
     ({"curves": 5}, "curves: give a non-empty list of TensorBoard scalar tags"),
     ({"curves": ["val/mse", {"val": "ari"}]}, "curves: give a non-empty list"),
     ({"curves": ["val/mse", "val/mse"]}, "curves: duplicates"),

@@ -211,6 +211,7 @@ def test_a_fit_cut_short_mid_epoch_counts_its_epochs_as_a_test_of_its_last_ckpt(
         (["--model", "lightning_protos.methods.cm.CMM"], "no attribute 'CMM'"),
         (["--model.init_args.optimizer", "rmsprop"], "Got value: rmsprop"),
         (["--trainer.max_epochz", "3"], "unrecognized arguments: --trainer.max_epochz 3"),
+        (["--trainer.max_e", "3"], "unrecognized arguments: --trainer.max_e 3"),  # no prefix of max_epochs
         (["--config", "missing.yaml"], "missing.yaml"),
         (["--model.init_args.lr", "1e30"], "non-finite loss term E"),
     ],

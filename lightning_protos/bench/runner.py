@@ -151,16 +151,18 @@ def training_elsewhere(cell: Cell) -> int | None:
     return None
 
 
-def start_attempt(run_dir: Path, note: str = "") -> float:
+def start_attempt(run_dir: Path, note: str = "", trains: dict[str, str] | None = None) -> float:
     """Notes in ``bench.json`` that a process starts, with what ``--set`` changed for it
-    (``note``); an attempt killed before it could record its time is counted up to the last file
-    it wrote in its run directory (its epochs' checkpoints and logger events: the log itself is
-    written at the start and the end only; ``bench.json``, the bench's own record, is not the
-    attempt's work)."""
+    (``note``) and what it trains (``trains``: :func:`what_it_trains`); an attempt killed before
+    it could record its time is counted up to the last file it wrote in its run directory (its
+    epochs' checkpoints and logger events: the log itself is written at the start and the end
+    only; ``bench.json``, the bench's own record, is not the attempt's work)."""
     state = _close_unended_attempt(run_dir)
     now = time.time()
     state.update(running_since=now, attempts=state["attempts"] + 1)
     state["sets"] = list(dict.fromkeys([*state.get("sets", []), note]))
+    if trains is not None:
+        state["trains"] = trains
     (run_dir / TIMES).write_text(json.dumps(state))
     return now
 
@@ -210,6 +212,19 @@ def what_sets(note: str) -> dict[str, str]:
     for item, after in zip(starts, [*starts[1:], None], strict=False):  # empty: no settings
         key = item.group(1).replace(".init_args.", ".")
         value = text[item.end() : after.start() if after else len(text)]
+        if key not in SPEED_KEYS and not key.startswith("compile."):
+            settings[key] = value
+    return settings
+
+
+def what_it_trains(cell: Cell) -> dict[str, str]:
+    """A Lightning cell's config and the overrides (the table's, then ``--set``'s) that change
+    what it trains, as ``KEY: VALUE`` (the last of a key wins, as on the command line): not the
+    :data:`SPEED_KEYS` nor ``compile.*``."""
+    settings = {"config": str(cell.config)}
+    for item in cell.overrides:
+        key, _, value = item.removeprefix("--").partition("=")
+        key = key.replace(".init_args.", ".")
         if key not in SPEED_KEYS and not key.startswith("compile."):
             settings[key] = value
     return settings
@@ -314,6 +329,7 @@ class Runner:
         self.results = self.files.get(bench.results) or ResultsFile(bench.results, bench.columns)
         self.stop = threading.Event()
         self.stopped: list[str] = []  # cells whose process alone was stopped: no row, resumable
+        self.elsewhere: list[str] = []  # cells another process is training: no row from this bench
         # each CPU cell's share of the cores when several run at once (see _device)
         self._threads = str(max(1, usable_cores() // jobs)) if jobs > 1 and not gpus else None
         self._gpus: queue.Queue[str] | None = None
@@ -353,6 +369,20 @@ class Runner:
                     f"{cell.name} was trained with {said} ({where}), this bench asks for {asked}: "
                     "give a variant results and run dirs of its own (--results NEW.csv --root NEW_DIR)"
                 )
+            # the table's own overrides or config, edited since (run directories of before
+            # 2026-12-07 record nothing to compare)
+            trained = _times(cell.run_dir).get("trains") if (cell.run_dir / TIMES).is_file() else None
+            if trained is not None and trained != what_it_trains(cell):
+                wants = what_it_trains(cell)
+                changed = ", ".join(
+                    f"{k} {trained.get(k, '(unset)')} -> {wants.get(k, '(unset)')}"
+                    for k in sorted(set(trained) | set(wants))
+                    if trained.get(k) != wants.get(k)
+                )
+                raise BenchError(
+                    f"{cell.name} was trained with other settings ({cell.run_dir}: {changed}): give the "
+                    "changed table results and run dirs of its own (--results NEW.csv --root NEW_DIR)"
+                )
 
     @staticmethod
     def plan(cell: Cell) -> str:
@@ -375,7 +405,11 @@ class Runner:
                     return Outcome(None, ran, 0.0)
                 if self._trained_elsewhere(cell):
                     return Outcome(None, ran, 0.0)
-                started = start_attempt(run_dir, self.note if cell.reference is None else "")
+                started = (
+                    start_attempt(run_dir, self.note, what_it_trains(cell))
+                    if cell.reference is None
+                    else start_attempt(run_dir)
+                )
                 try:
                     code = self.launch(cell, cell.command(last_checkpoint(run_dir)), run_dir / LOG, env)
                 except KeyboardInterrupt:
@@ -407,12 +441,12 @@ class Runner:
         self.files[cell.results].append(row)
         return Outcome(row, ran, time.monotonic() - start, metrics is None)
 
-    @staticmethod
-    def _trained_elsewhere(cell: Cell) -> bool:
+    def _trained_elsewhere(self, cell: Cell) -> bool:
         pid = training_elsewhere(cell)
         if pid is not None:
             print(f"[bench] {cell.name}: process {pid} is training it already (another bench of this table, "
                   "or the child of a killed one); skipped, a later bench writes its row", flush=True)  # fmt: skip
+            self.elsewhere.append(cell.name)
         return pid is not None
 
     @contextmanager
@@ -586,7 +620,8 @@ def _parser(command: str) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, launch: Launch | None = None) -> int:
     """``protos bench ...`` or ``protos report ...`` (``argv[0]`` says which).
 
-    Returns the exit code: 0, 1 if a cell failed, 2 for bad input, 130 if interrupted.
+    Returns the exit code: 0, 1 if a cell failed or has no row yet (stopped, or left to the process
+    training it), 2 for bad input, 130 if interrupted.
     ``launch`` replaces the child processes (tests inject a fake).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -645,7 +680,13 @@ def main(argv: list[str] | None = None, launch: Launch | None = None) -> int:
             f"({', '.join(runner.stopped)}): run the same command again to resume them",
             file=sys.stderr,
         )
+    if runner.elsewhere:
+        print(
+            f"[bench] {len(runner.elsewhere)} cell(s) left to the process training them, no row yet "
+            f"({', '.join(runner.elsewhere)}): run the same command again once they end",
+            file=sys.stderr,
+        )
     if args.report:
         for path in report(bench).values():
             print(f"[report] wrote {path}")
-    return 1 if n_failed or runner.stopped else 0
+    return 1 if n_failed or runner.stopped or runner.elsewhere else 0

@@ -241,6 +241,12 @@ def load_bench(path: str | Path, root: str | Path | None = None, results: str | 
         _fail(str(path), f"missing key(s) {', '.join(missing)}")
     if not isinstance(raw["name"], str) or not SAFE.fullmatch(raw["name"]):
         _fail(str(path), f"name must be a plain word (letters, digits, _ . + -), got {raw['name']!r}")
+    for where, entry in [("", raw), *((f"methods[{i}].", e) for i, e in enumerate(raw["methods"] or []))]:
+        if isinstance(entry, dict) and "results" in entry and not str(entry["results"] or "").endswith(".csv"):
+            _fail(
+                str(path),
+                f"{where}results: give a .csv path, e.g. benchmarks/results/NAME.csv, got {entry['results']!r}",
+            )
     seeds = raw["seeds"]
     if not isinstance(seeds, list) or not seeds:
         _fail(str(path), "seeds: give a non-empty list of integers")
@@ -315,6 +321,8 @@ def _check_entry(path: Path, i: int, entry: Any) -> dict[str, Any]:
         ref = entry["reference"]
         if ref not in REFERENCES:
             _fail(where, f"unknown reference {ref!r}; choose one of {', '.join(REFERENCES)}")
+        if ref != method:
+            _fail(where, f"method {method!r} with reference {ref!r}: its rows would name {method} what {ref} computed")
         if "overrides" in entry:
             _fail(where, f"reference {ref!r} takes no overrides")
         if "init" in entry and entry["init"] not in REFERENCES[ref]:
