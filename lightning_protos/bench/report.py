@@ -197,7 +197,7 @@ def plot_chart(summaries: list[Summary], metrics: list[str], path: Path, name: s
         ax.set_ylim(0, 100)
         ax.set_ylabel("score x100")
         ax.set_title(f"{name}: {dataset} (mean ± std over seeds)")
-        ax.legend(loc="lower right", fontsize="small")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")  # beside the bars, not on them
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -287,6 +287,7 @@ def plot_curves(rows: list[dict[str, str]], path: Path, name: str) -> None:
     """One panel per (tag, data set), x = epoch: a line per method and labels, the mean over
     seeds with a min-max band where there are several; log y for MSE tags."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     tags = list(dict.fromkeys(r["tag"] for r in rows))
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
@@ -312,6 +313,7 @@ def plot_curves(rows: list[dict[str, str]], path: Path, name: str) -> None:
             if "mse" in tag.lower() and lines:
                 ax.set_yscale("log")
             ax.set_xlabel("epoch (Lightning's, from 0)")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no ticks between epochs
             ax.set_ylabel(tag)
             ax.set_title(title)
             if lines:
