@@ -77,9 +77,8 @@ class ProtosCLI(LightningCLI):
             ) from err
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ClusteringEvaluator, "evaluation")
-        parser.add_lightning_class_args(AssignmentWriter, "assignments")
-        parser.add_lightning_class_args(Compile, "compile")  # off unless --compile.enabled true
+        for callback, group in OWN_CALLBACKS.items():  # Compile is off unless --compile.enabled true
+            parser.add_lightning_class_args(callback, group)
         # best.ckpt by val/acc at each validation; last.ckpt at the end of every training epoch
         # (independent of how often validation runs), so a killed run loses at most one epoch.
         # last.ckpt is a rolling top-1 named "last": Lightning's own save_last writes only when
@@ -107,8 +106,8 @@ class ProtosCLI(LightningCLI):
         config = self.config.get(self.subcommand) if self.subcommand else None
         if config is not None:
             absolute_data_paths(config)
-            check_own_callbacks((config.get("trainer") or {}).get("callbacks"))
             trainer = config.get("trainer") or {}
+            check_own_callbacks(trainer.get("callbacks"))
             accelerator = str(trainer.get("accelerator") or "auto")
             on_cpu = accelerator == "cpu" or (
                 accelerator == "auto" and not torch.cuda.is_available() and not torch.backends.mps.is_available()
@@ -166,7 +165,7 @@ class ProtosCLI(LightningCLI):
                 print(f"final evaluation: {shown}\nrun directory: {run_dir(self.trainer)}")
 
 
-# The callbacks every run has, and the option groups that set them (``add_arguments_to_parser``).
+# The callbacks every run has, and the option group that sets each (``add_arguments_to_parser``).
 OWN_CALLBACKS = {ClusteringEvaluator: "evaluation", AssignmentWriter: "assignments", Compile: "compile"}
 
 
@@ -174,16 +173,15 @@ def check_own_callbacks(callbacks) -> None:
     """Refuses, in one line, a callback in ``trainer.callbacks`` (a list, or a single one) that the
     CLI adds itself: a second ClusteringEvaluator stops Lightning on its duplicate state, a second
     AssignmentWriter or Compile would run twice."""
-    if callbacks is None or isinstance(callbacks, (Namespace, dict, str)):
-        callbacks = [] if callbacks is None else [callbacks]
-    for callback in callbacks:
-        path = callback if isinstance(callback, str) else callback.get("class_path")
-        for cls, group in OWN_CALLBACKS.items():
-            if str(path).startswith("lightning_protos.") and str(path).rsplit(".", 1)[-1] == cls.__name__:
-                raise ProtosError(
-                    f"trainer.callbacks lists {cls.__name__}, which every protos run has: remove it and "
-                    f"set its options under {group}: (--{group}.<option>)"
-                )
+    groups = {cls.__name__: group for cls, group in OWN_CALLBACKS.items()}
+    for callback in callbacks if isinstance(callbacks, list) else [callbacks] if callbacks else []:
+        path = str(callback if isinstance(callback, str) else callback.get("class_path"))
+        name = path.rsplit(".", 1)[-1]
+        if path.startswith("lightning_protos.") and name in groups:
+            raise ProtosError(
+                f"trainer.callbacks lists {name}, which every protos run has: remove it and "
+                f"set its options under {groups[name]}: (--{groups[name]}.<option>)"
+            )
 
 
 def absolute_data_paths(config: Namespace) -> None:

@@ -18,6 +18,7 @@ from lightning_protos.data import ArrayDataModule
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))  # every shipped config
 
 # Tiny tensors: one thread is faster than contending for the 2 shared cores.
 torch.set_num_threads(1)

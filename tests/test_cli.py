@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import ROOT, make_trainer
+from conftest import CONFIGS, ROOT, make_trainer
 from jsonargparse import Namespace
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import SingleDeviceStrategy
@@ -31,7 +31,6 @@ from lightning_protos.hardware import (
 )
 from lightning_protos.methods.cm import CM
 
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
 

@@ -7,11 +7,10 @@ it reading the data."""
 from __future__ import annotations
 
 import pytest
-from conftest import ROOT
+from conftest import CONFIGS
 
 from lightning_protos.cli import main
 
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 OFFLINE = ("mnist", "usps", "pendigits", "pneumonia", "digits", "5gaussians")  # data in ../shared/data
 
 

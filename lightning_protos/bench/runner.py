@@ -208,22 +208,25 @@ def what_sets(note: str) -> dict[str, str]:
     hold spaces) that change what is trained: not the :data:`SPEED_KEYS` nor ``compile.*``."""
     text = note.removeprefix("set ") if note.startswith("set ") else ""
     starts = list(SET_ITEM.finditer(text))
-    settings = {}
-    for item, after in zip(starts, [*starts[1:], None], strict=False):  # empty: no settings
-        key = item.group(1).replace(".init_args.", ".")
-        value = text[item.end() : after.start() if after else len(text)]
-        if key not in SPEED_KEYS and not key.startswith("compile."):
-            settings[key] = value
-    return settings
+    items = (
+        (item.group(1), text[item.end() : after.start() if after else len(text)])
+        for item, after in zip(starts, [*starts[1:], None], strict=False)  # empty: no settings
+    )
+    return training_settings(items)
 
 
 def what_it_trains(cell: Cell) -> dict[str, str]:
     """A Lightning cell's config and the overrides (the table's, then ``--set``'s) that change
-    what it trains, as ``KEY: VALUE`` (the last of a key wins, as on the command line): not the
-    :data:`SPEED_KEYS` nor ``compile.*``."""
-    settings = {"config": str(cell.config)}
-    for item in cell.overrides:
-        key, _, value = item.removeprefix("--").partition("=")
+    what it trains (the last of a key wins, as on the command line)."""
+    items = (item.removeprefix("--").partition("=")[::2] for item in cell.overrides)
+    return {"config": str(cell.config), **training_settings(items)}
+
+
+def training_settings(items) -> dict[str, str]:
+    """``KEY: VALUE`` of the ``(KEY, VALUE)`` settings that change what is trained, keys without
+    ``.init_args.``: not the :data:`SPEED_KEYS` nor ``compile.*``."""
+    settings = {}
+    for key, value in items:
         key = key.replace(".init_args.", ".")
         if key not in SPEED_KEYS and not key.startswith("compile."):
             settings[key] = value
@@ -356,10 +359,11 @@ class Runner:
             if cell.reference is not None:
                 continue
             row = rows.get((cell.results, row_key(cell.fields(), self.bench.ids_of(cell.columns))))
+            recorded = _times(cell.run_dir) if (cell.run_dir / TIMES).is_file() else None
             if row is not None:
                 attempts, where = attempts_of(row.get("note") or ""), f"its row in {cell.results}"
-            elif (cell.run_dir / TIMES).is_file():
-                attempts, where = _times(cell.run_dir).get("sets", []), str(cell.run_dir)
+            elif recorded is not None:
+                attempts, where = recorded.get("sets", []), str(cell.run_dir)
             else:
                 continue
             other = next((a for a in attempts if what_sets(a) != now), None)
@@ -371,9 +375,8 @@ class Runner:
                 )
             # the table's own overrides or config, edited since (run directories of before
             # 2026-12-07 record nothing to compare)
-            trained = _times(cell.run_dir).get("trains") if (cell.run_dir / TIMES).is_file() else None
-            if trained is not None and trained != what_it_trains(cell):
-                wants = what_it_trains(cell)
+            trained, wants = (recorded or {}).get("trains"), what_it_trains(cell)
+            if trained is not None and trained != wants:
                 changed = ", ".join(
                     f"{k} {trained.get(k, '(unset)')} -> {wants.get(k, '(unset)')}"
                     for k in sorted(set(trained) | set(wants))
@@ -405,10 +408,9 @@ class Runner:
                     return Outcome(None, ran, 0.0)
                 if self._trained_elsewhere(cell):
                     return Outcome(None, ran, 0.0)
-                started = (
-                    start_attempt(run_dir, self.note, what_it_trains(cell))
-                    if cell.reference is None
-                    else start_attempt(run_dir)
+                lightning = cell.reference is None  # a reference (k-means, GMM) takes no settings
+                started = start_attempt(
+                    run_dir, self.note if lightning else "", what_it_trains(cell) if lightning else None
                 )
                 try:
                     code = self.launch(cell, cell.command(last_checkpoint(run_dir)), run_dir / LOG, env)

@@ -241,12 +241,7 @@ def load_bench(path: str | Path, root: str | Path | None = None, results: str | 
         _fail(str(path), f"missing key(s) {', '.join(missing)}")
     if not isinstance(raw["name"], str) or not SAFE.fullmatch(raw["name"]):
         _fail(str(path), f"name must be a plain word (letters, digits, _ . + -), got {raw['name']!r}")
-    for where, entry in [("", raw), *((f"methods[{i}].", e) for i, e in enumerate(raw["methods"] or []))]:
-        if isinstance(entry, dict) and "results" in entry and not str(entry["results"] or "").endswith(".csv"):
-            _fail(
-                str(path),
-                f"{where}results: give a .csv path, e.g. benchmarks/results/NAME.csv, got {entry['results']!r}",
-            )
+    _check_results(f"{path}: results", raw["results"])
     seeds = raw["seeds"]
     if not isinstance(seeds, list) or not seeds:
         _fail(str(path), "seeds: give a non-empty list of integers")
@@ -287,6 +282,12 @@ def load_bench(path: str | Path, root: str | Path | None = None, results: str | 
         curves=curves,
         root=Path(root) if root is not None else Bench.root,
     )
+
+
+def _check_results(where: str, results: Any) -> None:
+    """A table's or an entry's ``results``: a CSV path."""
+    if not (isinstance(results, str) and results.endswith(".csv")):
+        _fail(where, f"give a .csv path, e.g. benchmarks/results/NAME.csv, got {results!r}")
 
 
 def _check_columns(where: str, columns: Any) -> list[str]:
@@ -330,6 +331,8 @@ def _check_entry(path: Path, i: int, entry: Any) -> dict[str, Any]:
     entry = dict(entry)
     if "datasets" in entry and not (isinstance(entry["datasets"], list) and entry["datasets"]):
         _fail(where, "datasets: give a non-empty list of the table's data sets")
+    if "results" in entry:
+        _check_results(f"{where}.results", entry["results"])
     if "columns" in entry:
         entry["columns"] = _check_columns(where, entry["columns"])
     return entry
