@@ -79,6 +79,8 @@ def test_best_ckpt_is_the_epoch_with_the_highest_val_acc(tmp_path, capsys):
     accs = [e.value for e in events.Scalars("val/acc")]
     assert len(accs) == 4
     assert len(set(accs)) > 1  # the choice matters
+    aris = [e.value for e in events.Scalars("val/ari")]
+    assert [e.value for e in events.Scalars("hp_metric")][-4:] == aris  # the HParams tab's score
     best = run / "checkpoints" / "best.ckpt"
     assert torch.load(best, weights_only=False)["epoch"] == int(np.argmax(accs))
     code, _, err = run_main(["test", *digits(tmp_path, "--ckpt_path", str(best))], capsys)

@@ -116,7 +116,8 @@ class ClusteringEvaluator(EvaluationCallback):
     """Scores the assignments of ``cluster_probs`` at validation and test end.
 
     Logs ``{stage}/acc``, ``nmi``, ``ari``, ``homogeneity`` and each of the method's
-    ``selection_criteria`` (e.g. ``l_sp``) to every logger, and records the latest figures
+    ``selection_criteria`` (e.g. ``l_sp``) to every logger, the ARI also as ``hp_metric`` (the
+    score of TensorBoard's HParams tab), and records the latest figures
     of each stage in ``metrics.json`` in the run directory (:func:`record_metrics`).
 
     Checkpoints record the data the model was trained on (the data module's ``source``); a
@@ -179,7 +180,10 @@ class ClusteringEvaluator(EvaluationCallback):
         for name, value in self._criteria.items():  # sums over each rank's shard
             scores[name] = float(pl_module.all_gather(value.to(pl_module.device)).sum())
         scores["n_clusters_used"] = int(preds.unique().numel())
-        pl_module.log_dict({f"{stage}/{k}": float(v) for k, v in scores.items()}, sync_dist=False, rank_zero_only=True)
+        logged = {f"{stage}/{k}": float(v) for k, v in scores.items()}
+        if "ari" in scores:  # TensorBoard's HParams tab compares runs by hp_metric (Lightning's -1 until then)
+            logged["hp_metric"] = scores["ari"]
+        pl_module.log_dict(logged, sync_dist=False, rank_zero_only=True)
         self.results[stage] = {"epoch": evaluated_epoch(trainer, pl_module), **scores}
         record_metrics(trainer, stage, self.results[stage])
         self._reset()
