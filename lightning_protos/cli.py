@@ -21,6 +21,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from .compile import Compile
 from .data import DATASETS, ArrayDataModule
@@ -65,8 +66,20 @@ class ProtosCLI(LightningCLI):
         return super().init_parser(**kwargs)
 
     def _parse_ckpt_path(self) -> None:
-        # Lightning merges the checkpoint's hyperparameters into the config; when they are not the
-        # config's model's (another method), its parser names a base class and an option only
+        # Lightning merges the checkpoint's hyperparameters into the config, the method's class
+        # included: a checkpoint of another method would silently replace the config's model
+        config = self.config.get(self.config.get("subcommand") or "") or {}
+        ckpt, model = config.get("ckpt_path"), config.get("model")
+        wanted = model.get("class_path") if isinstance(model, Namespace) else None
+        if ckpt and wanted and Path(ckpt).is_file():
+            hparams = torch.load(ckpt, weights_only=True, map_location="cpu", mmap=True).get("hyper_parameters", {})
+            held = hparams.get("_class_path")
+            if held and held != wanted:
+                raise ProtosError(
+                    f"checkpoint {ckpt} holds a model of class {held}, the config's model is {wanted}: use "
+                    "the config it was trained with (its run's config.yaml)"
+                )
+        # when they are not the config's model's, its parser names a base class and an option only
         try:
             super()._parse_ckpt_path()
         except ArgumentError as err:
@@ -108,6 +121,9 @@ class ProtosCLI(LightningCLI):
             absolute_data_paths(config)
             trainer = config.get("trainer") or {}
             check_own_callbacks(trainer.get("callbacks"))
+            every = trainer.get("check_val_every_n_epoch")
+            if every is not None and every < 1:  # Lightning divides by it after the first epoch
+                raise ProtosError(f"trainer.check_val_every_n_epoch must be >= 1 (or null), got {every}")
             accelerator = str(trainer.get("accelerator") or "auto")
             on_cpu = accelerator == "cpu" or (
                 accelerator == "auto" and not torch.cuda.is_available() and not torch.backends.mps.is_available()
@@ -271,7 +287,8 @@ def one_line(message: str) -> str:
     """jsonargparse's multi-line report of a bad argument, reduced to its informative lines."""
     lines = (line.strip().lstrip("- ").strip().removeprefix("error: ") for line in message.splitlines())
     text = " ".join(dict.fromkeys(line for line in lines if line and not line.startswith(_NOISE)))
-    if text.startswith('Parser key "data"') and ("class_path" in text or "import path" in text):
+    unknown = "class_path" in text or "import path" in text
+    if text.startswith('Parser key "data"') and unknown and text.count("Parser key") == 1:  # not an option's value
         known = ", ".join(sorted({c.__name__ for c in DATASETS.values()}))
         text += f" (data sets in lightning_protos.data: {known}; ArrayFile or ImageFolder)"
     return text
@@ -300,15 +317,20 @@ def check_checkpoint(args: list[str]) -> str | None:
             return "--ckpt_path best: name the file, RUN/checkpoints/best.ckpt (or use last)"
         if value in ("last", "hpc", "registry") or "://" in value:
             continue
+        if path.is_dir():
+            return f"checkpoint {path} is a folder: name a file in it, e.g. RUN/checkpoints/last.ckpt"
         if not path.is_file():
             return f"checkpoint {path}: no such file"
         try:
             with zipfile.ZipFile(path) as archive:
                 bad = archive.testzip()
+                names = archive.namelist()
         except (zipfile.BadZipFile, OSError) as err:
             return f"checkpoint {path} is unreadable (truncated, or not a checkpoint): {err}"
         if bad is not None:
             return f"checkpoint {path} is corrupt: member {bad} fails its checksum"
+        if not any(name.endswith("/data.pkl") for name in names):  # torch.save's archive layout
+            return f"checkpoint {path} is a zip archive but not a PyTorch checkpoint"
     return None
 
 
@@ -346,6 +368,8 @@ def main(argv: list[str] | None = None) -> None:
         cause = _protos_cause(err)
         if cause is not None:
             sys.exit(f"protos: error: {cause}")
+        if isinstance(err, MisconfigurationException):  # Lightning's own check of a trainer option
+            sys.exit(f"protos: error: {one_line(str(err))}")
         if isinstance(err, ValueError) and "Does not validate against any of the Union" in str(err):
             sys.exit(f"protos: error: {one_line(str(err))}")  # a constructor rejected its arguments
         raise

@@ -5,18 +5,26 @@ class ProtosError(ValueError):
     """A bad argument, data set or shape; its message is one line."""
 
 
-def check_positive(**values: float) -> None:
-    """One-line error for a non-positive learning rate, temperature, weight ..."""
+def check_positive(**values: float | None) -> None:
+    """One-line error for a non-positive learning rate, temperature, weight ... (``None``, an
+    option left unset, passes)."""
     for name, value in values.items():
-        if not value > 0:
+        if value is not None and not value > 0:
             raise ProtosError(f"{name} must be > 0, got {value}")
 
 
-def check_non_negative(**values: float) -> None:
-    """One-line error for a negative weight, count or noise level."""
+def check_non_negative(**values: float | None) -> None:
+    """One-line error for a negative weight, count or noise level (``None`` passes)."""
     for name, value in values.items():
-        if not value >= 0:
+        if value is not None and not value >= 0:
             raise ProtosError(f"{name} must be >= 0, got {value}")
+
+
+def check_widths(name: str, widths) -> None:
+    """One-line error for a layer width or channel count below 1 in the list ``name``."""
+    for i, width in enumerate(widths):
+        if not width >= 1:
+            raise ProtosError(f"{name} {list(widths)}: {width} at position {i} is below 1")
 
 
 def check_choices(**choices: tuple[object, tuple[str, ...]]) -> None:

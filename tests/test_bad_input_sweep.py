@@ -9,6 +9,7 @@ import hashlib
 import traceback
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 
@@ -67,6 +68,8 @@ def inputs(tmp_path_factory):
     bare = {"state_dict": other.state_dict(), "pytorch-lightning_version": L.__version__, "epoch": 0, "global_step": 0}
     torch.save({**bare, "hyper_parameters": dict(other.hparams)}, run / "checkpoints" / "last.ckpt")
     torch.save(bare, run / "checkpoints" / "other_no_hparams.ckpt")  # the weights alone reach the model
+    saved = {"_class_path": "lightning_protos.methods.aecm.AECM", **other.hparams}  # as the CLI saves them
+    torch.save({**bare, "hyper_parameters": saved}, run / "checkpoints" / "other_class_path.ckpt")
     narrow = CM(10, (32,), alpha=20.0)  # the configs' CM, trained on 32 features instead of digits' 64
     hparams = {"_class_path": "lightning_protos.methods.cm.CM", **narrow.hparams}  # as the CLI saves them
     state = {"state_dict": narrow.state_dict(), "hyper_parameters": hparams}
@@ -80,6 +83,8 @@ def inputs(tmp_path_factory):
     truncated.write_bytes(data[: len(data) // 2])
     npz = tmp / "corrupt.npz"
     npz.write_bytes(b"PK\x03\x04 this is not a zip archive")
+    arrays = tmp / "arrays.npz"  # a sound zip archive, but not a checkpoint
+    np.savez(arrays, X=np.zeros((3, 2)))
     array_file = tmp / "array_file.yaml"
     array_file.write_text(
         CM_DIGITS.replace("ROOT", str(runs))
@@ -100,7 +105,8 @@ def inputs(tmp_path_factory):
     )
     return {"tmp": tmp, "runs": runs, "good": good, "bad_yaml": bad_yaml, "truncated": truncated,
             "other": run / "checkpoints" / "last.ckpt", "bare": run / "checkpoints" / "other_no_hparams.ckpt",
-            "narrow": run / "checkpoints" / "narrow.ckpt",
+            "narrow": run / "checkpoints" / "narrow.ckpt", "class_path": run / "checkpoints" / "other_class_path.ckpt",
+            "arrays": arrays,
             "array_file": array_file, "mnist": mnist}  # fmt: skip
 
 
@@ -111,7 +117,14 @@ def cases(sub: str, i: dict) -> dict[str, tuple[list[str], str]]:
         "malformed YAML": ([sub, "--config", str(i["bad_yaml"])], "Problems parsing config"),
         "missing config": ([sub, "--config", str(i["tmp"] / "no_such.yaml")], "no_such.yaml"),
         "checkpoint of another method": ([sub, *good, ckpt, str(i["other"])], "hyperparameters do not fit"),
+        "class of another method": (
+            [sub, *good, ckpt, str(i["class_path"])],
+            "holds a model of class lightning_protos.methods.aecm.AECM, the config's model is "
+            "lightning_protos.methods.cm.CM",
+        ),
         "weights of another method": ([sub, *good, ckpt, str(i["bare"])], "does not fit this CM"),
+        "arrays as checkpoint": ([sub, *good, ckpt, str(i["arrays"])], "is a zip archive but not a PyTorch checkpoint"),
+        "folder as checkpoint": ([sub, *good, ckpt, str(i["tmp"])], "is a folder: name a file in it"),
         "data of another shape": (
             [sub, *good, ckpt, str(i["narrow"])],
             "trained on inputs of shape (32,), these data give (64,)",

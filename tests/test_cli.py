@@ -215,12 +215,18 @@ def test_a_fit_cut_short_mid_epoch_counts_its_epochs_as_a_test_of_its_last_ckpt(
         (["--trainer.max_e", "3"], "unrecognized arguments: --trainer.max_e 3"),  # no prefix of max_epochs
         (["--config", "missing.yaml"], "missing.yaml"),
         (["--model.init_args.lr", "1e30"], "non-finite loss term E"),
+        (["--trainer.check_val_every_n_epoch", "0"], "trainer.check_val_every_n_epoch must be >= 1 (or null), got 0"),
+        (["--trainer.max_epochs", "-5"], "`max_epochs` must be a non-negative integer or -1"),  # Lightning's check
+        (["--data.init_args.fit_on", "test"], "Parser key \"fit_on\": Expected a typing.Literal['train', 'all']"),
     ],
 )
 def test_errors_are_one_line(tmp_path, capsys, extra, message):
     code, _, err = run_main(["fit", *digits(tmp_path, "--trainer.max_epochs", "3", *extra)], capsys)
     assert code != 0
-    assert message in protos_error(err)
+    line = protos_error(err)
+    assert message in line
+    if "--data" not in extra:  # the list of data sets answers an unknown data set only
+        assert "data sets in lightning_protos.data" not in line
 
 
 def test_missing_data_offline_through_the_cli(tmp_path, capsys):

@@ -114,6 +114,10 @@ def test_features_are_floats_in_the_served_shape(two_splits):
 def test_bad_batch_size_and_fit_on():
     with pytest.raises(DataError, match="batch_size"):
         Digits(batch_size=0)
+    with pytest.raises(DataError, match="eval_batch_size must be >= 1, got 256 and 0"):
+        Digits(eval_batch_size=0)
+    with pytest.raises(DataError, match="num_workers must be >= 0, got -1"):
+        Digits(num_workers=-1)
     with pytest.raises(DataError, match="fit_on"):
         Digits(fit_on="everything")
 
@@ -220,12 +224,20 @@ def test_array_file_csv_with_a_byte_order_mark_or_a_header_of_numbers(tmp_path):
         ),
         ("table.csv", "f1,label\n0.5,1\n", r"no column 'lbl' for label_column \(the header names f1, label\)"),
         ("plain.csv", "0.5,1\n1.5,0\n", "no column 'lbl' for label_column \\(the file has no header\\)"),
+        ("gaps.npz", {"X": np.array([[0.0, np.nan], [np.inf, 1.0], [2.0, 3.0]])}, "2 of its feature values are NaN"),
+        ("nan.csv", "f1,f2\n0.5,nan\n1.5,2\n", "1 of its feature values are NaN or Inf"),
+        ("empty.npz", {"X": np.zeros((0, 4))}, r"no samples in its train split \(shape \(0, 4\)\)"),
+        ("header_only.csv", "f1,f2\n", "no samples in its train split"),
+        ("halves.npz", {"X": np.zeros((2, 2)), "y": np.array([0.0, 1.5])}, "labels must be whole numbers .* found 1.5"),
+        ("folder", "folder", "is a folder: name a .npz, .npy or .csv file"),
     ],
 )
 def test_array_file_errors(tmp_path, name, content, match):
     path = tmp_path / name
     if isinstance(content, dict):
         np.savez(path, **content)
+    elif content == "folder":
+        path.mkdir()
     elif content is not None:
         path.write_text(content)
     with pytest.raises(DataError, match=match) as err:
@@ -434,6 +446,7 @@ def test_missing_data_offline_is_one_line_naming_files_and_folder(tmp_path, cls,
         dm.prepare_data()
     message = str(err.value)
     assert "\n" not in message
+    assert "download failed" not in message  # none was tried
     assert expected in message
     assert str(tmp_path / "empty") in message
 

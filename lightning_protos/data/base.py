@@ -41,13 +41,15 @@ def resolve_root(data_dir: str | os.PathLike | None) -> Path:
     return DEFAULT_ROOT
 
 
-def missing_files_error(name: str, root: Path, files: list[str], cause: Exception | None) -> DataError:
-    """One-line error naming the files a data set expects and where they were looked for."""
-    why = f" (download failed: {type(cause).__name__}: {str(cause).splitlines()[0][:120]})" if cause else ""
-    return DataError(
-        f"{name}: expected {', '.join(files)} under {root}{why}; set --data.data_dir or "
-        "PROTOS_DATA_DIR to the folder holding them, or allow the download"
-    )
+def check_samples(source: str, splits: dict[str, tuple[Tensor, Tensor | None]]) -> None:
+    """One-line errors for data no method can train on: a split without samples, or features
+    holding NaN or Inf (float data only: uint8 images cannot)."""
+    for split, (x, _) in splits.items():
+        if len(x) == 0 or x[0].numel() == 0:
+            raise DataError(f"{source}: no samples in its {split} split (shape {tuple(x.shape)})")
+        if x.is_floating_point() and not torch.isfinite(x).all():
+            bad = int((~torch.isfinite(x)).sum())
+            raise DataError(f"{source}: {bad} of its feature values are NaN or Inf; remove or impute them")
 
 
 def from_numpy(a: np.ndarray) -> Tensor:
@@ -203,8 +205,10 @@ class ArrayDataModule(L.LightningDataModule):
         super().__init__()
         if not 0 <= device_fraction <= 1:
             raise DataError(f"device_fraction must be in [0, 1], got {device_fraction}")
-        if batch_size < 1:
-            raise DataError(f"batch_size must be >= 1, got {batch_size}")
+        if batch_size < 1 or eval_batch_size < 1:
+            raise DataError(f"batch_size and eval_batch_size must be >= 1, got {batch_size} and {eval_batch_size}")
+        if num_workers < 0:
+            raise DataError(f"num_workers must be >= 0, got {num_workers}")
         if fit_on not in ("train", "all"):
             raise DataError(f"fit_on must be 'train' or 'all', got {fit_on!r}")
         self.root = resolve_root(data_dir)
@@ -229,6 +233,17 @@ class ArrayDataModule(L.LightningDataModule):
         if "shuffle_seed" in state:
             self._shuffle_seed = int(state["shuffle_seed"])
 
+    def missing_files(self, files: list[str], cause: Exception | None = None) -> DataError:
+        """One-line error naming the files this data set expects and where they were looked for
+        (with why the download failed, when one was tried)."""
+        why = ""
+        if cause is not None and self.download:
+            why = f" (download failed: {type(cause).__name__}: {str(cause).splitlines()[0][:120]})"
+        return DataError(
+            f"{self.name}: expected {', '.join(files)} under {self.root}{why}; set --data.data_dir or "
+            "PROTOS_DATA_DIR to the folder holding them, or allow the download"
+        )
+
     # -- subclasses -------------------------------------------------------------------
     def load(self) -> dict[str, tuple[Tensor, Tensor | None]]:
         """Read the data set from ``self.root``: ``{"train": (x, y), "test": (x, y)}``."""
@@ -246,6 +261,7 @@ class ArrayDataModule(L.LightningDataModule):
                 cause = (str(err).splitlines() or [""])[0][:200]
                 where = getattr(self, "path", self.root)  # ArrayFile / ImageFolder name their file or folder
                 raise DataError(f"{self.name}: cannot read {where}: {type(err).__name__}: {cause}") from None
+            check_samples(f"{self.name} ({getattr(self, 'path', self.root)})", splits)
             self._sample_shape = tuple(next(iter(splits.values()))[0].shape[1:])
             if self.flatten:
                 splits = {k: (x.reshape(len(x), -1), y) for k, (x, y) in splits.items()}

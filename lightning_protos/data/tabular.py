@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from .base import ArrayDataModule, DataError, channels_first, from_numpy, missing_files_error
+from .base import ArrayDataModule, DataError, channels_first, from_numpy
 
 # header names that usually hold labels: read as features unless label_column says so, with a warning
 LABEL_NAMES = ("label", "labels", "y", "target", "class")
@@ -35,13 +35,11 @@ class Pendigits(ArrayDataModule):
                 for f in files.values():
                     download_url(PENDIGITS_URL + f.name, str(folder))
             except Exception as err:
-                raise missing_files_error(
-                    self.name, self.root, [f"pendigits/{f.name}" for f in files.values()], err
-                ) from None
+                raise self.missing_files([f"pendigits/{f.name}" for f in files.values()], err) from None
         out = {}
         for split, f in files.items():
             if not f.exists():
-                raise missing_files_error(self.name, self.root, [f"pendigits/{g.name}" for g in files.values()], None)
+                raise self.missing_files([f"pendigits/{g.name}" for g in files.values()])
             a = np.loadtxt(f, delimiter=",", dtype=np.int64)
             out[split] = (torch.as_tensor(a[:, :16] / 100.0, dtype=torch.float32), torch.as_tensor(a[:, 16]))
         return out
@@ -73,6 +71,8 @@ class ArrayFile(ArrayDataModule):
     def load(self) -> dict[str, tuple[Tensor, Tensor | None]]:
         if not self.path.exists():
             raise DataError(f"{self.path}: no such file")
+        if self.path.is_dir():
+            raise DataError(f"{self.path} is a folder: name a .npz, .npy or .csv file, or read images with ImageFolder")
         suffix = self.path.suffix.lower()
         if suffix == ".npz":
             d = np.load(self.path)
@@ -88,7 +88,13 @@ class ArrayFile(ArrayDataModule):
         if x.ndim == 1:  # one feature per sample
             x = x[:, None]
         xt = channels_first(from_numpy(x))
-        yt = None if y is None else torch.as_tensor(np.asarray(y).reshape(-1), dtype=torch.long)
+        if y is not None:
+            y = np.asarray(y).reshape(-1)
+            if y.dtype.kind not in "iub" and not np.array_equal(y, np.round(y)):  # NaN fails too
+                raise DataError(
+                    f"{self.path}: labels must be whole numbers (class indices), found {y[y != np.round(y)][0]}"
+                )
+        yt = None if y is None else torch.as_tensor(y, dtype=torch.long)
         if yt is not None and len(yt) != len(xt):
             raise DataError(f"{self.path}: {len(xt)} samples but {len(yt)} labels")
         if yt is not None and len(yt) and int(yt.min()) < 0:
@@ -122,7 +128,7 @@ class ArrayFile(ArrayDataModule):
                 )
             return a.astype(np.float32), None
         col = self._label_index(header, a.shape[1])
-        return np.delete(a, col, axis=1).astype(np.float32), a[:, col].astype(np.int64)
+        return np.delete(a, col, axis=1).astype(np.float32), a[:, col]
 
     def _label_index(self, header: list[str] | None, n_columns: int) -> int:
         """The position of ``label_column``: its name in the header, else a 0-based index."""
@@ -164,6 +170,8 @@ class ImageFolder(ArrayDataModule):
     def __init__(self, path: str, image_size: int | None = None, grayscale: bool = False, **kwargs) -> None:
         kwargs.setdefault("download", False)
         super().__init__(**kwargs)
+        if image_size is not None and image_size < 1:
+            raise DataError(f"image_size must be >= 1 (or unset: no resizing), got {image_size}")
         self.path, self.image_size, self.grayscale = Path(path).expanduser(), image_size, grayscale
         self.name = self.path.name
         self._names: list[str] = []

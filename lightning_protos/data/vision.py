@@ -7,7 +7,7 @@ import torch
 import torchvision
 from torch import Tensor
 
-from .base import ArrayDataModule, channels_first, from_numpy, missing_files_error
+from .base import ArrayDataModule, channels_first, from_numpy
 
 
 class _TorchvisionImages(ArrayDataModule):
@@ -20,7 +20,7 @@ class _TorchvisionImages(ArrayDataModule):
         try:
             return self.reader(root=str(self.root), train=train, download=self.download)
         except Exception as err:  # torchvision raises RuntimeError, URLError, ...
-            raise missing_files_error(self.name, self.root, list(self.files), err) from None
+            raise self.missing_files(list(self.files), err) from None
 
     def load(self) -> dict[str, tuple[Tensor, Tensor]]:
         out = {}
@@ -96,9 +96,7 @@ class USPS(ArrayDataModule):
             try:
                 ds = torchvision.datasets.USPS(root=str(self.root / "usps"), train=train, download=self.download)
             except Exception as err:
-                raise missing_files_error(
-                    self.name, self.root, ["usps/usps.npz", "usps/usps.bz2", "usps/usps.t.bz2"], err
-                ) from None
+                raise self.missing_files(["usps/usps.npz", "usps/usps.bz2", "usps/usps.t.bz2"], err) from None
             out[split] = (
                 channels_first(torch.as_tensor(ds.data)),
                 torch.as_tensor(np.asarray(ds.targets), dtype=torch.long),

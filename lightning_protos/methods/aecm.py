@@ -100,7 +100,7 @@ class AECM(AveragingEpoch, AutoencoderMethod):
         pretrain_cache: bool | str = True,
     ) -> None:
         check_positive(alpha=alpha)
-        check_non_negative(beta=beta, lam=lam)
+        check_non_negative(beta=beta, lam=lam, cm_epochs=cm_epochs)
         check_choices(cm_init=(cm_init, ("pinv", "posterior")))
         super().__init__(
             n_clusters, input_shape, latent_dim, hidden, slope, lr, adam_eps, init, pretrain_epochs,

@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ..errors import check_positive
+from ..errors import ProtosError, check_non_negative, check_positive
 from ..nets import ClusteringModule
 from ..nets.mlp import BiasInit
 from ..ops import cm_terms, kmeans_pp_centres, nearest_one_hot
@@ -76,9 +76,10 @@ class CM(AveragingEpoch, ClusteringMethod):
         step_batch: int | None = None,
     ) -> None:
         super().__init__(n_clusters, input_shape)
-        check_positive(lr=lr, alpha=alpha, step_batch=step_batch or 1)
-        if not set(terms) <= {"E1", "E2", "E3", "E4"}:
-            raise ValueError(f"terms must be among E1..E4, got {terms}")
+        check_positive(lr=lr, alpha=alpha, adam_eps=adam_eps, step_batch=step_batch)
+        check_non_negative(e3_weight=e3_weight, init_lloyd_steps=init_lloyd_steps)
+        if not terms or not set(terms) <= {"E1", "E2", "E3", "E4"}:
+            raise ProtosError(f"terms must be one or more of E1, E2, E3, E4, got {list(terms)}")
         self.save_hyperparameters()
         self.cm = ClusteringModule(self.input_dim, n_clusters, bias_init)
         self.init_average()

@@ -112,8 +112,7 @@ class DCN(AutoencoderMethod):
             centroid_update=(centroid_update, ("batch", "epoch")),
             code_precision=(code_precision, ("float32", "autocast")),
         )
-        if max_grad_norm is not None:
-            check_positive(max_grad_norm=max_grad_norm)
+        check_positive(max_grad_norm=max_grad_norm)
         super().__init__(
             n_clusters, input_shape, latent_dim, hidden, slope, lr, adam_eps, init, pretrain_epochs,
             kmeans_n_init, pretrain_cache,

@@ -51,7 +51,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from ..errors import ProtosError, check_choices
+from ..errors import ProtosError, check_choices, check_positive
 from ..ops import kl_clustering_loss, student_t_assign, student_t_logits, target_distribution
 from .pretrain import AutoencoderMethod, encode_all, reconstruction_loss
 
@@ -110,8 +110,7 @@ class DEC(AutoencoderMethod):
             raise ProtosError(f"tol must be in [0, 1) or null, got {tol}")
         if not dof > 0:
             raise ProtosError(f"dof must be > 0, got {dof}")
-        if cluster_adam_eps is not None and not cluster_adam_eps > 0:
-            raise ProtosError(f"cluster_adam_eps must be > 0 or null, got {cluster_adam_eps}")
+        check_positive(cluster_adam_eps=cluster_adam_eps)
         super().__init__(
             n_clusters, input_shape, latent_dim, hidden, slope, lr, adam_eps, init, pretrain_epochs,
             kmeans_n_init, pretrain_cache,

@@ -159,7 +159,7 @@ class AutoencoderMethod(ClusteringMethod):
         bias_init: BiasInit = "zeros",
     ) -> None:
         super().__init__(n_clusters, input_shape)
-        check_positive(lr=lr, latent_dim=latent_dim, kmeans_n_init=kmeans_n_init)
+        check_positive(lr=lr, adam_eps=adam_eps, latent_dim=latent_dim, kmeans_n_init=kmeans_n_init)
         check_choices(init=(init, ("random", "pretrained")))
         check_non_negative(pretrain_epochs=pretrain_epochs)
         self.ae = MLPAutoencoder(self.input_dim, hidden, latent_dim, slope, bias_init)

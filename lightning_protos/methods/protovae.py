@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ProtosError, check_choices, check_non_negative, check_positive
+from ..errors import ProtosError, check_choices, check_non_negative, check_positive, check_widths
 from ..nets.protovae import ProtoDecoder, ProtoEncoder
 from ..ops.mixture import gaussian_kl
 from ..ops.mmd import grouped_mmd, mmd
@@ -83,7 +83,10 @@ class ReconstructionMethod(ClusteringMethod):
             raise ProtosError(f"the conv network takes square images (C, H, H), got input shape {shape}")
         side = shape[1]
         channels = tuple(channels) if channels is not None else (32, 64) if side == 28 else (32, 64, 128)
-        if not channels or side % 2 ** len(channels):
+        if not channels:
+            raise ProtosError("channels must name at least one conv block, e.g. [32, 64]")
+        check_widths("channels", channels)
+        if side % 2 ** len(channels):
             raise ProtosError(f"image side {side} is not divisible by 2^{len(channels)} ({len(channels)} conv blocks)")
         self.encoder = ProtoEncoder(shape[0], side, channels, bottleneck_dim)
         self.head = nn.Sequential(nn.Linear(bottleneck_dim, latent_dim))  # z, or mu for the VAEs
@@ -106,7 +109,10 @@ class ReconstructionMethod(ClusteringMethod):
         """({L_rec: BCE, Eq. 2}, {MSE: the Fig. 6 metric}), both means over all scalars, float32."""
         with self.full_precision():
             x, x_rec = x.float(), x_rec.float()
-            return {"L_rec": F.binary_cross_entropy(x_rec, x)}, {"MSE": F.mse_loss(x_rec.detach(), x)}
+            # binary_cross_entropy raises on a NaN input (its range check); a NaN reconstruction
+            # must reach check_and_log as a NaN L_rec instead, which stops the run naming it
+            bce = F.binary_cross_entropy(x_rec.nan_to_num(0.5), x) + 0 * x_rec.sum()
+            return {"L_rec": bce}, {"MSE": F.mse_loss(x_rec.detach(), x)}
 
     def bernoulli_inputs(self) -> bool:
         return True  # L_rec is BCE (Eq. 2)
@@ -215,8 +221,7 @@ class InfoVAE(_VariationalBaseline):
     ) -> None:
         super().__init__(input_shape, latent_dim, channels, bottleneck_dim, lr, warmup_epochs)
         check_positive(lam=lam)
-        if mmd_bandwidth is not None:
-            check_positive(mmd_bandwidth=mmd_bandwidth)
+        check_positive(mmd_bandwidth=mmd_bandwidth)
         self.save_hyperparameters()
 
     def regulariser(self, mu: Tensor, logvar: Tensor, z: Tensor) -> dict[str, Tensor]:
@@ -262,9 +267,7 @@ class ProtoVAE(ReconstructionMethod):
         head_activation: Literal["linear", "relu"] = "linear",
     ) -> None:
         super().__init__(n_clusters, input_shape, latent_dim, channels, bottleneck_dim, lr)
-        check_positive(tau=tau, eps=eps)
-        if mmd_bandwidth is not None:
-            check_positive(mmd_bandwidth=mmd_bandwidth)
+        check_positive(tau=tau, eps=eps, mmd_bandwidth=mmd_bandwidth)
         if sinkhorn_iters < 1:
             raise ProtosError(f"sinkhorn_iters must be >= 1, got {sinkhorn_iters}")
         check_non_negative(warmup_epochs=warmup_epochs)

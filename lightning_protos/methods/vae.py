@@ -37,7 +37,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from ..errors import ProtosError, check_choices, check_non_negative, check_positive
+from ..errors import ProtosError, check_choices, check_non_negative, check_positive, check_widths
 from ..nets.conv import NET_SIZE, ConvDecoder, ConvEncoder, resize
 from ..nets.mlp import MLPDecoder, MLPEncoder
 from ..ops import elbow_kmeans, gaussian_kl, kmeans_centres, nearest_one_hot
@@ -109,11 +109,12 @@ class VAEMethod(ClusteringMethod):
         self.network, self.reconstruction = network, reconstruction
         if network == "mlp":
             hidden = tuple(hidden)
-            check_positive(**{f"hidden[{i}]": width for i, width in enumerate(hidden)})
+            check_widths("hidden", hidden)
             self.encoder = MLPEncoder(self.input_dim, latent_dim, hidden)
             self.decoder = MLPDecoder(latent_dim + condition_dim, self.input_dim, hidden[::-1])
             return
         channels = tuple(channels)
+        check_widths("channels", channels)
         c = self.input_shape[0]
         self.encoder = ConvEncoder(c, latent_dim, channels, activation=encoder == "bn_relu")
         self.decoder = ConvDecoder(latent_dim + condition_dim, c, channels[::-1])
