@@ -490,7 +490,7 @@ def test_bad_input_gives_one_line_errors_before_training():
         (VaDE, {"network": "foo"}, "network must be one of conv, mlp; got 'foo'"),
         (GMVAE, {"network": "foo"}, "network must be one of conv, mlp"),
         (VaDE, {"reconstruction": "foo"}, "reconstruction must be one of mse, bce; got 'foo'"),
-        (VaDE, {"network": "mlp", "hidden": (8, 0)}, r"hidden\[1\] must be > 0, got 0"),
+        (VaDE, {"network": "mlp", "hidden": (8, 0)}, r"hidden \[8, 0\]: 0 at position 1 is below 1"),
     ]
     for cls, kwargs, message in cases:
         with pytest.raises(ProtosError, match=message) as err:
