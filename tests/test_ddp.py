@@ -29,6 +29,7 @@ from lightning_protos.compile import Compile
 from lightning_protos.data import Digits
 from lightning_protos.eval.callbacks import AssignmentWriter, ClusteringEvaluator
 from lightning_protos.eval.metrics import clustering_scores
+from lightning_protos.eval.probes import ProbeEvaluator
 from lightning_protos.methods.aecm import AECM
 from lightning_protos.methods.cm import CM
 from lightning_protos.methods.dcn import DCN
@@ -334,3 +335,31 @@ def test_a_fit_that_fails_on_rank_zero_stops_every_rank(tmp_path):
         "RuntimeError: rank 0 failed in _failing_fit_rank.<locals>.fit: "
         "ValueError: n_samples=3 should be >= n_clusters=10"
     )
+
+
+def _probe_rank(rank: int, port: int, out: str, world: int) -> None:
+    """CM fitted with the probes and a best checkpoint chosen by the kNN probe's accuracy."""
+    _as_launched(rank, port, world)
+    make, data, _ = CASES["cm"]
+    L.seed_everything(0, verbose=False)
+    best = ModelCheckpoint(dirpath=f"{out}/ckpt", monitor="val/knn_acc", mode="max", filename="best")
+    trainer = make_trainer(
+        devices=world, strategy=DDPStrategy(timeout=timedelta(seconds=60)), max_epochs=2, enable_checkpointing=True,
+        check_val_every_n_epoch=1, limit_val_batches=1.0,
+        callbacks=[ProbeEvaluator(linear_epochs=2, stages=("val",)), best],
+    )  # fmt: skip
+    trainer.fit(make(), data())
+    logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    torch.save({"logged": logged, "best": best.best_model_path}, os.path.join(out, f"probe.rank{rank}.pt"))
+
+
+@pytest.mark.slow
+def test_a_checkpoint_can_monitor_a_probe_score_under_ddp(tmp_path):
+    """The probes are fitted by rank 0 alone, but every rank logs their scores: a checkpoint
+    monitoring one looks for it on each rank (rank 1 failed without it, and rank 0 with it)."""
+    mp.spawn(_probe_rank, args=(_free_port(), str(tmp_path), WORLD), nprocs=WORLD, join=True)
+    zero, one = (torch.load(tmp_path / f"probe.rank{r}.pt", weights_only=False) for r in range(WORLD))
+    assert {"val/knn_acc", "val/stat_acc", "val/linear_acc"} <= set(zero["logged"])
+    assert one["logged"] == zero["logged"]
+    assert Path(zero["best"]).name == "best.ckpt"
+    assert Path(zero["best"]).is_file()

@@ -18,6 +18,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from torch import Tensor
 
 from ..errors import ProtosError, check_positive
+from ..methods.distributed import on_rank0
 from .callbacks import evaluated_epoch, record_metrics
 
 # The authors' code's linear probe (REFERENCE_CODE 1.2): Adam 1e-3, 10 epochs, batch 512, 10 outputs
@@ -214,13 +215,15 @@ class ProbeEvaluator(L.Callback):
         return out
 
     def _run(self, stage: str, trainer: L.Trainer, pl_module) -> None:
-        if stage not in self.stages or not trainer.is_global_zero or trainer.datamodule is None:
+        if stage not in self.stages or trainer.datamodule is None:
             return
-        scores = self.scores(pl_module, trainer.datamodule)
+        # fitted once, by rank 0, and logged by every rank: a checkpoint or an early stop that
+        # monitors a probe's score looks for it on each rank (under DDP, a rank without it fails)
+        scores = on_rank0(self.scores, pl_module, trainer.datamodule)
         if not scores:
             return
         self.results[stage] = {"epoch": evaluated_epoch(trainer, pl_module), **scores}
-        pl_module.log_dict({f"{stage}/{k}": v for k, v in scores.items()}, rank_zero_only=True)
+        pl_module.log_dict({f"{stage}/{k}": v for k, v in scores.items()})
         record_metrics(trainer, stage, self.results[stage])
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
