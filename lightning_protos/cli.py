@@ -34,6 +34,22 @@ from .hardware import check_cpu_bf16, cpu_has_native_bf16
 from .methods.base import ClusteringMethod
 
 
+class LastCheckpoint(ModelCheckpoint):
+    """``last.ckpt``'s ModelCheckpoint, which also saves at the end of a training epoch when a
+    step-based save (``every_n_train_steps``, ``train_time_interval``) fell on the epoch's last
+    batch. The methods' end-of-epoch work (the averaging epoch's mean, a learning-rate step,
+    DCN's reassignment, a k-means refit) runs after that save, and Lightning skips an epoch-end
+    save at a step it has saved: ``last.ckpt`` would hold the epoch without that work."""
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        step_based = self._every_n_epochs < 1  # Lightning's: steps or time, not epochs
+        if step_based and self._last_global_step_saved == trainer.global_step:
+            self._last_global_step_saved = -1  # saved at this step, but before the epoch's end
+            if not self._should_skip_saving_checkpoint(trainer):
+                self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
 class ProtosCLI(LightningCLI):
     """LightningCLI with the clustering evaluation and the assignment export always on (probes,
     reconstruction and pictures are the configs' callbacks), the input shape linked from the
@@ -97,7 +113,7 @@ class ProtosCLI(LightningCLI):
         # last.ckpt is a rolling top-1 named "last": Lightning's own save_last writes only when
         # a top-k checkpoint was written in the same step, i.e. never with save_top_k=0.
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
+        parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
         parser.set_defaults(
             {
                 "last_checkpoint.filename": "last",

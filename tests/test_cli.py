@@ -90,6 +90,23 @@ def test_best_ckpt_is_the_epoch_with_the_highest_val_acc(tmp_path, capsys):
     assert tested["test"]["epoch"] == int(np.argmax(accs)) + 1  # epochs trained, as its validation counted
 
 
+def test_a_step_based_last_ckpt_holds_the_end_of_each_epoch(tmp_path, capsys):
+    """With ``--last_checkpoint.every_n_train_steps`` dividing the epoch (digits: 57 batches),
+    the step's save falls on the last batch, before the averaging epoch sets the CM's weights
+    to their mean: last.ckpt is written again at the epoch's end, so testing it scores the
+    fit's final model."""
+    steps = ["--trainer.max_epochs", "2", "--last_checkpoint.every_n_train_steps", "19"]
+    code, _, err = run_main(["fit", *digits(tmp_path, *steps)], capsys)
+    assert code == 0, err
+    run = tmp_path / "lightning_logs" / "version_0"
+    fitted = json.loads((run / "metrics.json").read_text())["test"]
+    assert int(torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]["average.count"]) == 0
+    code, _, err = run_main(["test", *digits(tmp_path, "--ckpt_path", str(run / "checkpoints" / "last.ckpt"))], capsys)
+    assert code == 0, err
+    tested = json.loads((tmp_path / "lightning_logs" / "version_1" / "metrics.json").read_text())["test"]
+    assert {k: tested[k] for k in ("acc", "nmi", "ari")} == {k: fitted[k] for k in ("acc", "nmi", "ari")}
+
+
 def test_fit_test_predict_round_trip_on_digits(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv(CONTINUED, "unset")  # what `--ckpt_path last` sets there is removed after the test
     code, out, err = run_main(
