@@ -4,6 +4,8 @@ averaging epoch, same random draws, same centroids and buffers, same metrics).""
 
 from __future__ import annotations
 
+import warnings
+
 import lightning as L
 import pytest
 import torch
@@ -417,3 +419,24 @@ def test_a_resume_onto_another_gpu_count_reseeds_cuda_on_ranks_above_zero(monkey
     model._resumed = {"rng_ranks": [state, state], "epoch": 0}
     model.on_train_batch_start({"x": torch.zeros(1, 2)}, 0)
     assert seeded == ([rank_seed(7, 1, 5)] if rank else [])
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: CM(10, (64,), alpha=20.0), lambda: VAESim(4, (64,), network="mlp", hidden=(16,), latent_dim=4)],
+    ids=["cm", "vaesim"],
+)
+def test_a_fit_continued_with_another_length_warns_where_the_method_spans_the_fit(tmp_path, make):
+    """The averaging epoch is the fit's last, VAESim's temperature anneals over the fit's steps:
+    continuing a 1-epoch fit to 2 epochs does not end as a 2-epoch fit, and says so; the same
+    length (a killed run resumed) does not warn, nor does a method with nothing of the kind."""
+    _fit(tmp_path / "a", make(), 1)
+    with pytest.warns(UserWarning, match=r"continues one of max_epochs 1 with max_epochs 2: .* follows the new length"):
+        _fit(tmp_path / "b", make(), 2, ckpt_path=tmp_path / "a" / "ckpt" / "epoch=0.ckpt")
+    _fit(tmp_path / "c", make(), 3)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*continues one of max_epochs")
+        _fit(tmp_path / "d", make(), 3, ckpt_path=tmp_path / "c" / "ckpt" / "epoch=0.ckpt")
+        dec = lambda: DEC(10, (64,), latent_dim=4, hidden=(16,), init="random")  # noqa: E731
+        _fit(tmp_path / "e", dec(), 1)
+        _fit(tmp_path / "f", dec(), 2, ckpt_path=tmp_path / "e" / "ckpt" / "epoch=0.ckpt")

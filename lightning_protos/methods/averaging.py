@@ -28,6 +28,7 @@ class AveragingEpoch:
     """
 
     average: ParameterAverage
+    fit_length_schedule = "its averaging epoch (the fit's last)"
 
     def init_average(self) -> None:
         """Call at the end of ``__init__``, once the averaged parameters exist."""

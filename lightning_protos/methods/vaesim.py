@@ -85,6 +85,8 @@ class VAESim(VAEMethod):
         network, hidden, reconstruction: see :class:`~.vae.VAEMethod` (J: conv, MSE).
     """
 
+    fit_length_schedule = "the temperature's annealing (over the fit's steps)"
+
     def __init__(
         self,
         n_clusters: int = 40,
