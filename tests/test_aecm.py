@@ -221,3 +221,11 @@ def test_max_steps_inside_the_last_epoch_averages_the_steps_taken(tmp_path):
     for i, p in enumerate(model.parameters()):
         torch.testing.assert_close(p.detach(), (steps[0][i] + steps[1][i]) / 2)
     assert not torch.equal(steps[0][0], steps[1][0])
+
+
+def test_a_fit_ending_in_the_cm_alone_epochs_says_it_averaged_nothing(tmp_path):
+    """AE-CM^p's last epoch inside its CM-alone phase sums no joint step: the fit warns that
+    its parameters are the last step's, as a fit ending before the averaging epoch does."""
+    model = _small("pretrained", pretrain_epochs=1, cm_epochs=2, pretrain_cache=False)
+    with pytest.warns(UserWarning, match=r"AECM: the fit ended at epoch \d, step \d+, before its averaging epoch"):
+        _trainer(tmp_path, 2, enable_checkpointing=False).fit(model, _blobs(batch_size=200))

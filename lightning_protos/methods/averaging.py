@@ -51,8 +51,9 @@ class AveragingEpoch:
             self.average.accumulate(self.averaged_params())
 
     def _apply_average(self) -> None:
+        # nothing summed (AE-CM^p's last epoch still in its CM-alone phase): nothing averaged
+        self._averaged_in_fit = self._averaged_in_fit or int(self.average.count) > 0
         self.average.apply(self.averaged_params())
-        self._averaged_in_fit = True
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
