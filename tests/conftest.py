@@ -45,6 +45,17 @@ def _quiet():
         yield
 
 
+@pytest.fixture(autouse=True)
+def _writes_nothing_into_the_working_directory():
+    """A trainer without ``default_root_dir`` writes its run files (``metrics.json``,
+    ``lightning_logs``) into the working directory: the repository, when tests run there."""
+    cwd = Path.cwd()
+    before = {p.name for p in cwd.iterdir()}
+    yield
+    added = sorted({p.name for p in cwd.iterdir()} - before - {".pytest_cache", "__pycache__"})
+    assert not added, f"the test wrote {added} into {cwd}: give its trainer default_root_dir=tmp_path"
+
+
 @pytest.fixture
 def shared_data() -> Path:
     """The offline data sets of ../shared/data, or a skip saying why."""

@@ -345,6 +345,7 @@ def _probe_rank(rank: int, port: int, out: str, world: int) -> None:
     best = ModelCheckpoint(dirpath=f"{out}/ckpt", monitor="val/knn_acc", mode="max", filename="best")
     trainer = make_trainer(
         devices=world, strategy=DDPStrategy(timeout=timedelta(seconds=60)), max_epochs=2, enable_checkpointing=True,
+        default_root_dir=out,
         check_val_every_n_epoch=1, limit_val_batches=1.0,
         callbacks=[ProbeEvaluator(linear_epochs=2, stages=("val",)), best],
     )  # fmt: skip

@@ -17,6 +17,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 import lightning_protos.methods.pretrain as pretrain_module
 from lightning_protos.data import Blobs
 from lightning_protos.errors import ProtosError
+from lightning_protos.eval.callbacks import ClusteringEvaluator
 from lightning_protos.eval.metrics import clustering_scores
 from lightning_protos.methods.dcn import DCN
 from lightning_protos.methods.dec import DEC, IDEC
@@ -453,13 +454,15 @@ def test_pretraining_cache_is_hit_on_the_second_run(tmp_path, monkeypatch):
 @pytest.mark.parametrize("name", ["dec", "idec"])
 def test_tol_stops_training_and_records_why(name, tmp_path):
     dm = blobs()
-    model = small(name, tmp_path, tol=0.01)
-    trainer = fit(model, dm, epochs=40)
+    model, evaluator = small(name, tmp_path, tol=0.01), ClusteringEvaluator()
+    trainer = fit(model, dm, epochs=40, callbacks=[evaluator], limit_val_batches=1.0, default_root_dir=tmp_path)
     assert trainer.current_epoch < 40
     assert int(model.stop_iteration) > 0
     assert float(model.stop_delta) < 0.01
     assert model.stop_reason.startswith("tol:")
     assert float(trainer.callback_metrics["train/tol_stop"]) == 1.0
+    trainer.test(model, dm, verbose=False)  # the same weights as the validation at the stop
+    assert evaluator.results["val"]["epoch"] == evaluator.results["test"]["epoch"] == trainer.current_epoch
 
     never = small(name, tmp_path, tol=None)
     trainer = fit(never, dm, epochs=12)

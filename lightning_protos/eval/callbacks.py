@@ -38,8 +38,12 @@ def evaluated_epoch(trainer: L.Trainer, pl_module) -> int:
     loaded = getattr(pl_module, "checkpoint_epochs", None)
     if trainer.state.fn != TrainerFn.FITTING and trainer.ckpt_path and loaded is not None:
         return loaded
-    if trainer.state.fn == TrainerFn.FITTING:  # a validation at an epoch's end counts that epoch
-        return trainer.current_epoch + int(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+    if trainer.state.fn == TrainerFn.FITTING:
+        # a validation at an epoch's end counts that epoch, and so does one at a stop the method
+        # asked for within it (DEC's tol), as Lightning counts the epoch it stops in
+        loop = trainer.fit_loop
+        stops = trainer.should_stop and getattr(loop, "_can_stop_early", True)
+        return trainer.current_epoch + int(loop.epoch_loop.batch_progress.is_last_batch or stops)
     return trainer.current_epoch
 
 
