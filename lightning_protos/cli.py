@@ -35,17 +35,20 @@ from .methods.base import ClusteringMethod
 
 
 class LastCheckpoint(ModelCheckpoint):
-    """``last.ckpt``'s ModelCheckpoint, which also saves at the end of a training epoch when a
-    step-based save (``every_n_train_steps``, ``train_time_interval``) fell on the epoch's last
-    batch. The methods' end-of-epoch work (the averaging epoch's mean, a learning-rate step,
-    DCN's reassignment, a k-means refit) runs after that save, and Lightning skips an epoch-end
-    save at a step it has saved: ``last.ckpt`` would hold the epoch without that work."""
+    """``last.ckpt``'s ModelCheckpoint, which saves at the end of every training epoch also when
+    it saves by steps or time (``every_n_train_steps``, ``train_time_interval``), where Lightning
+    saves only at those: the fit's end would be missing, and a save that fell on an epoch's last
+    batch would miss the methods' end-of-epoch work (the averaging epoch's mean, a
+    learning-rate step, DCN's reassignment, a k-means refit), which runs after it."""
+
+    @property
+    def state_key(self) -> str:  # as ModelCheckpoint's: checkpoints from before this class resume
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        step_based = self._every_n_epochs < 1  # Lightning's: steps or time, not epochs
-        if step_based and self._last_global_step_saved == trainer.global_step:
-            self._last_global_step_saved = -1  # saved at this step, but before the epoch's end
+        if self.every_n_epochs < 1:  # saving by steps or time: Lightning saved nothing at this epoch's end
+            self._last_global_step_saved = -1  # a save at this step came before the epoch's end
             if not self._should_skip_saving_checkpoint(trainer):
                 self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
 

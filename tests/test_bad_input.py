@@ -76,7 +76,7 @@ def test_nan_inputs_are_refused_before_training(tmp_path, init):
     np.save(tmp_path / "nan.npy", x)
     dm = ArrayFile(str(tmp_path / "nan.npy"), batch_size=40)
     trainer = make_trainer(max_epochs=2)
-    with pytest.raises(DataError, match=r"nan.npy\): 1 of its feature values are NaN or Inf") as err:
+    with pytest.raises(DataError, match=r"nan.npy\): 1 feature values of its train split are NaN or Inf") as err:
         trainer.fit(CM(n_clusters=3, input_shape=(3,), init=init), dm)
     one_line(err)
     assert trainer.global_step == 0
@@ -87,13 +87,11 @@ def test_nan_inputs_are_refused_before_training(tmp_path, init):
     [
         (lambda: CM(3, (2,), terms=()), r"terms must be one or more of E1, E2, E3, E4, got \[\]"),
         (lambda: CM(3, (2,), adam_eps=0.0), "adam_eps must be > 0, got 0.0"),
-        (lambda: CM(3, (2,), step_batch=0), "step_batch must be > 0, got 0"),
+        (lambda: CM(3, (2,), step_batch=-1), "step_batch must be >= 0, got -1"),  # 0 / None: the loaded batch
         (lambda: CM(3, (2,), e3_weight=-1.0), "e3_weight must be >= 0, got -1.0"),
         (lambda: CM(3, (2,), init_lloyd_steps=-3), "init_lloyd_steps must be >= 0, got -3"),
-        (
-            lambda: AECM(3, (6,), hidden=(0, 8)),
-            r"layer sizes \(input, hidden..., output\) \[6, 0, 8, 10\]: 0 at position 1",
-        ),
+        (lambda: AECM(3, (6,), hidden=(0, 8)), r"hidden \[0, 8\]: 0 at position 0 is below 1"),
+        (lambda: AECM(3, (6,), hidden=(8,), latent_dim=0), "latent_dim must be > 0, got 0"),
         (lambda: AECM(3, (6,), hidden=(8,), slope=-1.0), "slope must be >= 0, got -1.0"),
         (lambda: AECM(3, (6,), hidden=(8,), cm_epochs=-2), "cm_epochs must be >= 0, got -2"),
         (lambda: DEC(3, (6,), hidden=(8,), adam_eps=-1.0), "adam_eps must be > 0, got -1.0"),

@@ -90,12 +90,45 @@ def test_best_ckpt_is_the_epoch_with_the_highest_val_acc(tmp_path, capsys):
     assert tested["test"]["epoch"] == int(np.argmax(accs)) + 1  # epochs trained, as its validation counted
 
 
-def test_a_step_based_last_ckpt_holds_the_end_of_each_epoch(tmp_path, capsys):
-    """With ``--last_checkpoint.every_n_train_steps`` dividing the epoch (digits: 57 batches),
-    the step's save falls on the last batch, before the averaging epoch sets the CM's weights
-    to their mean: last.ckpt is written again at the epoch's end, so testing it scores the
-    fit's final model."""
-    steps = ["--trainer.max_epochs", "2", "--last_checkpoint.every_n_train_steps", "19"]
+def test_a_checkpoint_the_cli_saved_is_refused_by_another_method_s_config(tmp_path, capsys):
+    """Lightning's CLI replaces the config's model by the class its checkpoint names: a CM's
+    checkpoint given to a DEC config would test (or train on) the CM, silently."""
+    code, _, err = run_main(["fit", *digits(tmp_path, "--trainer.max_epochs", "1")], capsys)
+    assert code == 0, err
+    ckpt = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    dec = [
+        "--config", str(ROOT / "configs" / "dec_pendigits.yaml"), "--data", "lightning_protos.data.Digits",
+        "--data.init_args.flatten", "true", "--trainer.default_root_dir", str(tmp_path), *QUIET,
+    ]  # fmt: skip
+    for sub in ("test", "fit"):
+        code, _, err = run_main([sub, *dec, "--ckpt_path", str(ckpt)], capsys)
+        assert code != 0
+        assert (
+            "holds a model of class lightning_protos.methods.cm.CM, the config's model is "
+            "lightning_protos.methods.dec.DEC" in protos_error(err)
+        )
+    assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0"]  # no run started
+
+
+def test_last_checkpoint_keeps_model_checkpoint_s_state_key():
+    """Checkpoints written before LastCheckpoint hold its state under ModelCheckpoint's key."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_protos.cli import LastCheckpoint
+
+    assert (
+        LastCheckpoint(filename="last", save_top_k=1).state_key
+        == ModelCheckpoint(filename="last", save_top_k=1).state_key
+    )
+
+
+@pytest.mark.parametrize("every", ["19", "20"])  # digits' 57 batches: a save on the last batch, or none
+def test_a_step_based_last_ckpt_holds_the_end_of_each_epoch(tmp_path, capsys, every):
+    """With ``--last_checkpoint.every_n_train_steps``, Lightning saves only at those steps: one
+    on the last batch comes before the averaging epoch sets the CM's weights to their mean,
+    and with 20 the fit's last 14 steps are never saved. last.ckpt is written at every epoch's
+    end as well, so testing it scores the fit's final model."""
+    steps = ["--trainer.max_epochs", "2", "--last_checkpoint.every_n_train_steps", every]
     code, _, err = run_main(["fit", *digits(tmp_path, *steps)], capsys)
     assert code == 0, err
     run = tmp_path / "lightning_logs" / "version_0"

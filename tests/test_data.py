@@ -224,12 +224,22 @@ def test_array_file_csv_with_a_byte_order_mark_or_a_header_of_numbers(tmp_path):
         ),
         ("table.csv", "f1,label\n0.5,1\n", r"no column 'lbl' for label_column \(the header names f1, label\)"),
         ("plain.csv", "0.5,1\n1.5,0\n", "no column 'lbl' for label_column \\(the file has no header\\)"),
-        ("gaps.npz", {"X": np.array([[0.0, np.nan], [np.inf, 1.0], [2.0, 3.0]])}, "2 of its feature values are NaN"),
-        ("nan.csv", "f1,f2\n0.5,nan\n1.5,2\n", "1 of its feature values are NaN or Inf"),
+        (
+            "gaps.npz",
+            {"X": np.array([[0.0, np.nan], [np.inf, 1.0], [2.0, 3.0]])},
+            "2 feature values of its train split are NaN",
+        ),
+        ("nan.csv", "f1,f2\n0.5,nan\n1.5,2\n", "1 feature values of its train split are NaN or Inf"),
         ("empty.npz", {"X": np.zeros((0, 4))}, r"no samples in its train split \(shape \(0, 4\)\)"),
         ("header_only.csv", "f1,f2\n", "no samples in its train split"),
         ("halves.npz", {"X": np.zeros((2, 2)), "y": np.array([0.0, 1.5])}, "labels must be whole numbers .* found 1.5"),
         ("folder", "folder", "is a folder: name a .npz, .npy or .csv file"),
+        ("no_features.npz", {"X": np.zeros((3, 0))}, r"no features in its train split \(shape \(3, 0\)\)"),
+        (
+            "words.npz",
+            {"X": np.zeros((2, 2)), "y": np.array(["cat", "dog"])},
+            "labels must be whole numbers .* found <U3 values",
+        ),
     ],
 )
 def test_array_file_errors(tmp_path, name, content, match):

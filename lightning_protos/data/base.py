@@ -46,10 +46,13 @@ def check_samples(source: str, splits: dict[str, tuple[Tensor, Tensor | None]]) 
     holding NaN or Inf (float data only: uint8 images cannot)."""
     for split, (x, _) in splits.items():
         if len(x) == 0 or x[0].numel() == 0:
-            raise DataError(f"{source}: no samples in its {split} split (shape {tuple(x.shape)})")
+            what = "samples" if len(x) == 0 else "features"
+            raise DataError(f"{source}: no {what} in its {split} split (shape {tuple(x.shape)})")
         if x.is_floating_point() and not torch.isfinite(x).all():
             bad = int((~torch.isfinite(x)).sum())
-            raise DataError(f"{source}: {bad} of its feature values are NaN or Inf; remove or impute them")
+            raise DataError(
+                f"{source}: {bad} feature values of its {split} split are NaN or Inf; remove or impute them"
+            )
 
 
 def from_numpy(a: np.ndarray) -> Tensor:
@@ -233,12 +236,17 @@ class ArrayDataModule(L.LightningDataModule):
         if "shuffle_seed" in state:
             self._shuffle_seed = int(state["shuffle_seed"])
 
-    def missing_files(self, files: list[str], cause: Exception | None = None) -> DataError:
-        """One-line error naming the files this data set expects and where they were looked for
-        (with why the download failed, when one was tried)."""
+    def missing_files(self, files: list[str], cause: Exception | None = None, tried: bool | None = None) -> DataError:
+        """One-line error naming the files this data set expects and where they were looked for,
+        with ``cause``: why the files found could not be read, or why the download failed
+        (``tried``: whether one was, by default ``self.download``)."""
         why = ""
-        if cause is not None and self.download:
-            why = f" (download failed: {type(cause).__name__}: {str(cause).splitlines()[0][:120]})"
+        if cause is not None:
+            reason = f"{type(cause).__name__}: {(str(cause).splitlines() or [''])[0][:120]}"
+            if any((self.root / f).exists() for f in files):
+                why = f" (found, but cannot read them: {reason})"
+            elif self.download if tried is None else tried:
+                why = f" (download failed: {reason})"
         return DataError(
             f"{self.name}: expected {', '.join(files)} under {self.root}{why}; set --data.data_dir or "
             "PROTOS_DATA_DIR to the folder holding them, or allow the download"

@@ -42,7 +42,7 @@ class MedMNIST(ArrayDataModule):
         try:
             ds = reader(split=split, root=str(self.root), download=download)
         except Exception as err:
-            raise self.missing_files([f"{self.flag}.npz"], err) from None
+            raise self.missing_files([f"{self.flag}.npz"], err, tried=download) from None
         imgs, labels = np.asarray(ds.imgs), np.asarray(ds.labels)
         if labels.shape[1:] not in ((), (1,)) or not (imgs.ndim == 3 or (imgs.ndim == 4 and imgs.shape[3] == 3)):
             raise DataError(

@@ -90,7 +90,9 @@ class ArrayFile(ArrayDataModule):
         xt = channels_first(from_numpy(x))
         if y is not None:
             y = np.asarray(y).reshape(-1)
-            if y.dtype.kind not in "iub" and not np.array_equal(y, np.round(y)):  # NaN fails too
+            if y.dtype.kind not in "iubf":
+                raise DataError(f"{self.path}: labels must be whole numbers (class indices), found {y.dtype} values")
+            if y.dtype.kind == "f" and not np.array_equal(y, np.round(y)):  # NaN fails too
                 raise DataError(
                     f"{self.path}: labels must be whole numbers (class indices), found {y[y != np.round(y)][0]}"
                 )

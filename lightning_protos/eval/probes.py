@@ -223,7 +223,7 @@ class ProbeEvaluator(L.Callback):
         if not scores:
             return
         self.results[stage] = {"epoch": evaluated_epoch(trainer, pl_module), **scores}
-        pl_module.log_dict({f"{stage}/{k}": v for k, v in scores.items()})
+        pl_module.log_dict({f"{stage}/{k}": v for k, v in scores.items()}, sync_dist=True)  # equal on every rank
         record_metrics(trainer, stage, self.results[stage])
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:

@@ -97,6 +97,12 @@ class AveragingEpoch:
             )
         if self.hparams.average_last_epoch and not self._averaged_in_fit:
             last = f"the last of max_epochs={epochs}" if epochs not in (None, -1) else "max_epochs is not set"
+            if epochs not in (None, -1) and self.current_epoch >= epochs:  # it ran them all
+                rank_zero_warn(
+                    f"{type(self).__name__}: the fit's last epoch ({last}) had no step to average, being still "
+                    "in a pretraining or CM-alone phase: the parameters are the last step's"
+                )
+                return
             rank_zero_warn(
                 f"{type(self).__name__}: the fit ended at epoch {self.current_epoch}, step {self.global_step}, "
                 f"before its averaging epoch ({last}): the parameters are the last step's, not averaged"

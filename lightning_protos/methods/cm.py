@@ -76,8 +76,8 @@ class CM(AveragingEpoch, ClusteringMethod):
         step_batch: int | None = None,
     ) -> None:
         super().__init__(n_clusters, input_shape)
-        check_positive(lr=lr, alpha=alpha, adam_eps=adam_eps, step_batch=step_batch)
-        check_non_negative(e3_weight=e3_weight, init_lloyd_steps=init_lloyd_steps)
+        check_positive(lr=lr, alpha=alpha, adam_eps=adam_eps)
+        check_non_negative(e3_weight=e3_weight, init_lloyd_steps=init_lloyd_steps, step_batch=step_batch)
         if not terms or not set(terms) <= {"E1", "E2", "E3", "E4"}:
             raise ProtosError(f"terms must be one or more of E1, E2, E3, E4, got {list(terms)}")
         self.save_hyperparameters()

@@ -27,7 +27,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from ..errors import check_choices, check_non_negative, check_positive
+from ..errors import check_choices, check_non_negative, check_positive, check_widths
 from ..nets import MLPAutoencoder
 from ..nets.mlp import BiasInit
 from ..ops import kmeans_centres
@@ -162,6 +162,7 @@ class AutoencoderMethod(ClusteringMethod):
         check_positive(lr=lr, adam_eps=adam_eps, latent_dim=latent_dim, kmeans_n_init=kmeans_n_init)
         check_choices(init=(init, ("random", "pretrained")))
         check_non_negative(pretrain_epochs=pretrain_epochs)
+        check_widths("hidden", hidden)
         self.ae = MLPAutoencoder(self.input_dim, hidden, latent_dim, slope, bias_init)
         self.register_buffer("initialised", torch.tensor(not init_from_codes))
         self._architecture = {

@@ -10,14 +10,13 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ..errors import check_non_negative, check_widths
+from ..errors import check_non_negative
 
 
 def mlp(sizes: Sequence[int], slope: float = 0.2, last_activation: bool = False) -> nn.Sequential:
     """Linear layers ``sizes[0] -> ... -> sizes[-1]`` with LeakyReLU(slope) between them
     (slope 0 gives ReLU); the last layer is linear unless ``last_activation``."""
-    check_widths("layer sizes (input, hidden..., output)", sizes)
-    check_non_negative(slope=slope)
+    check_non_negative(slope=slope)  # the widths: the methods check their ``hidden``
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(pairwise(sizes)):
         layers.append(nn.Linear(a, b))
