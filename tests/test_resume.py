@@ -386,9 +386,9 @@ def test_a_checkpoint_of_the_pretraining_epochs_resumes(tmp_path):
     ],
     ids=["dec", "aecm", "vade", "protovae"],
 )
-def test_a_fit_that_ends_before_clustering_says_so_before_training(make):
+def test_a_fit_that_ends_before_clustering_says_so_before_training(make, tmp_path):
     # a warning, not an error: a run may be trained in parts, each resumed from the last
-    trainer = make_trainer(max_epochs=3, limit_train_batches=1)
+    trainer = make_trainer(max_epochs=3, limit_train_batches=1, default_root_dir=tmp_path)
     with pytest.warns(UserWarning, match=r"max_epochs \(3\) ends within the 3 epochs of pretraining / warm-up"):
         trainer.fit(make(), tiny_images())
 
