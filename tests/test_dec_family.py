@@ -296,6 +296,20 @@ def test_dcn_counts_grow_by_the_samples_seen(tmp_path):
     assert model.assignments.shape == (600,)
 
 
+def test_dcn_epoch_update_comes_before_the_epoch_s_validation(tmp_path):
+    """The last validation (and the best.ckpt it picks) scores the reassigned centroids, as the
+    final test does: the reassignment runs after the epoch's last step, not after validation."""
+    seen = []
+    grab = L.pytorch.callbacks.LambdaCallback(
+        on_validation_start=lambda trainer, module: seen.append(module.centroids.detach().clone())
+    )
+    model = small("dcn", tmp_path, centroid_update="epoch", initial_count=100)
+    fit(model, blobs(), epochs=7, callbacks=[grab], limit_val_batches=1.0, default_root_dir=tmp_path)
+    assert len(seen) == 7
+    assert torch.equal(seen[-1], model.centroids)
+    assert not torch.equal(seen[-2], seen[-1])  # the last epoch moved them
+
+
 def test_dcn_epoch_update_sets_centroids_to_the_means_of_their_samples(tmp_path):
     """``centroid_update: epoch`` (the AE-CM authors' DCN): after a clustering epoch each non-empty
     centroid is the mean of the codes assigned to it (s, from the centroids before the move); the

@@ -70,11 +70,7 @@ class AveragingEpoch:
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         super().on_train_batch_end(outputs, batch, batch_idx)
-        t = self.trainer
-        # the fit's last step: the epoch's, max_steps', or a stop the callbacks' hooks just asked
-        # for (Lightning then leaves the epoch; its min_epochs / min_steps can veto the stop)
-        stops = t.should_stop and getattr(t.fit_loop, "_can_stop_early", True)
-        if self.averaging() and (t.is_last_batch or self.max_steps_reached() or stops):
+        if self.averaging() and self.ends_epoch():
             self._apply_average()
 
     def on_train_epoch_end(self) -> None:

@@ -392,6 +392,14 @@ class ClusteringMethod(L.LightningModule):
     def is_last_epoch(self) -> bool:
         return self.trainer.max_epochs is not None and self.current_epoch == self.trainer.max_epochs - 1
 
+    def ends_epoch(self) -> bool:
+        """Whether the training step just taken is the last of its epoch in this fit: the epoch's
+        last batch, the step ``max_steps`` stops at, or a stop the callbacks' batch hooks just
+        asked for (Lightning then leaves the epoch; its min_epochs / min_steps can veto it)."""
+        t = self.trainer
+        stops = t.should_stop and getattr(t.fit_loop, "_can_stop_early", True)
+        return t.is_last_batch or self.max_steps_reached() or stops
+
     def max_steps_reached(self) -> bool:
         """Whether the trainer's ``max_steps`` ends the fit at this step."""
         max_steps = self.trainer.max_steps

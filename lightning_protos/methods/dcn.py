@@ -209,7 +209,13 @@ class DCN(AutoencoderMethod):
         self.centroids[filled] = sums[filled] / sizes[filled, None]
         self.assignments.copy_(s)
 
-    def on_train_epoch_end(self) -> None:
-        if self.hparams.centroid_update == "epoch" and self.phase(self.current_epoch) == "cluster":
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
+        # after the epoch's last step and before its validation, which (with best.ckpt) then
+        # scores the reassigned centroids, as the final test does
+        if (
+            self.hparams.centroid_update == "epoch"
+            and self.phase(self.current_epoch) == "cluster"
+            and self.ends_epoch()
+        ):
             self.reassign_all()
-        super().on_train_epoch_end()
