@@ -87,26 +87,24 @@ class ProtosCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         # Lightning merges the checkpoint's hyperparameters into the config, the method's class
         # included: a checkpoint of another method would silently replace the config's model
-        config = self.config.get(self.config.get("subcommand") or "") or {}
-        ckpt, model = config.get("ckpt_path"), config.get("model")
-        wanted = model.get("class_path") if isinstance(model, Namespace) else None
-        if ckpt and wanted and Path(ckpt).is_file():
-            hparams = torch.load(ckpt, weights_only=True, map_location="cpu", mmap=True).get("hyper_parameters", {})
-            held = hparams.get("_class_path")
-            if held and held != wanted:
-                raise ProtosError(
-                    f"checkpoint {ckpt} holds a model of class {held}, the config's model is {wanted}: use "
-                    "the config it was trained with (its run's config.yaml)"
-                )
-        # when they are not the config's model's, its parser names a base class and an option only
+        wanted, ckpt = self._configured_method(), self.config[self.config.subcommand].get("ckpt_path")
         try:
             super()._parse_ckpt_path()
-        except ArgumentError as err:
-            ckpt = self.config[self.config.subcommand].get("ckpt_path")
+        except ArgumentError as err:  # hyperparameters the config's model does not take
             raise ProtosError(
                 f"checkpoint {ckpt}: its hyperparameters do not fit the config's model (another method?): "
                 f"{one_line(str(err))}"
             ) from err
+        held = self._configured_method()
+        if wanted and held != wanted:
+            raise ProtosError(
+                f"checkpoint {ckpt} holds a model of class {held}, the config's model is {wanted}: use "
+                "the config it was trained with (its run's config.yaml)"
+            )
+
+    def _configured_method(self) -> str | None:
+        model = self.config[self.config.subcommand].get("model")
+        return model.get("class_path") if isinstance(model, Namespace) else None
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for callback, group in OWN_CALLBACKS.items():  # Compile is off unless --compile.enabled true

@@ -261,15 +261,15 @@ class ArrayDataModule(L.LightningDataModule):
     @property
     def splits(self) -> dict[str, tuple[Tensor, Tensor | None]]:
         if self._splits is None:
+            where = getattr(self, "path", self.root)  # ArrayFile / ImageFolder name their file or folder
             try:
                 splits = self.load()
             except DataError:
                 raise
             except Exception as err:  # a corrupt or truncated file: one line, no traceback
                 cause = (str(err).splitlines() or [""])[0][:200]
-                where = getattr(self, "path", self.root)  # ArrayFile / ImageFolder name their file or folder
                 raise DataError(f"{self.name}: cannot read {where}: {type(err).__name__}: {cause}") from None
-            check_samples(f"{self.name} ({getattr(self, 'path', self.root)})", splits)
+            check_samples(f"{self.name} ({where})", splits)
             self._sample_shape = tuple(next(iter(splits.values()))[0].shape[1:])
             if self.flatten:
                 splits = {k: (x.reshape(len(x), -1), y) for k, (x, y) in splits.items()}

@@ -16,6 +16,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from ..methods.base import stop_requested
 from .metrics import clustering_scores
 
 
@@ -39,11 +40,9 @@ def evaluated_epoch(trainer: L.Trainer, pl_module) -> int:
     if trainer.state.fn != TrainerFn.FITTING and trainer.ckpt_path and loaded is not None:
         return loaded
     if trainer.state.fn == TrainerFn.FITTING:
-        # a validation at an epoch's end counts that epoch, and so does one at a stop the method
-        # asked for within it (DEC's tol), as Lightning counts the epoch it stops in
-        loop = trainer.fit_loop
-        stops = trainer.should_stop and getattr(loop, "_can_stop_early", True)
-        return trainer.current_epoch + int(loop.epoch_loop.batch_progress.is_last_batch or stops)
+        # a validation at an epoch's end counts that epoch, and so does one at a stop asked for
+        # within it (DEC's tol), as Lightning counts the epoch it stops in
+        return trainer.current_epoch + int(trainer.is_last_batch or stop_requested(trainer))
     return trainer.current_epoch
 
 

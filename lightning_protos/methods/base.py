@@ -44,6 +44,13 @@ def epochs_trained(checkpoint: dict[str, Any]) -> int | None:
     return max(int(epoch) + last_batch, ended)
 
 
+def stop_requested(trainer: L.Trainer) -> bool:
+    """Whether the fit stops after the step just taken, on a stop asked for within the epoch (a
+    method's, as DEC's ``tol``, or a callback's batch hook) that Lightning will honour (its
+    ``min_epochs`` / ``min_steps`` can veto it): it then leaves the epoch and counts it."""
+    return trainer.should_stop and getattr(trainer.fit_loop, "_can_stop_early", True)
+
+
 class ClusteringMethod(L.LightningModule):
     """Base of every method: the contract read by evaluation, plus manual-optimization helpers.
 
@@ -396,9 +403,7 @@ class ClusteringMethod(L.LightningModule):
         """Whether the training step just taken is the last of its epoch in this fit: the epoch's
         last batch, the step ``max_steps`` stops at, or a stop the callbacks' batch hooks just
         asked for (Lightning then leaves the epoch; its min_epochs / min_steps can veto it)."""
-        t = self.trainer
-        stops = t.should_stop and getattr(t.fit_loop, "_can_stop_early", True)
-        return t.is_last_batch or self.max_steps_reached() or stops
+        return self.trainer.is_last_batch or self.max_steps_reached() or stop_requested(self.trainer)
 
     def max_steps_reached(self) -> bool:
         """Whether the trainer's ``max_steps`` ends the fit at this step."""

@@ -109,10 +109,12 @@ class ReconstructionMethod(ClusteringMethod):
         """({L_rec: BCE, Eq. 2}, {MSE: the Fig. 6 metric}), both means over all scalars, float32."""
         with self.full_precision():
             x, x_rec = x.float(), x_rec.float()
-            # binary_cross_entropy raises on a NaN input (its range check); a NaN reconstruction
-            # must reach check_and_log as a NaN L_rec instead, which stops the run naming it
-            bce = F.binary_cross_entropy(x_rec.nan_to_num(0.5), x) + 0 * x_rec.sum()
-            return {"L_rec": bce}, {"MSE": F.mse_loss(x_rec.detach(), x)}
+            mse = F.mse_loss(x_rec.detach(), x)
+            # binary_cross_entropy raises on a NaN input (its range check; on a GPU, a device-side
+            # assert); a NaN reconstruction must reach check_and_log as a NaN L_rec instead, which
+            # stops the run naming it: the MSE, computed anyway, carries the NaN into it
+            bce = F.binary_cross_entropy(x_rec.nan_to_num(0.5), x) + 0 * mse
+            return {"L_rec": bce}, {"MSE": mse}
 
     def bernoulli_inputs(self) -> bool:
         return True  # L_rec is BCE (Eq. 2)
