@@ -126,6 +126,21 @@ def _as_launched(rank: int, port: int, world: int) -> None:
     torch.set_num_threads(1)
 
 
+def _spawn(fn, *args) -> None:
+    """``fn(rank, *args)`` in one process per rank; each leaves its process group before exiting
+    (a gloo group left to the interpreter's exit can abort the process: "terminate called
+    without an active exception", seen once on a loaded machine)."""
+    mp.spawn(_in_group, args=(fn, *args), nprocs=args[-1], join=True)
+
+
+def _in_group(rank: int, fn, *args) -> None:
+    try:
+        fn(rank, *args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def _rank(rank: int, port: int, out: str, names: list[str], world: int) -> None:
     _as_launched(rank, port, world)
     fits = []
@@ -169,7 +184,7 @@ def _rank(rank: int, port: int, out: str, names: list[str], world: int) -> None:
 
 
 def run_ddp(tmp_path, names: list[str], world: int = WORLD) -> dict[str, list[dict]]:
-    mp.spawn(_rank, args=(_free_port(), str(tmp_path), names, world), nprocs=world, join=True)
+    _spawn(_rank, _free_port(), str(tmp_path), names, world)
     return {n: [torch.load(tmp_path / f"{n}.rank{r}.pt", weights_only=False) for r in range(world)] for n in names}
 
 
@@ -267,7 +282,7 @@ def test_each_rank_draws_its_own_stream_and_resumes_it(tmp_path):
     """The ranks draw different noise (seed_everything seeds them alike; rank > 0 takes a
     stream of its own), and a resumed DDP run continues every rank's stream where the
     checkpoint left it: the resumed epoch's draws and the final weights are the whole run's."""
-    mp.spawn(_resume_rank, args=(_free_port(), str(tmp_path), WORLD), nprocs=WORLD, join=True)
+    _spawn(_resume_rank, _free_port(), str(tmp_path), WORLD)
     zero, one = (torch.load(tmp_path / f"resume.rank{r}.pt", weights_only=False) for r in range(WORLD))
     steps = sorted(zero["whole"]["digests"])
     assert steps == sorted(one["whole"]["digests"])
@@ -302,7 +317,7 @@ def _cache_rank(rank: int, port: int, out: str, world: int) -> None:
 def test_rank_zero_decides_a_pretraining_cache_hit_for_every_rank(tmp_path):
     """Rank 0 looks the cache up and sends the pretrained weights: a rank that would miss (no
     file on its node) skips the pretraining with the others instead of training alone."""
-    mp.spawn(_cache_rank, args=(_free_port(), str(tmp_path), WORLD), nprocs=WORLD, join=True)
+    _spawn(_cache_rank, _free_port(), str(tmp_path), WORLD)
     zero, one = (torch.load(tmp_path / f"cache.rank{r}.pt", weights_only=False) for r in range(WORLD))
     assert (zero["fill"]["hit"], one["fill"]["hit"]) == (False, False)
     assert (zero["hit"]["hit"], one["hit"]["hit"]) == (True, True)
@@ -329,7 +344,7 @@ def _failing_fit_rank(rank: int, port: int, out: str, world: int) -> None:
 def test_a_fit_that_fails_on_rank_zero_stops_every_rank(tmp_path):
     """An initialisation's fit that raises on rank 0 raises on the other ranks too, naming it,
     instead of leaving them waiting for its result."""
-    mp.spawn(_failing_fit_rank, args=(_free_port(), str(tmp_path), WORLD), nprocs=WORLD, join=True)
+    _spawn(_failing_fit_rank, _free_port(), str(tmp_path), WORLD)
     assert (tmp_path / "raised.rank0").read_text() == "ValueError: n_samples=3 should be >= n_clusters=10"
     assert (tmp_path / "raised.rank1").read_text() == (
         "RuntimeError: rank 0 failed in _failing_fit_rank.<locals>.fit: "
@@ -358,7 +373,7 @@ def _probe_rank(rank: int, port: int, out: str, world: int) -> None:
 def test_a_checkpoint_can_monitor_a_probe_score_under_ddp(tmp_path):
     """The probes are fitted by rank 0 alone, but every rank logs their scores: a checkpoint
     monitoring one looks for it on each rank (rank 1 failed without it, and rank 0 with it)."""
-    mp.spawn(_probe_rank, args=(_free_port(), str(tmp_path), WORLD), nprocs=WORLD, join=True)
+    _spawn(_probe_rank, _free_port(), str(tmp_path), WORLD)
     zero, one = (torch.load(tmp_path / f"probe.rank{r}.pt", weights_only=False) for r in range(WORLD))
     assert {"val/knn_acc", "val/stat_acc", "val/linear_acc"} <= set(zero["logged"])
     assert one["logged"] == zero["logged"]
