@@ -490,6 +490,8 @@ BAD_TABLES = [
     ({"curves": 5}, "curves: give a non-empty list of TensorBoard scalar tags"),
     ({"curves": ["val/mse", {"val": "ari"}]}, "curves: give a non-empty list"),
     ({"curves": ["val/mse", "val/mse"]}, "curves: duplicates"),
+    ({"columns": [*COLUMNS, "secnds"]}, "unknown column 'secnds'"),  # a misspelt value
+    ({"methods": [{**KM, "init": "random", "columns": ["method", "dataset", "seed", "int"]}]}, "unknown column 'int'"),
 ]
 
 
@@ -503,6 +505,19 @@ def test_bad_table_is_a_one_line_error_before_any_cell(tmp_path, capsys, changes
     assert len(err.strip().splitlines()) == 1
     assert err.startswith("protos bench: error:")
     assert message in err
+
+
+def test_a_results_file_shared_with_another_table_keeps_its_label_columns(tmp_path):
+    """A label only another table's entries set is unknown to this table, but its rows must keep
+    the column: a file that exists keeps its header, a new one refuses the unknown name."""
+    columns = ["method", "dataset", "update", "seed", "ari"]
+    table = write_table(tmp_path, columns=columns, methods=[{**KM, "init": "random"}])
+    with pytest.raises(BenchError, match="unknown column 'update'"):
+        load_bench(table)
+    results = tmp_path / "results" / "t.csv"
+    results.parent.mkdir()
+    results.write_text(",".join([*columns, "note"]) + "\n")
+    assert load_bench(table).columns == [*columns, "note"]
 
 
 def test_main_runs_reports_and_dry_runs_with_a_fake_launcher(tmp_path, capsys):
@@ -724,11 +739,10 @@ def test_report_keeps_apart_rows_that_another_table_labelled(tmp_path):
     columns = ["method", "dataset", "clip", "seed", "acc"]
     shared = tmp_path / "results" / "shared.csv"
     entry = {"method": "cm", "config": str(ROOT / "configs" / "cm_{dataset}.yaml"), "results": str(shared)}
-    bench = load_bench(write_table(tmp_path, methods=[{**entry, "columns": columns}]), root=tmp_path / "runs")
     results = ResultsFile(shared, [*columns, "note"])
     for clip, seed, acc in (("", 0, 0.2), ("", 1, 0.4), ("100", 0, 0.8), ("100", 1, 0.9)):
         results.append({"method": "cm", "dataset": "digits", "clip": clip, "seed": str(seed), "acc": str(acc)})
-    report(bench)
+    report(load_bench(write_table(tmp_path, methods=[{**entry, "columns": columns}]), root=tmp_path / "runs"))
     with open(shared.with_name("shared_summary.csv")) as f:
         means = {r["clip"]: float(r["acc_mean"]) for r in csv.DictReader(f)}
     assert means == pytest.approx({"": 0.3, "100": 0.85})

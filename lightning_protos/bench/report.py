@@ -16,17 +16,9 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from .spec import Cell, row_key
+from .spec import CRITERION, ERRORS, METRICS, SCORES, Cell, row_key
 
-# Score columns a results file may have, shown x100, and reconstruction errors, shown as they are.
-SCORES = ("acc", "nmi", "ari", "homogeneity", "stat_acc", "knn_acc", "linear_acc")
-ERRORS = ("train_mse", "test_mse")
-METRICS = SCORES + ERRORS
 CURVE_KEYS = ("tag", "epoch", "value")  # columns of <stem>_curves.csv after the cell's fields
-CRITERION = "l_sp"  # label-free model selection: the run with the lowest L_sp (AE-CM paper)
-# every other key of metrics.json's test entry (a results column, never shown in the tables)
-OTHER_VALUES = ("epoch", "n_clusters_used", "linear_acc_reference", "val_mse")
-VALUE_COLUMNS = ("epochs", "seconds", "note", CRITERION, *METRICS, *OTHER_VALUES)  # the other columns label a row
 
 
 @dataclass

@@ -38,11 +38,12 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ..hardware import check_cpu_bf16, cpu_has_native_bf16, usable_cores
-from .report import VALUE_COLUMNS, write_curves, write_report
+from .report import write_curves, write_report
 from .spec import (
     CELL_KEYS,
     CHECKPOINT_DIR_FLAG,
     REFERENCE_DIR_FLAG,
+    VALUE_COLUMNS,
     Bench,
     BenchError,
     Cell,

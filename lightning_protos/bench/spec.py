@@ -26,7 +26,8 @@ An entry may also send its rows to a results file of its own (``results``, with 
 restrict itself to some of the table's ``datasets`` (a list).
 Columns: ``method``, ``dataset``, ``seed``, labels, ``epochs`` (epochs trained), ``seconds``
 (wall time of the cell's processes), else a key of ``metrics.json``'s final ``test`` entry
-(``acc``, ``nmi``, ``ari``, ``homogeneity``, ``l_sp``, ``n_clusters_used``, ...).
+(``acc``, ``nmi``, ``ari``, ``homogeneity``, ``l_sp``, ``n_clusters_used``, ...;
+``VALUE_COLUMNS``); any other name is refused before a results file is created.
 ``curves`` names TensorBoard scalar tags (``val/mse``, ``val/ari``, ``train/loss``, ...) that
 ``protos report`` reads from each trained cell's run dir and writes per epoch, beside each
 results file, to ``<stem>_curves.csv`` and ``<stem>_curves.png`` (see ``bench/report.py``).
@@ -66,6 +67,14 @@ TABLE_KEYS = ("name", "results", "columns", "seeds", "datasets", "overrides", "c
 OPTIONAL_KEYS = ("overrides", "curves")
 ENTRY_KEYS = {"method", "config", "reference", "overrides", "results", "columns", "datasets"}
 CELL_KEYS = ("method", "dataset", "seed")
+# Score columns a results file may have, shown x100, and reconstruction errors, shown as they are.
+SCORES = ("acc", "nmi", "ari", "homogeneity", "stat_acc", "knn_acc", "linear_acc")
+ERRORS = ("train_mse", "test_mse")
+METRICS = SCORES + ERRORS
+CRITERION = "l_sp"  # label-free model selection: the run with the lowest L_sp (AE-CM paper)
+# every other key of metrics.json's test entry (a results column, never shown in the tables)
+OTHER_VALUES = ("epoch", "n_clusters_used", "linear_acc_reference", "val_mse")
+VALUE_COLUMNS = ("epochs", "seconds", "note", CRITERION, *METRICS, *OTHER_VALUES)  # the other columns label a row
 SAFE = re.compile(r"[A-Za-z0-9_.+-]+")
 
 
@@ -271,7 +280,7 @@ def load_bench(path: str | Path, root: str | Path | None = None, results: str | 
         if set(entry.get("datasets", [])) - set(datasets):
             _fail(f"{path}: methods[{i}]", f"datasets {entry['datasets']} are not all among the table's {datasets}")
     columns = _check_columns(str(path), raw["columns"])
-    return Bench(
+    bench = Bench(
         name=raw["name"],
         results=Path(results if results is not None else raw["results"]),
         columns=columns,
@@ -282,6 +291,9 @@ def load_bench(path: str | Path, root: str | Path | None = None, results: str | 
         curves=curves,
         root=Path(root) if root is not None else Bench.root,
     )
+    for results_file, file_columns in bench.results_files().items():
+        _check_names(f"{path}: columns of {results_file}", results_file, file_columns, bench.label_keys)
+    return bench
 
 
 def _check_results(where: str, results: Any) -> None:
@@ -299,6 +311,21 @@ def _check_columns(where: str, columns: Any) -> list[str]:
     if len(set(columns)) < len(columns):
         _fail(where, f"columns: duplicates in {columns}")
     return [c for c in columns if c != "note"] + ["note"]
+
+
+def _check_names(where: str, results: Path, columns: list[str], labels: list[str]) -> None:
+    """A new results file's columns each name a cell key, a value or a method entry's label (a
+    misspelt score would be a label column, empty in every row). An existing file keeps its
+    header (``ResultsFile``): a table sharing it may list a label only another table sets."""
+    if results.is_file():
+        return
+    for column in columns:
+        if column not in (*CELL_KEYS, *VALUE_COLUMNS, *labels):
+            _fail(
+                where,
+                f"unknown column {column!r}; a column is method, dataset, seed, a label of "
+                f"a method entry ({', '.join(labels) or 'none here'}) or one of {', '.join(VALUE_COLUMNS)}",
+            )
 
 
 def _check_entry(path: Path, i: int, entry: Any) -> dict[str, Any]:
