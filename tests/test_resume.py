@@ -37,12 +37,12 @@ def _decoded_prototypes(model) -> torch.Tensor:
         return torch.empty(0) if protos is None else model.decode(protos)  # InfoVAE: no prototypes
 
 
-def _fit(tmp_path, model, epochs: int, ckpt_path=None, seed: int = 0) -> L.Trainer:
+def _fit(tmp_path, model, epochs: int, ckpt_path=None, seed: int = 0, max_steps: int = -1) -> L.Trainer:
     L.seed_everything(seed)
     every_epoch = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, filename="{epoch}")
     trainer = L.Trainer(
-        max_epochs=epochs, enable_progress_bar=False, logger=False, enable_model_summary=False,
-        limit_val_batches=0, callbacks=[every_epoch], default_root_dir=tmp_path,
+        max_epochs=epochs, max_steps=max_steps, enable_progress_bar=False, logger=False,
+        enable_model_summary=False, limit_val_batches=0, callbacks=[every_epoch], default_root_dir=tmp_path,
     )  # fmt: skip
     trainer.fit(model, Digits(batch_size=64, flatten=True), ckpt_path=ckpt_path)
     return trainer
@@ -440,3 +440,8 @@ def test_a_fit_continued_with_another_length_warns_where_the_method_spans_the_fi
         dec = lambda: DEC(10, (64,), latent_dim=4, hidden=(16,), init="random")  # noqa: E731
         _fit(tmp_path / "e", dec(), 1)
         _fit(tmp_path / "f", dec(), 2, ckpt_path=tmp_path / "e" / "ckpt" / "epoch=0.ckpt")
+        if isinstance(make(), CM):  # the averaging epoch is the last of max_epochs, whatever max_steps
+            _fit(tmp_path / "g", make(), 3, ckpt_path=tmp_path / "c" / "ckpt" / "epoch=0.ckpt", max_steps=100)
+    if isinstance(make(), VAESim):  # its temperature anneals over the fit's steps, which max_steps caps
+        with pytest.warns(UserWarning, match=r"continues one of max_steps -1 with max_steps 40: "):
+            _fit(tmp_path / "h", make(), 3, ckpt_path=tmp_path / "c" / "ckpt" / "epoch=0.ckpt", max_steps=40)

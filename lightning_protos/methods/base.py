@@ -71,10 +71,11 @@ class ClusteringMethod(L.LightningModule):
     # pretraining epochs before the clustering parameters, DEC's unused decoder, ProtoVAE's
     # three optimisers): under DDP such a method gets ``find_unused_parameters`` (see :meth:`setup`).
     ddp_unused_parameters: bool = False
-    # What of the method is laid out over the whole fit's length (``max_epochs``), e.g. "the
-    # averaging epoch (the fit's last)": a fit resumed with another ``max_epochs`` warns that it
-    # will not end as one uninterrupted fit of that length would.
+    # What of the method is laid out over the whole fit's length, e.g. "the averaging epoch (the
+    # fit's last)", and the trainer settings that length is read from: a fit resumed with another
+    # value of one of them warns that it will not end as one uninterrupted fit of that length would.
     fit_length_schedule: str | None = None
+    fit_length_settings: tuple[str, ...] = ("max_epochs",)
     # Buffers with a row per training sample, sized by the data (``AutoencoderMethod``'s
     # ``register_per_sample_buffer``): a checkpoint gives them its own shape.
     _per_sample: tuple[str, ...] | list[str] = ()
@@ -253,6 +254,7 @@ class ClusteringMethod(L.LightningModule):
             "run_seed": self.run_seed,
             "epoch": self.current_epoch,
             "max_epochs": self.trainer.max_epochs,
+            "max_steps": self.trainer.max_steps,
             "term_sums": {k: v.detach().cpu() for k, v in self._term_sums.items()},
             "term_steps": self._term_steps,
             "loss_keys": list(self._loss_keys),
@@ -297,12 +299,13 @@ class ClusteringMethod(L.LightningModule):
                 "method or another configuration"
             )
         self._resumed = checkpoint.get("protos_resume")
-        planned = (self._resumed or {}).get("max_epochs")
-        if dm is not None and self.fit_length_schedule and planned not in (None, trainer.max_epochs):
+        planned = {k: v for k, v in (self._resumed or {}).items() if k in self.fit_length_settings}
+        changed = [k for k, v in planned.items() if dm is not None and v != getattr(trainer, k)]
+        if self.fit_length_schedule and changed:
             rank_zero_warn(
-                f"this fit continues one of max_epochs {planned} with max_epochs {trainer.max_epochs}: "
-                f"{self.fit_length_schedule} follows the new length, so it will not end as one "
-                f"uninterrupted fit of {trainer.max_epochs} epochs"
+                f"this fit continues one of {', '.join(f'{k} {planned[k]}' for k in changed)} with "
+                f"{', '.join(f'{k} {getattr(trainer, k)}' for k in changed)}: {self.fit_length_schedule} "
+                "follows the new length, so it will not end as one uninterrupted fit of that length"
             )
         if self._resumed is not None and "run_seed" in self._resumed:  # the seeds of fits still to come
             self._run_seed = self._resumed["run_seed"]

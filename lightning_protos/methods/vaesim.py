@@ -86,6 +86,7 @@ class VAESim(VAEMethod):
     """
 
     fit_length_schedule = "the temperature's annealing (over the fit's steps)"
+    fit_length_settings = ("max_epochs", "max_steps")  # the trainer's estimated_stepping_batches
 
     def __init__(
         self,
