@@ -148,6 +148,11 @@ class ProtosCLI(LightningCLI):
             problem = check_cpu_bf16(trainer.get("precision"), on_cpu, cpu_has_native_bf16())
             if problem:
                 rank_zero_warn(problem)
+            if self.subcommand != "fit" and not config.get("ckpt_path"):  # Lightning uses the model as built
+                rank_zero_warn(
+                    f"no --ckpt_path: this {self.subcommand} runs the untrained model, as initialised "
+                    "before any fit; pass --ckpt_path RUN/checkpoints/best.ckpt (or last) for a trained one"
+                )
         # where the fit continues a run: (the logger as given,), a 1-tuple since that may be None
         self._given_logger: tuple | None = None
         if config is not None and config.get("ckpt_path"):

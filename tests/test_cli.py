@@ -176,10 +176,16 @@ def test_fit_test_predict_round_trip_on_digits(tmp_path, capsys, monkeypatch):
     code, _, err = run_main(["test", *digits(tmp_path, "--ckpt_path", "best")], capsys)
     assert code != 0
     assert "--ckpt_path best: name the file" in protos_error(err)
+    with pytest.warns(UserWarning, match="no --ckpt_path: this test runs the untrained model"):
+        code, _, err = run_main(["test", *digits(tmp_path)], capsys)  # a forgotten checkpoint
+    assert code == 0, err
+    untrained = json.loads((tmp_path / "lightning_logs" / "version_3" / "metrics.json").read_text())["test"]
+    assert untrained["epoch"] == 0
+    assert untrained["acc"] < tested["test"]["acc"]
 
     code, out, err = run_main(["predict", *digits(tmp_path, "--ckpt_path", last)], capsys)
     assert code == 0, err
-    path = tmp_path / "lightning_logs" / "version_3" / "predictions.csv"
+    path = tmp_path / "lightning_logs" / "version_4" / "predictions.csv"
     with open(path) as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["index", "label", "cluster", *(f"p_{k}" for k in range(10))]
