@@ -26,10 +26,9 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from .compile import Compile
 from .data import DATASETS, ArrayDataModule
 from .errors import ProtosError
-from .eval.callbacks import AssignmentWriter, ClusteringEvaluator, run_dir
+from .eval.callbacks import AssignmentWriter, ClusteringEvaluator, ScoreRecorder, run_dir
 from .eval.images import InspectionImages
 from .eval.metrics import LABEL_SCORES
-from .eval.probes import ProbeEvaluator
 from .hardware import check_cpu_bf16, cpu_has_native_bf16
 from .methods.base import ClusteringMethod
 
@@ -190,10 +189,10 @@ class ProtosCLI(LightningCLI):
     def after_fit(self) -> None:
         if self.config[self.subcommand].final_test and not self.trainer.interrupted:
             self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
-            evaluator = next(c for c in self.trainer.callbacks if isinstance(c, ClusteringEvaluator))
-            metrics = dict(evaluator.results.get("test", {}))
-            for probes in (c for c in self.trainer.callbacks if isinstance(c, ProbeEvaluator)):
-                metrics.update(probes.results.get("test", {}))
+            metrics: dict[str, float] = {}
+            recorders = [c for c in self.trainer.callbacks if isinstance(c, ScoreRecorder)]  # clustering first
+            for recorder in sorted(recorders, key=lambda c: not isinstance(c, ClusteringEvaluator)):
+                metrics.update(recorder.results.get("test", {}))
             if self.trainer.is_global_zero:
                 shown = ", ".join(
                     f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"

@@ -656,3 +656,24 @@ def test_usable_cores_follow_the_affinity_mask(monkeypatch):
     monkeypatch.delattr(os, "sched_getaffinity")  # no affinity mask (macOS): every core
     monkeypatch.setattr(os, "cpu_count", lambda: 6)
     assert usable_cores() == 6
+
+
+def test_the_final_line_prints_every_evaluators_test_scores(tmp_path, capsys):
+    """A reconstruction config's headline (test_mse, train_mse; ProtoVAE Fig. 6) is printed with
+    the clustering scores, as the probes' are, not left to metrics.json."""
+    args = ["fit", "--config", str(ROOT / "configs" / "ae_mnist.yaml"), "--data", "lightning_protos.data.Digits"]
+    args += [
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "2",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+    ]
+    code, out, err = run_main([*args, *QUIET], capsys)
+    assert code == 0, err
+    line = next(s for s in out.splitlines() if s.startswith("final evaluation: "))
+    assert line.startswith("final evaluation: acc=")
+    test = json.loads((tmp_path / "lightning_logs" / "version_0" / "metrics.json").read_text())["test"]
+    for key in ("test_mse", "train_mse"):
+        assert f"{key}={test[key]:.4f}" in line

@@ -80,7 +80,21 @@ def gather_shards(trainer: L.Trainer, pl_module, shard: Tensor) -> Tensor:
     return torch.cat([part[:n] for part, n in zip(gathered, sizes, strict=True)]).cpu()
 
 
-class EvaluationCallback(L.Callback):
+class ScoreRecorder(L.Callback):
+    """A callback with scores per stage: ``results[stage]`` holds its latest ones, with the
+    training epochs behind them, also merged into ``metrics.json``; ``protos fit``'s final line
+    prints every recorder's test scores."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.results: dict[str, dict[str, float]] = {}
+
+    def record(self, stage: str, trainer: L.Trainer, pl_module, scores: dict[str, float]) -> None:
+        self.results[stage] = {"epoch": evaluated_epoch(trainer, pl_module), **scores}
+        record_metrics(trainer, stage, self.results[stage])
+
+
+class EvaluationCallback(ScoreRecorder):
     """Accumulates over the validation / test batches and reports at the epoch's end: a
     subclass implements ``_reset``, ``_collect(pl_module, batch)`` and
     ``_finish(stage, trainer, pl_module)``. Sanity-check batches are ignored."""
@@ -129,10 +143,10 @@ class ClusteringEvaluator(EvaluationCallback):
     """
 
     def __init__(self) -> None:
+        super().__init__()
         self._preds: list[Tensor] = []
         self._labels: list[Tensor] = []
         self._criteria: dict[str, Tensor] = {}
-        self.results: dict[str, dict[str, float]] = {}
         self.trained_on: str | None = None
 
     def on_fit_start(self, trainer, pl_module) -> None:  # after a checkpoint's state was restored
@@ -187,8 +201,7 @@ class ClusteringEvaluator(EvaluationCallback):
         if "ari" in scores:  # TensorBoard's HParams tab compares runs by hp_metric (Lightning's -1 until then)
             logged["hp_metric"] = scores["ari"]
         pl_module.log_dict(logged, sync_dist=False, rank_zero_only=True)
-        self.results[stage] = {"epoch": evaluated_epoch(trainer, pl_module), **scores}
-        record_metrics(trainer, stage, self.results[stage])
+        self.record(stage, trainer, pl_module, scores)
         self._reset()
 
 

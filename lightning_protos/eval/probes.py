@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..errors import ProtosError, check_positive
 from ..methods.distributed import on_rank0
-from .callbacks import evaluated_epoch, record_metrics
+from .callbacks import ScoreRecorder
 
 # The authors' code's linear probe (REFERENCE_CODE 1.2): Adam 1e-3, 10 epochs, batch 512, 10 outputs
 # (one a class where a data set has more).
@@ -118,7 +118,7 @@ def embed_and_assign(pl_module, x: Tensor, batch_size: int) -> tuple[Tensor, Ten
     return torch.cat(z), torch.cat(k).cpu()
 
 
-class ProbeEvaluator(L.Callback):
+class ProbeEvaluator(ScoreRecorder):
     """Statistical, kNN and linear-probe accuracy at the end of validation and test.
 
     The method is read through its contract only: ``predict_clusters`` (statistical accuracy)
@@ -160,6 +160,7 @@ class ProbeEvaluator(L.Callback):
         holdout: float = 0.2,
         seed: int = 0,
     ) -> None:
+        super().__init__()
         check_positive(
             knn_k=knn_k, linear_epochs=linear_epochs, linear_batch_size=linear_batch_size, linear_lr=linear_lr
         )
@@ -171,7 +172,6 @@ class ProbeEvaluator(L.Callback):
         self.reference_linear = reference_linear
         self.stages = tuple(stages)
         self.holdout, self.seed = holdout, seed
-        self.results: dict[str, dict[str, float]] = {}
 
     def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
         """Before any training: a one-line error for fewer linear outputs than classes, and the
@@ -222,9 +222,8 @@ class ProbeEvaluator(L.Callback):
         scores = on_rank0(self.scores, pl_module, trainer.datamodule)
         if not scores:
             return
-        self.results[stage] = {"epoch": evaluated_epoch(trainer, pl_module), **scores}
         pl_module.log_dict({f"{stage}/{k}": v for k, v in scores.items()}, sync_dist=True)  # equal on every rank
-        record_metrics(trainer, stage, self.results[stage])
+        self.record(stage, trainer, pl_module, scores)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking:

@@ -6,7 +6,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from .callbacks import EvaluationCallback, evaluated_epoch, record_metrics
+from .callbacks import EvaluationCallback
 
 
 @torch.no_grad()
@@ -30,9 +30,9 @@ class ReconstructionEvaluator(EvaluationCallback):
     """
 
     def __init__(self, batch_size: int = 1024) -> None:
+        super().__init__()
         self.batch_size = batch_size
         self._reset()
-        self.results: dict[str, dict[str, float]] = {}
 
     def _reset(self) -> None:
         self._sse, self._n = 0.0, 0
@@ -70,6 +70,5 @@ class ReconstructionEvaluator(EvaluationCallback):
             sync_dist=False,
             rank_zero_only=True,
         )
-        self.results[stage] = {"epoch": evaluated_epoch(trainer, pl_module), **scores}
-        record_metrics(trainer, stage, self.results[stage])
+        self.record(stage, trainer, pl_module, scores)
         self._reset()
