@@ -423,6 +423,10 @@ class ClusteringMethod(L.LightningModule):
         or warm-up epochs: ``fit`` warns when ``max_epochs`` ends before it."""
         return 0
 
+    def before_clustering(self) -> bool:
+        """Whether this epoch is one of the pretraining or warm-up epochs before :meth:`clustering_start`."""
+        return self.current_epoch < self.clustering_start()
+
     def setup(self, stage: str) -> None:
         """Checks the GPU this process runs on (``hardware.check_device``: before the model moves
         to it) and the data against the network, records the run's seed (:attr:`run_seed`),

@@ -52,11 +52,11 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from ..errors import ProtosError, check_choices, check_non_negative, check_positive
 from ..ops import cluster_sums, nearest_one_hot, running_mean_update, squared_distances
+from .distributed import is_distributed
 from .pretrain import AutoencoderMethod, encode_all, reconstruction_loss
 
 
@@ -190,7 +190,7 @@ class DCN(AutoencoderMethod):
         z = self.encode(x).float()
         s = self.nearest(z)  # (b)
         sums, sizes = cluster_sums(z, s, self.n_clusters, over_ranks=True)  # the union of every rank's batch
-        if dist.is_available() and dist.is_initialized():
+        if is_distributed():
             index, s = self.all_gather(index).reshape(-1), self.all_gather(s).reshape(-1)
         centroids, counts = running_mean_update(self.centroids, self.counts, sums, sizes)  # (c)
         self.centroids.copy_(centroids)

@@ -125,9 +125,7 @@ class DEC(AutoencoderMethod):
 
     # -- contract ---------------------------------------------------------------------
     def cluster_probs(self, x: Tensor) -> Tensor:
-        z = self.embed(x)
-        with self.full_precision():
-            return student_t_assign(z.float(), self.mu.float(), self.hparams.dof)  # Eq. 1
+        return self._soft_assign(self.embed(x))  # Eq. 1
 
     def prototypes(self) -> Tensor:
         return self.mu.detach()

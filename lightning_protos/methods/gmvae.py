@@ -41,12 +41,10 @@ from torch import Tensor, nn
 from ..errors import ProtosError, check_positive
 from ..nets.mlp import mlp
 from ..ops import (
-    categorical_kl,
-    expected_gaussian_kl,
     floored_logvar,
     gaussian_kl,
-    mixture_log_responsibilities,
     mixture_responsibilities,
+    vade_kl_terms,
 )
 from .vae import VADE_HIDDEN, Network, Reconstruction, VAEMethod
 
@@ -152,13 +150,14 @@ class GMVAE(VAEMethod):
         mu_c, logvar_c = self.components(w)
         with self.full_precision():
             z_mu, z_logvar, z = z_mu.float(), z_logvar.float(), z.float()
-            log_gamma = mixture_log_responsibilities(z, self.log_prior_c, mu_c, logvar_c)
-            gamma = log_gamma.exp()
+            kl_cond, kl_c, _ = vade_kl_terms(
+                z_mu, z_logvar, z, self.log_prior_c, mu_c, logvar_c
+            )  # VaDE's, per-sample prior
             weight = h.beta / h.latent_dim
-            kl_c = categorical_kl(log_gamma, self.log_prior_c).mean()  # the floor lambda is on this mean
+            kl_c = kl_c.mean()  # the floor lambda is on this mean
             terms = {
                 "L_recon": self.reconstruction_loss(x, out),
-                "KL_cond": weight * expected_gaussian_kl(z_mu, z_logvar, gamma, mu_c, logvar_c).mean(),
+                "KL_cond": weight * kl_cond.mean(),
                 "KL_w": weight * gaussian_kl(w_mu.float(), w_logvar.float()).sum(-1).mean(),
                 "KL_c": weight * kl_c.clamp_min(h.kl_c_floor),
             }

@@ -86,8 +86,6 @@ class ReconstructionMethod(ClusteringMethod):
         if not channels:
             raise ProtosError("channels must name at least one conv block, e.g. [32, 64]")
         check_widths("channels", channels)
-        if side % 2 ** len(channels):
-            raise ProtosError(f"image side {side} is not divisible by 2^{len(channels)} ({len(channels)} conv blocks)")
         self.encoder = ProtoEncoder(shape[0], side, channels, bottleneck_dim)
         self.head = nn.Sequential(nn.Linear(bottleneck_dim, latent_dim))  # z, or mu for the VAEs
         self.decoder = ProtoDecoder(latent_dim, shape[0], side, channels)
@@ -119,11 +117,8 @@ class ReconstructionMethod(ClusteringMethod):
     def bernoulli_inputs(self) -> bool:
         return True  # L_rec is BCE (Eq. 2)
 
-    def in_warmup(self) -> bool:
-        """Epoch i <= warm-up (Alg. 1, epochs counted from 1): reconstruction only."""
-        return self.current_epoch < self.clustering_start()
-
     def clustering_start(self) -> int:
+        """Epochs i <= warm-up (Alg. 1, epochs counted from 1) train the reconstruction only."""
         return getattr(self.hparams, "warmup_epochs", 0)
 
     def configure_optimizers(self):
@@ -171,7 +166,7 @@ class _VariationalBaseline(ReconstructionMethod):
         mu, logvar = self.head(h), self.logvar(h)
         z = self.reparameterise(mu, logvar)
         terms, metrics = self.reconstruction_terms(x, self.decoder(z))
-        if not self.in_warmup():
+        if not self.before_clustering():
             terms.update(self.in_float32(self.regulariser, mu, logvar, z))
         self.optimize(self.check_and_log(terms, metrics=metrics), self.optimizers())
 
@@ -329,7 +324,7 @@ class ProtoVAE(ReconstructionMethod):
         x = batch["x"]
         opt_prot, opt_reg, opt_rec = self.optimizers()
         terms: dict[str, Tensor] = {}
-        if not self.in_warmup():
+        if not self.before_clustering():
             # 1a. codes by Sinkhorn, L_prot on the encoder and V
             s = self.scores(self.embed(x))
             terms["L_prot"] = self.prototype_loss(s, self.codes(s))

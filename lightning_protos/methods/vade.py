@@ -161,9 +161,6 @@ class VaDE(VAEMethod):
         return self.mu_c.detach().clone()
 
     # -- phases -------------------------------------------------------------------------
-    def pretraining(self) -> bool:
-        return self.current_epoch < self.clustering_start()
-
     def clustering_start(self) -> int:
         return self.hparams.pretrain_epochs
 
@@ -192,7 +189,7 @@ class VaDE(VAEMethod):
         self.initialised.fill_(True)
 
     def on_train_epoch_start(self) -> None:
-        if not self.pretraining() and not bool(self.initialised):
+        if not self.before_clustering() and not bool(self.initialised):
             self.init_mixture()
 
     # -- optimisation -------------------------------------------------------------------
@@ -208,7 +205,7 @@ class VaDE(VAEMethod):
         return [optimizer, pretrain], schedulers
 
     def on_train_epoch_end(self) -> None:
-        if self.pretraining():  # the learning-rate schedule counts the VaDE epochs only
+        if self.before_clustering():  # the learning-rate schedule counts the VaDE epochs only
             ClusteringMethod.on_train_epoch_end(self)
         else:
             super().on_train_epoch_end()
@@ -217,7 +214,7 @@ class VaDE(VAEMethod):
         optimizer, pretrain_optimizer = self.optimizers()
         x = self.to_net(batch["x"])
         mu, logvar = self.encoder(x)
-        if self.pretraining():  # step 1
+        if self.before_clustering():  # step 1
             loss = self.check_and_log({"L_recon": self.reconstruction_loss(x, self.reconstruct(mu))}, prefix="pretrain")
             self.optimize(loss, pretrain_optimizer)
             return

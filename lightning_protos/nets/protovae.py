@@ -19,6 +19,7 @@ from itertools import pairwise
 import torch
 from torch import Tensor, nn
 
+from ..errors import ProtosError
 from .conv import channels_last
 
 DECODER_MAPS = 256  # activation maps the decoder's dense layer is reshaped into (§3.1)
@@ -64,7 +65,7 @@ class ProtoDecoder(nn.Module):
         super().__init__()
         start = side // 2 ** len(channels)
         if start * 2 ** len(channels) != side:
-            raise ValueError(f"image side {side} is not divisible by 2^{len(channels)} ({len(channels)} conv blocks)")
+            raise ProtosError(f"image side {side} is not divisible by 2^{len(channels)} ({len(channels)} conv blocks)")
         self.shape = (DECODER_MAPS, start, start)
         self.fc = nn.Linear(latent_dim, DECODER_MAPS * start * start)
         layers: list[nn.Module] = []

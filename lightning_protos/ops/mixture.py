@@ -120,7 +120,8 @@ def vade_kl_terms(
 
     Args:
         mu, logvar: ``(B, q)`` q(z|x); z: ``(B, q)`` the draw gamma is computed at.
-        log_pi: ``(K,)``; mu_c, logvar_c: ``(K, q)`` the mixture prior.
+        log_pi: ``(K,)``; mu_c, logvar_c: ``(K, q)`` the mixture prior, or ``(B, K, q)`` one per
+            sample (GMVAE's, from w).
 
     Returns:
         KL_z ``(B,)``, KL_c ``(B,)`` (both >= 0, in nats) and gamma ``(B, K)``.
