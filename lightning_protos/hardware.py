@@ -1,6 +1,6 @@
-"""Checks of the machine a run is about to use, each a one-line message or ``None``: a GPU that
-this PyTorch build has no kernels for, and bf16 autocast asked of a CPU without bf16 hardware;
-and the CPU cores this process may use."""
+"""The machine a run is about to use: a GPU this PyTorch build has no kernels for (a one-line
+message, or an error for the process's own GPU), bf16 autocast asked of a CPU without bf16
+hardware (a one-line warning), and the CPU cores this process may use."""
 
 from __future__ import annotations
 

@@ -96,7 +96,6 @@ def test_fit_on_all_versus_train(two_splits):
         assert torch.equal(on_all.features(stage), torch.cat([train[0], test[0]]).float() / 255)
         assert torch.equal(on_all.labels(stage), torch.cat([train[1], test[1]]))
     assert on_all.input_shape == (1, 4, 4)
-    assert on_all.input_dim == 16
     assert on_all.n_classes == 3
     flat = TwoSplits(train, test, flatten=True)
     assert flat.input_shape == (16,)

@@ -349,10 +349,6 @@ class ArrayDataModule(L.LightningDataModule):
         return f"{type(self).__name__}({Path(path).resolve() if path else self.name})"
 
     @property
-    def input_dim(self) -> int:
-        return int(torch.tensor(self.input_shape).prod())
-
-    @property
     def n_classes(self) -> int | None:
         y = self._split("eval")[1]
         return None if y is None else int(y.max()) + 1

@@ -1,4 +1,7 @@
-"""Evaluation callbacks: they read a method only through its contract (DESIGN.md)."""
+"""Evaluation callbacks: they read a method only through its contract, DESIGN.md's table
+(``embed``, ``cluster_probs``, ``prototypes``, ``decode``) and the members ``methods/base.py``
+adds to it (``similarities``, ``selection_criteria``, ``prepare_evaluation``, ``evaluating``
+and ``checkpoint_epochs``, the epochs behind a loaded checkpoint)."""
 
 from __future__ import annotations
 

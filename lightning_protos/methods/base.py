@@ -57,7 +57,9 @@ class ClusteringMethod(L.LightningModule):
     Subclasses implement ``training_step`` (manual optimization: each method writes out its
     own updates) and the contract members :meth:`cluster_probs` and :meth:`embed`; methods
     with centroids or a decoder also override :meth:`prototypes` and :meth:`decode`, and those
-    with their own measure of likeness to a prototype :meth:`similarities`.
+    with their own measure of likeness to a prototype :meth:`similarities`. Beyond DESIGN.md's
+    table, evaluation also reads :meth:`selection_criteria`, :meth:`prepare_evaluation`,
+    :meth:`evaluating` and :attr:`checkpoint_epochs`, and otherwise only LightningModule's own API.
 
     Args:
         n_clusters: K, the number of clusters / prototypes (>= ``min_clusters``).

@@ -11,7 +11,8 @@ random init (DKM^r): no pretraining; then, for both:
         G_k(z_i) = softmax_k(-alpha ||z_i - r_k||^2)
   3. alpha: constant (``alpha``, the paper's 1000 for DKM^p), or annealed when ``alpha`` is
      null (DKM^r): alpha(0) = 0.1, alpha(n) = 2^(1/ln(n+1)^2) alpha(n-1), one step every
-     ``anneal_every`` epochs (ops.annealed_alpha); the position is the buffer ``alpha_step``.
+     ``anneal_every`` epochs (ops.annealed_alpha); the step follows from the epoch, so a
+     resumed fit continues the schedule, and the buffer ``alpha`` holds the value in use.
 Prediction: argmax_k G_k = the nearest centroid.
 
 Choices (METHODS 2 and 3.5, REFERENCE_CODE 5):
@@ -90,7 +91,6 @@ class DKM(AutoencoderMethod):
         )  # fmt: skip
         self.save_hyperparameters()
         self.centroids = nn.Parameter(torch.zeros(n_clusters, latent_dim))  # r, set by k-means
-        self.register_buffer("alpha_step", torch.tensor(0))  # position in the annealing schedule
         # the alpha in use (hparams.alpha is the constant asked for, or None: annealed)
         self.register_buffer("alpha", torch.tensor(annealed_alpha(0) if alpha is None else alpha))
 
@@ -116,9 +116,12 @@ class DKM(AutoencoderMethod):
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
         if self.hparams.alpha is None and self.phase(self.current_epoch) == "cluster":  # step 3
-            step = (self.current_epoch - self.pretrain_end) // self.hparams.anneal_every
-            self.alpha_step.fill_(step)
-            self.alpha.fill_(annealed_alpha(step))
+            self.alpha.fill_(annealed_alpha((self.current_epoch - self.pretrain_end) // self.hparams.anneal_every))
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # checkpoints before 2026-12-07 also hold the schedule's step, which the epoch gives
+        checkpoint.get("state_dict", {}).pop("alpha_step", None)
+        super().on_load_checkpoint(checkpoint)
 
     def clustering_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         x = self.flat(batch["x"])

@@ -14,8 +14,9 @@ ProtoVAE, per batch x of epoch i (Alg. 1):
         -> Adam step on the encoder and the decoder
 Three Adam optimisers (lr 1e-3), one per step, each with its own moments. The training MSE is
 logged beside the BCE (Fig. 6). Contract: embed = z (the linear 256-d projection head),
-cluster_probs = softmax(z V / tau), prototypes = V^T, decode = dec; samples are
-dec(v_k + xi), xi ~ N(0, I) (ops.around).
+cluster_probs = softmax(z V / tau), prototypes = V^T, decode = dec. The inspection's samples
+of cluster k decode v_k plus Gaussian noise scaled to the codes' spread (``InspectionImages``,
+ops.around), not N(v_k, I), the distribution L_reg pulls the cluster towards.
 
 Choices where the paper is silent (METHODS 3.2): 3x3 convs and widths 32-64(-128); a 256-unit
 bottleneck; a linear projection head (ReLU as an option); no L2 normalisation of z and V
