@@ -38,7 +38,7 @@ def evaluated_epoch(trainer: L.Trainer, pl_module) -> int:
     """The training epochs behind the weights being evaluated (``metrics.json``'s ``epoch``), one
     count for every stage: 2 after a 2-epoch fit, for its validation at the end of the second
     epoch, its final test, and a later ``test`` of its ``last.ckpt`` (Lightning does not restore
-    the epoch outside ``fit``: the checkpoint's count, ``methods.base.epochs_trained``)."""
+    the epoch outside ``fit``: the checkpoint's count, ``methods.resume.epochs_trained``)."""
     loaded = getattr(pl_module, "checkpoint_epochs", None)
     if trainer.state.fn != TrainerFn.FITTING and trainer.ckpt_path and loaded is not None:
         return loaded

@@ -9,15 +9,13 @@ from typing import Any, TypeVar
 
 import lightning as L
 import torch
-import torch.distributed as dist
-from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import ProtosError
 from ..hardware import check_device
-from .distributed import gather_objects, is_distributed, rank_seed, rng_state, set_rng_state
+from .distributed import average_batchnorm_stats, set_ddp_options
+from .resume import ExactResume
 
 T = TypeVar("T")
 
@@ -29,21 +27,6 @@ def adam(params, lr: float, eps: float = 1e-8) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, eps=eps, fused=True)
 
 
-def epochs_trained(checkpoint: dict[str, Any]) -> int | None:
-    """The training epochs behind a checkpoint's weights, counted as ``trainer.current_epoch``
-    counts them after a fit. Its ``epoch`` is the index of the epoch it was written in: one more
-    where that epoch's last batch had been trained (``best.ckpt`` from the validation at an
-    epoch's end), or where the epoch had ended (``last.ckpt``, written at each epoch's end, also
-    of an epoch that ``max_steps`` cut short, which Lightning counts)."""
-    epoch = checkpoint.get("epoch")
-    if epoch is None:
-        return None
-    loop = checkpoint.get("loops", {}).get("fit_loop", {})
-    last_batch = bool(loop.get("epoch_loop.batch_progress", {}).get("is_last_batch"))
-    ended = int(loop.get("epoch_progress", {}).get("current", {}).get("processed", 0))
-    return max(int(epoch) + last_batch, ended)
-
-
 def stop_requested(trainer: L.Trainer) -> bool:
     """Whether the fit stops after the step just taken, on a stop asked for within the epoch (a
     method's, as DEC's ``tol``, or a callback's batch hook) that Lightning will honour (its
@@ -51,7 +34,7 @@ def stop_requested(trainer: L.Trainer) -> bool:
     return trainer.should_stop and getattr(trainer.fit_loop, "_can_stop_early", True)
 
 
-class ClusteringMethod(L.LightningModule):
+class ClusteringMethod(ExactResume, L.LightningModule):
     """Base of every method: the contract read by evaluation, plus manual-optimization helpers.
 
     Subclasses implement ``training_step`` (manual optimization: each method writes out its
@@ -73,18 +56,6 @@ class ClusteringMethod(L.LightningModule):
     # pretraining epochs before the clustering parameters, DEC's unused decoder, ProtoVAE's
     # three optimisers): under DDP such a method gets ``find_unused_parameters`` (see :meth:`setup`).
     ddp_unused_parameters: bool = False
-    # What of the method is laid out over the whole fit's length, e.g. "the averaging epoch (the
-    # fit's last)", and the trainer settings that length is read from: a fit resumed with another
-    # value of one of them warns that it will not end as one uninterrupted fit of that length would.
-    fit_length_schedule: str | None = None
-    fit_length_settings: tuple[str, ...] = ("max_epochs",)
-    # Buffers with a row per training sample, sized by the data (``AutoencoderMethod``'s
-    # ``register_per_sample_buffer``): a checkpoint gives them its own shape.
-    _per_sample: tuple[str, ...] | list[str] = ()
-    # The training epochs behind the checkpoint the weights were last loaded from (``None`` until
-    # one is): what the evaluators record for a ``test`` / ``predict`` of a checkpoint, where
-    # Lightning leaves ``current_epoch`` at 0.
-    checkpoint_epochs: int | None = None
     # Steps between the reads of the non-finite-loss flag (:meth:`check_and_log`); ``None``: every
     # step on a CPU, where reading a tensor is free, every 50 on an accelerator, where each read
     # is a host round trip that stops the host from queuing the next steps ahead of the device.
@@ -145,10 +116,10 @@ class ClusteringMethod(L.LightningModule):
 
     def prepare_evaluation(self) -> None:
         """Brings state that evaluation reads, and that training only refreshes when asked, up
-        to date: under DDP the BatchNorm running statistics (:meth:`average_batchnorm_stats`);
+        to date: under DDP the BatchNorm running statistics (``distributed.average_batchnorm_stats``);
         VAE+KMeans adds its k-means on the current latents. Called on every rank when a
         validation starts, and by ``InspectionImages`` before it draws during ``fit``."""
-        self.average_batchnorm_stats()
+        average_batchnorm_stats(self)
 
     @property
     def run_seed(self) -> int:
@@ -227,148 +198,33 @@ class ClusteringMethod(L.LightningModule):
             f"{int(self._first_bad)}: lower the learning rate or check the data"
         )
 
-    def on_train_epoch_end(self) -> None:
-        """Log the epoch mean of every loss term summed by :meth:`check_and_log`; under DDP,
-        average the BatchNorm statistics before the epoch's checkpoint is written."""
-        self.check_finite()
-        self.average_batchnorm_stats()
-        if self._term_steps:
-            self.log_dict({k: v / self._term_steps for k, v in self._term_sums.items()}, sync_dist=True)
-        if self._grad_stats:
-            self.log_dict(self._grad_stats, reduce_fx="max", sync_dist=True)
-        self._term_sums, self._term_steps, self._loss_keys, self._grad_stats = {}, 0, {}, {}
-
-    # -- exact resume -----------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Beside the parameters and buffers: every rank's random generators (VAESim's draws, the
-        noise of the VAEs and the MMD), the run's seed (:attr:`run_seed`: a resumed run seeds its
-        later k-means with it, whatever its own seed) and the loss sums and gradient-norm
-        statistics of the epoch so far, so that a run resumed from a checkpoint, even one taken
-        mid-epoch, continues as the uninterrupted run. A loss that was not finite since the last
-        check stops the run here, before the checkpoint is written."""
-        self.check_finite()
-        # a mid-epoch checkpoint holds the ranks' mean statistics too (its state dict is taken
-        # before this hook, so the averaged values are written into it)
-        checkpoint["state_dict"].update({k: v.detach().clone() for k, v in self.average_batchnorm_stats().items()})
-        checkpoint["protos_resume"] = {
-            "method": type(self).__qualname__,  # DEC and IDEC share their weights' names
-            "rng_ranks": gather_objects(rng_state()),  # every rank's generators, by rank
-            "run_seed": self.run_seed,
-            "epoch": self.current_epoch,
-            "max_epochs": self.trainer.max_epochs,
-            "max_steps": self.trainer.max_steps,
+    def _epoch_sums(self) -> dict[str, Any]:
+        """The loss sums and gradient-norm statistics of the epoch so far, on the host, as a
+        checkpoint keeps them (:class:`~.resume.ExactResume`)."""
+        return {
             "term_sums": {k: v.detach().cpu() for k, v in self._term_sums.items()},
             "term_steps": self._term_steps,
             "loss_keys": list(self._loss_keys),
             "grad_stats": {k: v.detach().cpu() for k, v in self._grad_stats.items()},
         }
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuses, in one line, a checkpoint whose weights are not this model's (another method,
-        or another configuration), before Lightning loads them."""
-        self.checkpoint_epochs = epochs_trained(checkpoint)
-        stored, own = checkpoint.get("state_dict", {}), self.state_dict()
-        per_sample = set(self._per_sample)
-        missing = [k for k in own if k not in stored]
-        unexpected = [k for k in stored if k not in own]
-        reshaped = [k for k in own if k in stored and k not in per_sample and stored[k].shape != own[k].shape]
-        saved_by = (checkpoint.get("protos_resume") or {}).get("method", type(self).__qualname__)
-        if saved_by != type(self).__qualname__:
-            raise ProtosError(f"the checkpoint holds a {saved_by}, not a {type(self).__name__}")
-        trainer = self._trainer  # on a fit (a test may take other data), per-sample buffers sized
-        dm = trainer.datamodule if trainer is not None and trainer.state.fn == "fit" else None
-        n_train = getattr(dm, "n_train", None)  # (0 rows: a checkpoint of the pretraining epochs)
-        other = [k for k in per_sample if k in stored and n_train is not None and len(stored[k]) not in (0, n_train)]
-        if other:
-            raise ProtosError(
-                f"the checkpoint's per-sample buffers ({', '.join(other)}) hold {len(stored[other[0]])} training "
-                f"samples, the data {n_train}: resume it on the data it was trained on"
-            )
-        trained_on = (checkpoint.get("hyper_parameters") or {}).get("input_shape")
-        if reshaped and trained_on is not None and tuple(trained_on) != tuple(self.input_shape):
-            raise ProtosError(
-                f"the checkpoint was trained on inputs of shape {tuple(trained_on)}, these data give "
-                f"{tuple(self.input_shape)}"
-            )
-        if missing or unexpected or reshaped:
-            what = ", ".join(
-                f"{len(keys)} {label} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
-                for label, keys in (("missing", missing), ("unexpected", unexpected), ("reshaped", reshaped))
-                if keys
-            )
-            raise ProtosError(
-                f"the checkpoint does not fit this {type(self).__name__} (weights {what}): it holds another "
-                "method or another configuration"
-            )
-        self._resumed = checkpoint.get("protos_resume")
-        planned = {k: v for k, v in (self._resumed or {}).items() if k in self.fit_length_settings}
-        changed = [k for k, v in planned.items() if dm is not None and v != getattr(trainer, k)]
-        if self.fit_length_schedule and changed:
-            rank_zero_warn(
-                f"this fit continues one of {', '.join(f'{k} {planned[k]}' for k in changed)} with "
-                f"{', '.join(f'{k} {getattr(trainer, k)}' for k in changed)}: {self.fit_length_schedule} "
-                "follows the new length, so it will not end as one uninterrupted fit of that length"
-            )
-        if self._resumed is not None and "run_seed" in self._resumed:  # the seeds of fits still to come
-            self._run_seed = self._resumed["run_seed"]
+    def _restore_epoch_sums(self, saved: dict[str, Any]) -> None:
+        """The inverse of :meth:`_epoch_sums`, on this device."""
+        self._term_sums = {k: v.to(self.device) for k, v in saved["term_sums"].items()}
+        self._term_steps = saved["term_steps"]
+        self._loss_keys = dict.fromkeys(saved.get("loss_keys", ()))
+        self._grad_stats = {k: v.to(self.device) for k, v in saved.get("grad_stats", {}).items()}
 
-    def on_train_batch_start(self, batch: dict[str, Tensor], batch_idx: int) -> int | None:
-        """The first batch after a resume restores each rank's generators (here, not at load
-        time: Lightning's sanity check and loader set-up run in between) and, within the same
-        epoch, the loss sums and gradient-norm statistics of the steps before the checkpoint.
-        The first batch of a DDP fit gives each rank > 0 its own random stream (see :meth:`setup`);
-        so does a resume onto more ranks than the checkpoint's."""
-        resumed, self._resumed = self._resumed, None
-        own_stream, self._own_stream = self._own_stream, False
-        if resumed is not None:
-            rank = self.global_rank
-            # checkpoints written before 2026-12-07 hold one state, rank 0's: still loadable
-            states = resumed["rng_ranks"] if "rng_ranks" in resumed else [resumed["rng"]]
-            own_stream = rank >= len(states)
-            if not own_stream and not set_rng_state(states[rank]) and rank > 0:
-                torch.cuda.manual_seed_all(self._rank_seed())  # at least not rank 0's CUDA stream
-        if own_stream:
-            torch.manual_seed(self._rank_seed())  # CPU and CUDA
-        if resumed is not None and resumed["epoch"] == self.current_epoch:
-            self._term_sums = {k: v.to(self.device) for k, v in resumed["term_sums"].items()}
-            self._term_steps = resumed["term_steps"]
-            self._loss_keys = dict.fromkeys(resumed.get("loss_keys", ()))
-            self._grad_stats = {k: v.to(self.device) for k, v in resumed.get("grad_stats", {}).items()}
-        return None
-
-    def _rank_seed(self) -> int:
-        return rank_seed(self.run_seed, self.global_rank, self.global_step)
-
-    def _batchnorm_stats(self) -> list[tuple[str, Tensor]]:
-        return [
-            (f"{name}.{stat}", getattr(m, stat))
-            for name, m in self.named_modules()
-            if isinstance(m, _BatchNorm) and m.running_mean is not None
-            for stat in ("running_mean", "running_var")
-        ]
-
-    def average_batchnorm_stats(self) -> dict[str, Tensor]:
-        """Under DDP, sets the BatchNorm running statistics to their mean over the ranks (a
-        collective: every rank calls it) and returns them by state-dict name; ``{}`` otherwise.
-
-        Each rank updates its statistics from its own batches, r <- (1 - m) r + m s. The update
-        is linear and the ranks start equal, so the mean of the ranks' statistics is the running
-        average of the rank-averaged batch statistics whenever it is taken: averaging where the
-        statistics are read (evaluation) or written (epoch end, checkpoints) gives what averaging
-        after every step would, without a collective per step. (SyncBatchNorm,
-        ``--trainer.sync_batchnorm true``, averages inside the forward pass, on GPUs only; the
-        mean then leaves the equal values as they are.)
-        """
-        if not is_distributed():
-            return {}
-        stats = self._batchnorm_stats()
-        if stats:
-            flat = torch.cat([t.flatten() for _, t in stats])
-            dist.all_reduce(flat)
-            flat /= dist.get_world_size()
-            for (_, t), part in zip(stats, flat.split([t.numel() for _, t in stats]), strict=True):
-                t.copy_(part.view_as(t))
-        return dict(stats)
+    def on_train_epoch_end(self) -> None:
+        """Log the epoch mean of every loss term summed by :meth:`check_and_log`; under DDP,
+        average the BatchNorm statistics before the epoch's checkpoint is written."""
+        self.check_finite()
+        average_batchnorm_stats(self)
+        if self._term_steps:
+            self.log_dict({k: v / self._term_steps for k, v in self._term_sums.items()}, sync_dist=True)
+        if self._grad_stats:
+            self.log_dict(self._grad_stats, reduce_fx="max", sync_dist=True)
+        self._term_sums, self._term_steps, self._loss_keys, self._grad_stats = {}, 0, {}, {}
 
     @contextmanager
     def evaluating(self) -> Iterator[None]:
@@ -435,19 +291,8 @@ class ClusteringMethod(L.LightningModule):
         and, on a DDP rank > 0 of a fit, asks for a random stream of its own from the first batch
         on: ``seed_everything`` seeds every rank alike, and the ranks would otherwise draw the
         same noise (reparameterisation, augmentation, MMD samples) for the samples at the same
-        place of their batches; rank 0 draws as a single process does. It also sets two of
-        DDP's options, so that a plain
-        ``--trainer.strategy ddp``, or the DDP that ``--trainer.devices N`` picks, runs the
-        methods as they need (the strategy's keyword arguments are read when the model is
-        wrapped, after this hook; Lightning 2.x has no public setter):
-
-        - ``find_unused_parameters`` for the methods that leave parameters out of a step
-          (``ddp_unused_parameters``);
-        - ``broadcast_buffers=False`` unless given: every buffer is kept equal across ranks by
-          the method itself (initialisations broadcast, prototype and centroid updates
-          all-reduced, BatchNorm statistics averaged: ``tests/test_ddp.py`` checks whole runs),
-          so DDP's copy of all of rank 0's buffers before every step (AE-CM's float64 averaging
-          sums alone: ~27 MB on MNIST) is not needed."""
+        place of their batches; rank 0 draws as a single process does. Under DDP it sets the
+        options the methods need (``distributed.set_ddp_options``)."""
         epochs, start = self.trainer.max_epochs, self.clustering_start()
         if stage == "fit" and start > 0 and epochs is not None and 0 <= epochs <= start:
             # not an error: a run may be trained in parts, each resumed from the last
@@ -460,10 +305,7 @@ class ClusteringMethod(L.LightningModule):
         self._resumed = None  # what an earlier call's checkpoint left (this call's loads after setup)
         self._run_seed = torch.initial_seed()
         self._own_stream = stage == "fit" and self.trainer.global_rank > 0
-        if isinstance(strategy, DDPStrategy):
-            if stage == "fit" and self.ddp_unused_parameters:
-                strategy._ddp_kwargs["find_unused_parameters"] = True
-            strategy._ddp_kwargs.setdefault("broadcast_buffers", False)
+        set_ddp_options(strategy, find_unused_parameters=stage == "fit" and self.ddp_unused_parameters)
         dm = getattr(self.trainer, "datamodule", None)
         if dm is None or not hasattr(dm, "input_shape"):
             return

@@ -1,5 +1,6 @@
-"""The processes' shared state: rank 0's work and values sent to every DDP rank, and the
-random generators a checkpoint holds (by rank) for an exact resume."""
+"""The processes' shared state: rank 0's work and values sent to every DDP rank, BatchNorm
+statistics averaged over the ranks, and the random generators a checkpoint holds (by rank) for
+an exact resume."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 import torch.distributed as dist
+from lightning.pytorch.strategies import DDPStrategy
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
 
 T = TypeVar("T")
 
@@ -17,6 +21,56 @@ T = TypeVar("T")
 def is_distributed() -> bool:
     """Whether this process is one of several in an initialised process group."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def set_ddp_options(strategy: Any, find_unused_parameters: bool) -> None:
+    """Two of DDP's options, set on a DDP strategy so that a plain ``--trainer.strategy ddp``, or
+    the DDP that ``--trainer.devices N`` picks, runs the methods as they need (its keyword
+    arguments are read when the model is wrapped, after the module's ``setup``; Lightning 2.x has
+    no public setter); nothing for another strategy:
+
+    - ``find_unused_parameters`` for the methods that leave parameters out of a step
+      (``ClusteringMethod.ddp_unused_parameters``);
+    - ``broadcast_buffers=False`` unless given: every buffer is kept equal across ranks by the
+      method itself (initialisations broadcast, prototype and centroid updates all-reduced,
+      BatchNorm statistics averaged: ``tests/test_ddp.py`` checks whole runs), so DDP's copy of
+      all of rank 0's buffers before every step (AE-CM's float64 averaging sums alone: ~27 MB on
+      MNIST) is not needed.
+    """
+    if isinstance(strategy, DDPStrategy):
+        if find_unused_parameters:
+            strategy._ddp_kwargs["find_unused_parameters"] = True
+        strategy._ddp_kwargs.setdefault("broadcast_buffers", False)
+
+
+def average_batchnorm_stats(module: torch.nn.Module) -> dict[str, Tensor]:
+    """Under DDP, sets the BatchNorm running statistics of ``module`` to their mean over the
+    ranks (a collective: every rank calls it) and returns them by state-dict name; ``{}``
+    otherwise.
+
+    Each rank updates its statistics from its own batches, r <- (1 - m) r + m s. The update
+    is linear and the ranks start equal, so the mean of the ranks' statistics is the running
+    average of the rank-averaged batch statistics whenever it is taken: averaging where the
+    statistics are read (evaluation) or written (epoch end, checkpoints) gives what averaging
+    after every step would, without a collective per step. (SyncBatchNorm,
+    ``--trainer.sync_batchnorm true``, averages inside the forward pass, on GPUs only; the
+    mean then leaves the equal values as they are.)
+    """
+    if not is_distributed():
+        return {}
+    stats = [
+        (f"{name}.{stat}", getattr(m, stat))
+        for name, m in module.named_modules()
+        if isinstance(m, _BatchNorm) and m.running_mean is not None
+        for stat in ("running_mean", "running_var")
+    ]
+    if stats:
+        flat = torch.cat([t.flatten() for _, t in stats])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        for (_, t), part in zip(stats, flat.split([t.numel() for _, t in stats]), strict=True):
+            t.copy_(part.view_as(t))
+    return dict(stats)
 
 
 def broadcast_from_rank0(tensors) -> None:
