@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -205,7 +206,8 @@ class ImageFolder(ArrayDataModule):
                 # WebP and GIF decode in colour whatever the mode (converted below)
                 img = decode_image(str(p), mode=ImageReadMode.RGB if p.suffix.lower() in (".webp", ".gif") else mode)
             except (RuntimeError, OSError) as err:
-                cause = (str(err).splitlines() or [""])[0]
+                # torchvision's C++ errors start "function, source-file:line, ": the message follows
+                cause = re.sub(r"^\w+, \S+:\d+, ", "", (str(err).splitlines() or [""])[0])
                 raise DataError(f"{p}: cannot decode this image ({cause}); remove or convert it") from None
             if img.dtype != torch.uint8:  # 16-bit PNGs (X-rays often are): scaled to 0-255
                 img = to_dtype(img, torch.uint8, scale=True)
