@@ -677,3 +677,18 @@ def test_the_final_line_prints_every_evaluators_test_scores(tmp_path, capsys):
     test = json.loads((tmp_path / "lightning_logs" / "version_0" / "metrics.json").read_text())["test"]
     for key in ("test_mse", "train_mse"):
         assert f"{key}={test[key]:.4f}" in line
+
+
+def test_a_csv_label_column_given_by_index_in_a_yaml_config(tmp_path, capsys):
+    """README: ``label_column`` is a header name or a 0-based index; in YAML an index is an int."""
+    rng = np.random.default_rng(0)
+    rows = [f"{a:.3f},{b:.3f},{k}" for k in range(4) for a, b in rng.normal(3 * k, 0.1, (10, 2))]
+    (tmp_path / "feat.csv").write_text("\n".join(["a,b,label", *rows]) + "\n")
+    data = {"class_path": "lightning_protos.data.ArrayFile"}
+    data["init_args"] = {"path": str(tmp_path / "feat.csv"), "label_column": 2, "batch_size": 8}
+    (tmp_path / "data.yaml").write_text(yaml.safe_dump(data))
+    args = ["fit", *digits(tmp_path, "--data", str(tmp_path / "data.yaml"), "--trainer.max_epochs", "1")]
+    code, _, err = run_main([*args, "--model.init_args.n_clusters", "4"], capsys)
+    assert code == 0, err
+    test = json.loads((tmp_path / "lightning_logs" / "version_0" / "metrics.json").read_text())["test"]
+    assert "ari" in test  # the labels were read from the third column, not taken as a feature

@@ -57,13 +57,13 @@ class ArrayFile(ArrayDataModule):
 
     Args:
         path: the file.
-        label_column: CSV column holding labels (name, or index as a string).
+        label_column: CSV column holding labels: its header name, or its 0-based index.
         header: whether the CSV's first line names its columns; ``None``: a first line that is
             not all numbers does (a header of numbers, as pandas writes ``0,1,2``, needs ``true``).
         **kwargs: see :class:`ArrayDataModule`.
     """
 
-    def __init__(self, path: str, label_column: str | None = None, header: bool | None = None, **kwargs) -> None:
+    def __init__(self, path: str, label_column: str | int | None = None, header: bool | None = None, **kwargs) -> None:
         kwargs.setdefault("download", False)
         super().__init__(**kwargs)
         self.path, self.label_column, self.header = Path(path).expanduser(), label_column, header
@@ -137,8 +137,8 @@ class ArrayFile(ArrayDataModule):
         """The position of ``label_column``: its name in the header, else a 0-based index."""
         if header and len(header) != n_columns:
             raise DataError(f"{self.path}: the header names {len(header)} columns, the rows hold {n_columns}")
-        if header and self.label_column in header:
-            return header.index(self.label_column)
+        if header and str(self.label_column) in header:  # a YAML index is an int, a header name a str
+            return header.index(str(self.label_column))
         try:
             col = int(self.label_column)
         except ValueError:
