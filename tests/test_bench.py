@@ -490,8 +490,6 @@ BAD_TABLES = [
     ({"curves": 5}, "curves: give a non-empty list of TensorBoard scalar tags"),
     ({"curves": ["val/mse", {"val": "ari"}]}, "curves: give a non-empty list"),
     ({"curves": ["val/mse", "val/mse"]}, "curves: duplicates"),
-    ({"columns": [*COLUMNS, "secnds"]}, "unknown column 'secnds'"),  # a misspelt value
-    ({"methods": [{**KM, "init": "random", "columns": ["method", "dataset", "seed", "int"]}]}, "unknown column 'int'"),
 ]
 
 
@@ -507,17 +505,24 @@ def test_bad_table_is_a_one_line_error_before_any_cell(tmp_path, capsys, changes
     assert message in err
 
 
-def test_a_results_file_shared_with_another_table_keeps_its_label_columns(tmp_path):
-    """A label only another table's entries set is unknown to this table, but its rows must keep
-    the column: a file that exists keeps its header, a new one refuses the unknown name."""
-    columns = ["method", "dataset", "update", "seed", "ari"]
-    table = write_table(tmp_path, columns=columns, methods=[{**KM, "init": "random"}])
-    with pytest.raises(BenchError, match="unknown column 'update'"):
-        load_bench(table)
-    results = tmp_path / "results" / "t.csv"
-    results.parent.mkdir()
-    results.write_text(",".join([*columns, "note"]) + "\n")
-    assert load_bench(table).columns == [*columns, "note"]
+def test_a_column_the_rows_leave_empty_warns_before_its_file_is_written(tmp_path, capsys):
+    """A misspelt score would be a label column, empty in every row: the bench says so. A label
+    only another table sharing the file sets is the same to this table, and a file that exists
+    keeps its header: no warning then."""
+    launch = FakeLaunch()
+    table = str(write_table(tmp_path, columns=[*COLUMNS, "secnds"]))
+    assert main(["bench", "--config", table, "--root", str(tmp_path / "runs"), "--dry-run"], launch) == 0
+    err = capsys.readouterr().err
+    assert "[bench] warning: " in err
+    assert "column 'secnds' is neither a metrics.json value nor a label of this table's entries (init)" in err
+    assert main(["bench", "--config", table, "--root", str(tmp_path / "runs")], launch) == 0
+    assert {r["secnds"] for r in ResultsFile(tmp_path / "results" / "t.csv", [*COLUMNS, "secnds", "note"]).rows()} == {
+        ""
+    }
+    capsys.readouterr()
+    assert main(["bench", "--config", table, "--root", str(tmp_path / "runs"), "--dry-run"], launch) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert load_bench(write_table(tmp_path)).unfilled_columns() == []  # every column known
 
 
 def test_main_runs_reports_and_dry_runs_with_a_fake_launcher(tmp_path, capsys):

@@ -652,6 +652,8 @@ def main(argv: list[str] | None = None, launch: Launch | None = None) -> int:
     except BenchError as err:
         print(f"protos {command}: error: {err}", file=sys.stderr)
         return 2
+    for problem in bench.unfilled_columns():
+        print(f"[bench] warning: {problem}", file=sys.stderr, flush=True)
     if not gpus and (problem := bf16_on_this_cpu(cells)):
         print(f"[bench] warning: {problem} (or --set trainer.precision=32-true)", file=sys.stderr, flush=True)
     todo = runner.pending(cells)

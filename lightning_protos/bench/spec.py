@@ -27,7 +27,7 @@ restrict itself to some of the table's ``datasets`` (a list).
 Columns: ``method``, ``dataset``, ``seed``, labels, ``epochs`` (epochs trained), ``seconds``
 (wall time of the cell's processes), else a key of ``metrics.json``'s final ``test`` entry
 (``acc``, ``nmi``, ``ari``, ``homogeneity``, ``l_sp``, ``n_clusters_used``, ...;
-``VALUE_COLUMNS``); any other name is refused before a results file is created.
+``VALUE_COLUMNS``); any other name stays empty, with a warning before its results file is created.
 ``curves`` names TensorBoard scalar tags (``val/mse``, ``val/ari``, ``train/loss``, ...) that
 ``protos report`` reads from each trained cell's run dir and writes per epoch, beside each
 results file, to ``<stem>_curves.csv`` and ``<stem>_curves.png`` (see ``bench/report.py``).
@@ -169,6 +169,22 @@ class Bench:
                 raise BenchError(f"{cell.results}: method entries give it different columns")
         return files
 
+    def unfilled_columns(self) -> list[str]:
+        """A warning for each column of a results file not yet written that this table's rows
+        leave empty: neither a cell key, a value (``VALUE_COLUMNS``) nor a label of its method
+        entries. A misspelt score is one; a label only another table sharing the file sets is
+        another. (An existing file's header must equal the columns: ``ResultsFile``.)"""
+        labels = self.label_keys
+        return [
+            f"{path}: column {column!r} is neither a metrics.json value nor a label of this table's "
+            f"entries ({', '.join(labels) or 'none'}): empty in its rows (a misspelling, or a label "
+            "another table sharing the file sets)"
+            for path, columns in self.results_files().items()
+            if not path.is_file()
+            for column in columns
+            if column not in (*CELL_KEYS, *VALUE_COLUMNS, *labels)
+        ]
+
     def cells(self) -> list[Cell]:
         """Every (data set, seed, method) cell, data sets outermost and methods innermost."""
         cells = [
@@ -291,8 +307,6 @@ def load_bench(path: str | Path, root: str | Path | None = None, results: str | 
         curves=curves,
         root=Path(root) if root is not None else Bench.root,
     )
-    for results_file, file_columns in bench.results_files().items():
-        _check_names(f"{path}: columns of {results_file}", results_file, file_columns, bench.label_keys)
     return bench
 
 
@@ -311,21 +325,6 @@ def _check_columns(where: str, columns: Any) -> list[str]:
     if len(set(columns)) < len(columns):
         _fail(where, f"columns: duplicates in {columns}")
     return [c for c in columns if c != "note"] + ["note"]
-
-
-def _check_names(where: str, results: Path, columns: list[str], labels: list[str]) -> None:
-    """A new results file's columns each name a cell key, a value or a method entry's label (a
-    misspelt score would be a label column, empty in every row). An existing file keeps its
-    header (``ResultsFile``): a table sharing it may list a label only another table sets."""
-    if results.is_file():
-        return
-    for column in columns:
-        if column not in (*CELL_KEYS, *VALUE_COLUMNS, *labels):
-            _fail(
-                where,
-                f"unknown column {column!r}; a column is method, dataset, seed, a label of "
-                f"a method entry ({', '.join(labels) or 'none here'}) or one of {', '.join(VALUE_COLUMNS)}",
-            )
 
 
 def _check_entry(path: Path, i: int, entry: Any) -> dict[str, Any]:
