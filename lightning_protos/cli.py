@@ -361,7 +361,9 @@ def main(argv: list[str] | None = None) -> None:
     if problem:
         sys.exit(f"protos: error: {problem}")
     inspect = bool(args) and args[0] == "inspect"
-    if inspect and not any(a == "--ckpt_path" or a.startswith("--ckpt_path=") for a in args):
+    if inspect and any(a in ("-h", "--help") for a in args):
+        print("protos inspect: a `protos test` of --ckpt_path that also draws its pictures in RUN/inspect/")
+    elif inspect and not any(a == "--ckpt_path" or a.startswith("--ckpt_path=") for a in args):
         sys.exit("protos: error: inspect needs --ckpt_path CHECKPOINT, the trained model to draw")
     if args in ([], ["-h"], ["--help"]):  # Lightning's help lists only its own subcommands
         print(

@@ -306,3 +306,7 @@ def test_protos_inspect_round_trip_on_digits(tmp_path, capsys):
     code, _, err = run_main(["inspect", *config], capsys)
     assert code == 1
     assert "inspect needs --ckpt_path" in err
+    code, out, _ = run_main(["inspect", "--help"], capsys)  # its options (test's), not that error
+    assert code == 0
+    assert "protos inspect: a `protos test` of --ckpt_path" in out
+    assert "--ckpt_path CKPT_PATH" in out
