@@ -296,7 +296,7 @@ def load_bench(path: str | Path, root: str | Path | None = None, results: str | 
         if set(entry.get("datasets", [])) - set(datasets):
             _fail(f"{path}: methods[{i}]", f"datasets {entry['datasets']} are not all among the table's {datasets}")
     columns = _check_columns(str(path), raw["columns"])
-    bench = Bench(
+    return Bench(
         name=raw["name"],
         results=Path(results if results is not None else raw["results"]),
         columns=columns,
@@ -307,7 +307,6 @@ def load_bench(path: str | Path, root: str | Path | None = None, results: str | 
         curves=curves,
         root=Path(root) if root is not None else Bench.root,
     )
-    return bench
 
 
 def _check_results(where: str, results: Any) -> None:

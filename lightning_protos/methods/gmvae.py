@@ -150,9 +150,8 @@ class GMVAE(VAEMethod):
         mu_c, logvar_c = self.components(w)
         with self.full_precision():
             z_mu, z_logvar, z = z_mu.float(), z_logvar.float(), z.float()
-            kl_cond, kl_c, _ = vade_kl_terms(
-                z_mu, z_logvar, z, self.log_prior_c, mu_c, logvar_c
-            )  # VaDE's, per-sample prior
+            # VaDE's two KL terms, with a prior per sample (from w)
+            kl_cond, kl_c, _ = vade_kl_terms(z_mu, z_logvar, z, self.log_prior_c, mu_c, logvar_c)
             weight = h.beta / h.latent_dim
             kl_c = kl_c.mean()  # the floor lambda is on this mean
             terms = {
