@@ -511,6 +511,8 @@ def test_a_column_the_rows_leave_empty_warns_before_its_file_is_written(tmp_path
     keeps its header: no warning then."""
     launch = FakeLaunch()
     table = str(write_table(tmp_path, columns=[*COLUMNS, "secnds"]))
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "t.csv").touch()  # an empty file is a new one, as ResultsFile has it
     assert main(["bench", "--config", table, "--root", str(tmp_path / "runs"), "--dry-run"], launch) == 0
     err = capsys.readouterr().err
     assert "[bench] warning: " in err

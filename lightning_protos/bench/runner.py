@@ -48,6 +48,7 @@ from .spec import (
     BenchError,
     Cell,
     check_cells,
+    has_header,
     load_bench,
     row_key,
 )
@@ -63,7 +64,7 @@ class ResultsFile:
     def __init__(self, path: Path, columns: list[str]) -> None:
         self.path, self.columns = path, columns
         self._lock = threading.Lock()
-        if self.path.is_file() and self.path.stat().st_size:
+        if has_header(self.path):
             with open(self.path, newline="") as f:
                 header = next(csv.reader(f), [])
             if header != columns:
@@ -81,7 +82,7 @@ class ResultsFile:
     def append(self, row: dict[str, str]) -> None:
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            new = not self.path.is_file() or not self.path.stat().st_size
+            new = not has_header(self.path)
             if not new:  # a last row edited by hand may have lost its newline
                 with open(self.path, "rb+") as f:
                     f.seek(-1, os.SEEK_END)

@@ -180,7 +180,7 @@ class Bench:
             f"entries ({', '.join(labels) or 'none'}): empty in its rows (a misspelling, or a label "
             "another table sharing the file sets)"
             for path, columns in self.results_files().items()
-            if not path.is_file()
+            if not has_header(path)
             for column in columns
             if column not in (*CELL_KEYS, *VALUE_COLUMNS, *labels)
         ]
@@ -227,6 +227,11 @@ class Bench:
         overrides = {**self.overrides, **entry.get("overrides", {})}
         args = tuple(f"--{k}={cli_value(v)}" for k, v in overrides.items())
         return Cell(entry["method"], dataset, seed, run_dir, labels, config=config, overrides=args, **sink)
+
+
+def has_header(results: Path) -> bool:
+    """Whether a results file was started (an empty file is a new one)."""
+    return results.is_file() and results.stat().st_size > 0
 
 
 def row_key(fields: dict[str, str], id_columns: list[str]) -> tuple[str, ...]:
