@@ -11,18 +11,19 @@ from conftest import check_contract, spy_step
 import lightning_protos.methods.aecm as aecm_module
 import lightning_protos.methods.cm as cm_module
 from lightning_protos.data import Blobs
+from lightning_protos.eval.callbacks import ClusteringEvaluator
 from lightning_protos.eval.metrics import clustering_scores
 from lightning_protos.methods.aecm import AECM
 from lightning_protos.methods.cm import CM
 
 
 def _trainer(tmp_path, epochs: int, **kw) -> L.Trainer:
+    kw = {"limit_val_batches": 0, **kw}
     return L.Trainer(
         max_epochs=epochs,
         enable_progress_bar=False,
         logger=False,
         enable_model_summary=False,
-        limit_val_batches=0,
         default_root_dir=tmp_path,
         **kw,
     )
@@ -80,23 +81,25 @@ def test_the_cm_alone_step_sums_eq7_on_the_codes():
 
 
 @pytest.mark.parametrize("lsp", ["cm", "orthonormal"])
-def test_l_sp_is_the_chosen_sparsity_criterion_by_hand(lsp):
+def test_l_sp_is_the_chosen_sparsity_criterion_by_hand(tmp_path, lsp):
     """``lsp: cm``: E2 + E3 of Eq. 7 (with the centroids' norms) on the codes; ``orthonormal``:
-    the orthonormal E2 plus L_orth, the latter shared out over the evaluation's batches (a batch
-    of 6 of 24 samples carries a quarter of it)."""
+    the orthonormal E2 plus L_orth. The evaluator sums the data terms over its batches (here
+    four of 150) and adds L_orth, a property of the model alone, once."""
     torch.manual_seed(0)
-    model = _small(lsp=lsp, lam=0.3, average_last_epoch=False)
-    model.trainer = type("Trainer", (), {"datamodule": type("Data", (), {"n_of": lambda self, split: 24})()})()
-    x = torch.rand(6, 10)
+    model, dm = _small(lsp=lsp, lam=0.3, average_last_epoch=False), _blobs()
+    dm.eval_batch_size = 150
+    trainer = _trainer(tmp_path, 1, callbacks=[ClusteringEvaluator()], limit_val_batches=1.0)
+    got = trainer.validate(model, dm, verbose=False)[0]["val/l_sp"]
+    x = dm.features("eval")
     with torch.no_grad():
-        got = float(model.selection_criteria(x)["l_sp"])
         z = model.encode(x)
         want = by_hand(x, x, z, model.cm(z), model.cm.centroids(), alpha=5.0)
     if lsp == "cm":
         assert abs(want["E3"]) > 0.1 * abs(want["E2_norms"])
         assert got == pytest.approx(want["E2_norms"] + want["E3"], rel=1e-5)
     else:
-        assert got == pytest.approx(want["E2"] + 0.3 * want["orth"] * 6 / 24, rel=1e-5)
+        assert 0.3 * want["orth"] > 1e-3 * want["E2"]  # counted per batch, it would show
+        assert got == pytest.approx(want["E2"] + 0.3 * want["orth"], rel=1e-5)
 
 
 def test_centroids_stay_orthonormal(tmp_path):

@@ -1,6 +1,6 @@
 """Evaluation callbacks: they read a method only through its contract, DESIGN.md's table
 (``embed``, ``cluster_probs``, ``prototypes``, ``decode``) and the members ``methods/base.py``
-adds to it (``similarities``, ``selection_criteria``, ``prepare_evaluation``, ``evaluating``
+adds to it (``similarities``, ``selection_criteria``, ``model_criteria``, ``prepare_evaluation``, ``evaluating``
 and ``checkpoint_epochs``, the epochs behind a loaded checkpoint)."""
 
 from __future__ import annotations
@@ -199,6 +199,8 @@ class ClusteringEvaluator(EvaluationCallback):
             scores.update(clustering_scores(labels.numpy(), preds.numpy()))
         for name, value in self._criteria.items():  # sums over each rank's shard
             scores[name] = float(pl_module.all_gather(value.to(pl_module.device)).sum())
+        for name, value in pl_module.model_criteria().items():  # once, not per batch or rank
+            scores[name] = scores.get(name, 0.0) + float(value.detach())
         scores["n_clusters_used"] = int(preds.unique().numel())
         logged = {f"{stage}/{k}": float(v) for k, v in scores.items()}
         if "ari" in scores:  # TensorBoard's HParams tab compares runs by hp_metric (Lightning's -1 until then)

@@ -41,7 +41,7 @@ from torch import Tensor
 from ..errors import check_choices, check_non_negative, check_positive
 from ..nets import ClusteringModule
 from ..nets.mlp import BiasInit
-from ..ops import aecm_terms, cm_terms
+from ..ops import aecm_terms, cm_terms, orthonormality_penalty
 from .averaging import AveragingEpoch
 from .pretrain import AutoencoderMethod
 
@@ -135,13 +135,16 @@ class AECM(AveragingEpoch, AutoencoderMethod):
     def selection_criteria(self, x: Tensor) -> dict[str, Tensor]:
         z = self.embed(x)
         gamma, mu = self.cm(z), self.cm.centroids()
-        if self.hparams.lsp == "orthonormal":
-            t = self.in_float32(
-                aecm_terms, x, x, z, gamma, mu, alpha=self.hparams.alpha, beta=0.0, lam=self.hparams.lam
-            )
-            return {"l_sp": t["E2"] + t["L_orth"] * len(x) / self.trainer.datamodule.n_of("eval")}
+        if self.hparams.lsp == "orthonormal":  # E2 here, L_orth once in model_criteria
+            t = self.in_float32(aecm_terms, x, x, z, gamma, mu, alpha=self.hparams.alpha, beta=0.0, lam=0.0)
+            return {"l_sp": t["E2"]}
         t = self.in_float32(cm_terms, z, gamma, mu, alpha=self.hparams.alpha)
         return {"l_sp": t["E2"] + t["E3"]}
+
+    def model_criteria(self) -> dict[str, Tensor]:
+        if self.hparams.lsp != "orthonormal":
+            return {}
+        return {"l_sp": self.in_float32(orthonormality_penalty, self.cm.centroids(), lam=self.hparams.lam)}
 
     # -- training ---------------------------------------------------------------------
     def clustering_optimizers(self):

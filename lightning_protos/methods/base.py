@@ -114,6 +114,11 @@ class ClusteringMethod(ExactResume, L.LightningModule):
         by the evaluator), e.g. the CM's L_sp. Empty by default."""
         return {}
 
+    def model_criteria(self) -> dict[str, Tensor]:
+        """The parts of :meth:`selection_criteria` that depend on the model alone, not on the
+        data (AE-CM's L_orth), added once to the evaluator's sums. Empty by default."""
+        return {}
+
     def prepare_evaluation(self) -> None:
         """Brings state that evaluation reads, and that training only refreshes when asked, up
         to date: under DDP the BatchNorm running statistics (``distributed.average_batchnorm_stats``);

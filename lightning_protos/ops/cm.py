@@ -64,11 +64,16 @@ def aecm_terms(
         (the ||mu_k||^2 = 1 factor dropped; E3 = 0 under orthonormality); ``E4`` Dirichlet;
         ``L_orth`` lam ||mu mu^T - I_K||_1 (element-wise L1, METHODS 3.4).
     """
-    eye = torch.eye(mu.shape[0], dtype=mu.dtype, device=mu.device)
     return {
         "L_rec": beta * (x - x_rec).pow(2).sum(),
         "E1": (z - gamma @ mu).pow(2).sum(),
         "E2": (gamma * (1 - gamma)).sum(),
         "E4": dirichlet_term(gamma, alpha),
-        "L_orth": lam * (mu @ mu.T - eye).abs().sum(),
+        "L_orth": orthonormality_penalty(mu, lam),
     }
+
+
+def orthonormality_penalty(mu: Tensor, lam: float) -> Tensor:
+    """AE-CM's L_orth = lam ||mu mu^T - I_K||_1 (Eq. 10; element-wise L1, METHODS 3.4)."""
+    eye = torch.eye(mu.shape[0], dtype=mu.dtype, device=mu.device)
+    return lam * (mu @ mu.T - eye).abs().sum()
