@@ -161,6 +161,7 @@ class ProtosCLI(LightningCLI):
                 self._given_logger = (given,)
 
     def before_fit(self) -> None:
+        self.check_checkpoint_fits()
         if self._given_logger is not None:
             # the run's config.yaml is the one that trains it from the start: without the
             # checkpoint it continued from and the version that pinned its directory, so that
@@ -178,7 +179,17 @@ class ProtosCLI(LightningCLI):
                 self.trainer.callbacks.remove(callback)
                 rank_zero_warn(f"the data have no labels: no best checkpoint by {callback.monitor}, last.ckpt only")
 
+    def check_checkpoint_fits(self) -> None:
+        """A checkpoint that does not fit the model stops the command here, before it opens a run
+        directory (Lightning would find out once it had, loading the checkpoint)."""
+        path = self.config[self.subcommand].get("ckpt_path")
+        if path and Path(path).is_file() and isinstance(self.model, ClusteringMethod):
+            self.model.check_checkpoint(torch.load(path, map_location="cpu", weights_only=False))
+
+    before_validate = before_predict = check_checkpoint_fits
+
     def before_test(self) -> None:
+        self.check_checkpoint_fits()
         if self.inspect:
             pictures = [c for c in self.trainer.callbacks if isinstance(c, InspectionImages)]
             if not pictures:

@@ -73,6 +73,26 @@ class ExactResume:
         """Refuses, in one line, a checkpoint whose weights are not this model's (another method,
         or another configuration), before Lightning loads them."""
         self.checkpoint_epochs = epochs_trained(checkpoint)
+        trainer = self._trainer  # on a fit (a test may take other data), per-sample buffers sized
+        dm = trainer.datamodule if trainer is not None and trainer.state.fn == "fit" else None
+        self.check_checkpoint(checkpoint, getattr(dm, "n_train", None))
+        self._resumed = checkpoint.get("protos_resume")
+        planned = {k: v for k, v in (self._resumed or {}).items() if k in self.fit_length_settings}
+        changed = [k for k, v in planned.items() if dm is not None and v != getattr(trainer, k)]
+        if self.fit_length_schedule and changed:
+            rank_zero_warn(
+                f"this fit continues one of {', '.join(f'{k} {planned[k]}' for k in changed)} with "
+                f"{', '.join(f'{k} {getattr(trainer, k)}' for k in changed)}: {self.fit_length_schedule} "
+                "follows the new length, so it will not end as one uninterrupted fit of that length"
+            )
+        if self._resumed is not None and "run_seed" in self._resumed:  # the seeds of fits still to come
+            self._run_seed = self._resumed["run_seed"]
+
+    def check_checkpoint(self, checkpoint: dict[str, Any], n_train: int | None = None) -> None:
+        """Raises a one-line :class:`ProtosError` where ``checkpoint`` does not fit this model:
+        another method, other input shapes, other weights, or (given the training set's size
+        ``n_train``) per-sample buffers of other data. The CLI calls it before a ``test`` /
+        ``validate`` / ``predict`` opens its run directory."""
         stored, own = checkpoint.get("state_dict", {}), self.state_dict()
         per_sample = set(self._per_sample)
         missing = [k for k in own if k not in stored]
@@ -81,9 +101,7 @@ class ExactResume:
         saved_by = (checkpoint.get("protos_resume") or {}).get("method", type(self).__qualname__)
         if saved_by != type(self).__qualname__:
             raise ProtosError(f"the checkpoint holds a {saved_by}, not a {type(self).__name__}")
-        trainer = self._trainer  # on a fit (a test may take other data), per-sample buffers sized
-        dm = trainer.datamodule if trainer is not None and trainer.state.fn == "fit" else None
-        n_train = getattr(dm, "n_train", None)  # (0 rows: a checkpoint of the pretraining epochs)
+        # (0 rows: a checkpoint of the pretraining epochs)
         other = [k for k in per_sample if k in stored and n_train is not None and len(stored[k]) not in (0, n_train)]
         if other:
             raise ProtosError(
@@ -106,17 +124,6 @@ class ExactResume:
                 f"the checkpoint does not fit this {type(self).__name__} (weights {what}): it holds another "
                 "method or another configuration"
             )
-        self._resumed = checkpoint.get("protos_resume")
-        planned = {k: v for k, v in (self._resumed or {}).items() if k in self.fit_length_settings}
-        changed = [k for k, v in planned.items() if dm is not None and v != getattr(trainer, k)]
-        if self.fit_length_schedule and changed:
-            rank_zero_warn(
-                f"this fit continues one of {', '.join(f'{k} {planned[k]}' for k in changed)} with "
-                f"{', '.join(f'{k} {getattr(trainer, k)}' for k in changed)}: {self.fit_length_schedule} "
-                "follows the new length, so it will not end as one uninterrupted fit of that length"
-            )
-        if self._resumed is not None and "run_seed" in self._resumed:  # the seeds of fits still to come
-            self._run_seed = self._resumed["run_seed"]
 
     def on_train_batch_start(self, batch: dict[str, Tensor], batch_idx: int) -> int | None:
         """The first batch after a resume restores each rank's generators (here, not at load
