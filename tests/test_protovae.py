@@ -184,8 +184,13 @@ def test_contract_shapes(shape, channels):
     torch.testing.assert_close(model.embed(x), model.embed(x))  # deterministic
     probs = model.cluster_probs(x)
     assert probs.shape == (5, 3)
-    torch.testing.assert_close(probs.sum(1), torch.ones(5))
-    assert model.prototypes().shape == (3, 8)
+    # P = softmax(z V / tau) (Eq. 10; dot products, the default), by numpy
+    z, v = model.embed(x).detach().double().numpy(), model.V.detach().double().numpy()
+    logits = z @ v / model.hparams.tau
+    assert model.hparams.tau != 1.0
+    want = np.exp(logits - logsumexp(logits, axis=1, keepdims=True))
+    np.testing.assert_allclose(probs.detach().double().numpy(), want, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(model.prototypes(), model.V.detach().T)
     assert model.decode(model.prototypes()).shape == (3, *shape)
 
 

@@ -551,6 +551,39 @@ def test_cli_fit_then_predict_on_the_pneumonia_config(kind, tmp_path, capsys):
     np.testing.assert_allclose([sum(float(r[f"p_{j}"]) for j in range(3)) for r in rows], 1.0, atol=1e-4)
 
 
+def scipy_posterior(z: np.ndarray, pi: np.ndarray, mu: np.ndarray, var: np.ndarray) -> np.ndarray:
+    """p(c | z) by scipy's normal density; mu, var ``(K, q)`` or per sample ``(B, K, q)``."""
+    mu, var = np.broadcast_to(mu, (len(z), *mu.shape[-2:])), np.broadcast_to(var, (len(z), *var.shape[-2:]))
+    joint = pi * np.stack([norm.pdf(z, mu[:, c], np.sqrt(var[:, c])).prod(1) for c in range(len(pi))], axis=1)
+    return joint / joint.sum(1, keepdims=True)
+
+
+@pytest.mark.parametrize("kind", ["vade", "gmvae"])
+def test_cluster_probs_are_the_posterior_at_the_encoder_means_by_scipy(kind):
+    """VaDE: gamma = p(c | z_mu) under its mixture (weights pi included); GMVAE: p(c | z_mu, w_mu)
+    with the prior network's components at w_mu and p(c) = 1/K. In training and in eval mode
+    (BatchNorm's batch or running statistics), and the same on a second call: no sampling."""
+    model = make(kind)
+    x = image_blobs(6, 0)[0]
+    if kind == "vade":
+        with torch.no_grad():
+            model.pi_logits.copy_(torch.tensor([1.0, -0.5, 0.2]))  # weights far from uniform
+    for train in (True, False):
+        model.train(train)
+        with torch.no_grad():
+            if kind == "vade":
+                z = model.embed(x)
+                mu, var, pi = model.mu_c, model.logvar_c.exp(), model.log_pi.exp()
+            else:
+                z, _, w, _ = model.encode_zw(model.to_net(x))
+                out = model.prior_net(w).reshape(len(w), 2, 3, 4)
+                mu, var, pi = out[:, 0], out[:, 1].exp() + VAR_FLOOR, torch.full((3,), 1 / 3)  # ops.floored_logvar
+            want = scipy_posterior(*(t.double().numpy() for t in (z, pi, mu, var)))
+            assert want.max(1).min() < 0.99  # no row decided outright: a wrong weight or variance shows
+            for _ in range(2):
+                np.testing.assert_allclose(model.cluster_probs(x).double().numpy(), want, rtol=1e-4, atol=1e-6)
+
+
 def test_predict_writes_the_component_posterior(tmp_path):
     dm = blobs_data()
     model = make("vade")

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TwoSplits, check_contract, cli_fit_then_predict, make_trainer
+from scipy.special import softmax
 from sklearn.datasets import make_blobs
 from sklearn.metrics.pairwise import cosine_similarity
 from torch.distributions import Normal, kl_divergence
@@ -37,6 +38,7 @@ from lightning_protos.ops.vaesim import (
     ema_prototype_update,
     ortho_loss,
     similarity,
+    soft_assign,
     temperature,
 )
 
@@ -100,6 +102,18 @@ def test_ema_update_over_two_ranks_is_the_update_on_their_joined_batch(two_ranks
     got = two_ranks.run(ema_prototype_update, (q, z[:2], assign[:2]), (q, z[2:], assign[2:]))
     for per_rank in got:  # every rank holds the same matrix: that of the union of their batches
         torch.testing.assert_close(per_rank, want)
+
+
+@pytest.mark.parametrize("kind", ["cos", "dot"])
+def test_soft_assign_is_eq_1_against_scipy(kind):
+    g = torch.Generator().manual_seed(0)
+    z, q = torch.randn(7, 4, generator=g, dtype=torch.float64), torch.randn(4, 4, generator=g, dtype=torch.float64)
+    s = cosine_similarity(z.numpy(), q.numpy()) if kind == "cos" else z.numpy() @ q.numpy().T
+    want = softmax(s / 0.3, axis=1)
+    np.testing.assert_allclose(soft_assign(z, q, 0.3, kind).numpy(), want, rtol=1e-12)
+    model = vaesim(similarity=kind).double()
+    model.Q.copy_(q)
+    np.testing.assert_allclose(model.condition(z, 0.3).double().numpy(), want, rtol=1e-5, atol=1e-7)  # in float32
 
 
 def test_draw_assignments():
@@ -427,7 +441,11 @@ def test_predict_writes_one_row_per_image_with_the_similarities(tmp_path):
     by_picture = similarities(model, x, batch_size=5).numpy()
     np.testing.assert_allclose(by_picture, cosine_similarity(z, model.Q.numpy()), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(body[:, 3 + k :], want_sims, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(body[:, 3 : 3 + k].sum(1), 1.0, atol=1e-4)  # c sums to 1
+    tau = float(model.tau)
+    assert tau != 1.0  # Eq. 1's c = softmax(s / tau), at the current temperature
+    np.testing.assert_allclose(body[:, 3 : 3 + k], softmax(want_sims / tau, axis=1), rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # and the contract's cluster_probs, which the evaluators read
+        np.testing.assert_allclose(model.cluster_probs(x).numpy()[order], body[:, 3 : 3 + k], rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(body[:, 2].astype(int), want_sims.argmax(1))
     with open(tmp_path / "prototype_neighbours.csv") as f:
         near = list(csv.DictReader(f))
