@@ -154,6 +154,17 @@ def test_the_averaging_epoch_sets_the_parameters_to_their_mean(average):
             assert not np.allclose(mean, last)  # the mean really differs from the last step
         else:
             np.testing.assert_array_equal(p.detach().numpy(), last)
+    x = dm.features("eval")
+    with torch.no_grad():
+        gamma = model.cm(x)  # the (partly averaged) encoder's softmax
+        nearest = torch.cdist(x, model.centroids()).argmin(1)
+        model.eval()
+        got = model.cluster_probs(x)
+    if average == "centroids":  # the encoder was not averaged: predict by the nearest averaged centroid
+        torch.testing.assert_close(got, torch.nn.functional.one_hot(nearest, 3).to(got.dtype))
+        assert not torch.equal(gamma.argmax(1), nearest)  # ... which the encoder's argmax would not give
+    else:
+        torch.testing.assert_close(got, gamma)
 
 
 def test_max_steps_inside_the_last_epoch_averages_the_steps_taken():
@@ -298,6 +309,21 @@ def test_the_last_validation_scores_the_averaged_model(tmp_path):
     val = dict(evaluator.results["val"])
     trainer.test(model, dm, verbose=False)  # the same samples, after the fit
     assert evaluator.results["test"]["l_sp"] == pytest.approx(val["l_sp"], rel=1e-6)
+
+
+def test_the_evaluator_counts_the_clusters_the_predictions_use(tmp_path):
+    """``n_clusters_used``: the distinct predicted clusters (the headline on unlabelled data), not K."""
+    dm = blobs(n_samples=96)
+    model, evaluator = CM(n_clusters=5, input_shape=(2,), average_last_epoch=False), ClusteringEvaluator()
+    with torch.no_grad():  # gamma's logits favour clusters 1 and 3 only, by the sign of x_0
+        model.cm.encoder.weight.zero_()
+        model.cm.encoder.weight[1, 0], model.cm.encoder.weight[3, 0] = 100.0, -100.0
+        model.cm.encoder.bias.fill_(-10.0)
+    trainer = make_trainer(default_root_dir=tmp_path, callbacks=[evaluator], limit_val_batches=1.0)
+    trainer.validate(model, dm, verbose=False)
+    used = model.predict_clusters(dm.features("eval")).unique().tolist()
+    assert used == [1, 3]
+    assert evaluator.results["val"]["n_clusters_used"] == 2
 
 
 def test_no_averaging_keeps_the_last_step():

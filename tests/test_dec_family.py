@@ -115,9 +115,12 @@ def test_annealed_alpha_schedule():
 
 
 # -- methods on blobs -----------------------------------------------------------------
+BLOBS = {"n_samples": 600, "n_features": 10, "centers": 4, "cluster_std": 1.0, "batch_size": 50}
+
+
 def blobs() -> Blobs:
     """Four well-separated standardised blobs in 10-D, 600 points, batches of 50."""
-    return Blobs(n_samples=600, n_features=10, centers=4, cluster_std=1.0, batch_size=50)
+    return Blobs(**BLOBS)
 
 
 def small(name: str, tmp_path, init: str = "pretrained", seed: int = 0, **kwargs):
@@ -156,10 +159,14 @@ def test_recovers_well_separated_blobs(name, init, kwargs, tmp_path):
     model = small(name, tmp_path, init, **kwargs)
     fit(model, dm, epochs=20)
     assert ari(model, dm) > 0.9
-    probs = model.cluster_probs(dm.features("eval")[:7])
+    x = dm.features("eval")
+    probs = model.cluster_probs(x[:7])
     assert probs.shape == (7, 4)
     torch.testing.assert_close(probs.sum(1), torch.ones(7))
-    assert model.prototypes().shape == (4, 4)
+    # the prototypes are the centroids the assignment reads: each sample goes to its nearest one
+    with torch.no_grad():
+        nearest = torch.cdist(model.embed(x), model.prototypes()).argmin(1)
+    assert torch.equal(model.predict_clusters(x), nearest)
     assert model.decode(model.prototypes()).shape == (4, 10)
 
 
@@ -468,6 +475,19 @@ def test_pretraining_cache_is_hit_on_the_second_run(tmp_path, monkeypatch):
     fit(other_precision, dm, epochs=6, precision="bf16-mixed")
     assert other_precision.pretrain_cache_hit is None
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 3
+
+    # each input the DAE's weights depend on is in the key: a change misses and adds an entry
+    other_points = Blobs(**BLOBS, seed=1)
+    variants = {  # (model, data, epochs): the same name, size, seed and method as the first fit
+        "other points": (small("dec", tmp_path), other_points, 6),
+        "other pretraining epochs": (small("dec", tmp_path, pretrain_epochs=4), dm, 5),
+        "other batch size": (small("dec", tmp_path), Blobs(**{**BLOBS, "batch_size": 60}), 6),
+        "other learning rate": (small("dec", tmp_path, lr=2e-3), dm, 6),
+    }
+    for n, (what, (model, data, epochs)) in enumerate(variants.items(), start=4):
+        fit(model, data, epochs=epochs)
+        assert model.pretrain_cache_hit is None, what
+        assert len(list((tmp_path / "cache").glob("*.pt"))) == n, what
 
 
 @pytest.mark.parametrize("name", ["dec", "idec"])

@@ -123,8 +123,12 @@ def test_mlp_autoencoder_shapes():
 
 @pytest.mark.parametrize(("slope", "kind"), [(0.2, nn.LeakyReLU), (0.0, nn.ReLU)])
 def test_mlp_activation(slope, kind):
-    ae = MLPAutoencoder(4, hidden=(3,), latent_dim=2, slope=slope)
-    assert any(isinstance(m, kind) for m in ae.encoder)
+    """An activation of the given slope after every hidden layer, none after the code or the output."""
+    ae = MLPAutoencoder(4, hidden=(3, 5), latent_dim=2, slope=slope)
+    for net, widths in ((ae.encoder, [3, 5, 2]), (ae.decoder, [5, 3, 4])):
+        assert [type(m) for m in net] == [nn.Linear, kind, nn.Linear, kind, nn.Linear]
+        assert [m.out_features for m in net if isinstance(m, nn.Linear)] == widths
+        assert all(getattr(m, "negative_slope", 0.0) == slope for m in net if isinstance(m, kind))
 
 
 @pytest.mark.parametrize(

@@ -82,6 +82,28 @@ def test_cm_terms_are_differentiable_in_float32(tiny):
     assert torch.isfinite(mu.grad).all()
 
 
+@pytest.mark.parametrize(
+    ("fn", "term"),
+    [("cm", t) for t in ("E1", "E2", "E3", "E4")] + [("aecm", t) for t in ("L_rec", "E1", "E2", "E4", "L_orth")],
+)
+def test_cm_and_aecm_terms_have_their_finite_difference_gradients(tiny, fn, term):
+    """Autograd's gradient of each term in x (or z), gamma's logits and mu equals its central
+    finite differences (float64): no term is cut off from the graph in any of its inputs."""
+    x, gamma, mu = tiny
+    logits = gamma.log()
+    x_rec = x.flip(0)  # another (B, d) tensor, as dec(z)
+
+    def value(x, logits, mu, x_rec):
+        gamma = torch.softmax(logits, dim=1)
+        if fn == "cm":
+            return cm_terms(x, gamma, mu, 3.0)[term]
+        t = aecm_terms(x, x_rec, x, gamma, mu, alpha=3.0, beta=0.7, lam=0.4)
+        return t[term]
+
+    inputs = tuple(t.clone().requires_grad_(True) for t in (x, logits, mu, x_rec))
+    assert torch.autograd.gradcheck(value, inputs)
+
+
 def test_dirichlet_term_scalar_alpha(tiny):
     _, gamma, _ = tiny
     assert float(dirichlet_term(gamma, 3.0)) == pytest.approx(dirichlet_loops(gamma.numpy(), 3.0))

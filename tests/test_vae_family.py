@@ -582,6 +582,9 @@ def test_cluster_probs_are_the_posterior_at_the_encoder_means_by_scipy(kind):
             assert want.max(1).min() < 0.99  # no row decided outright: a wrong weight or variance shows
             for _ in range(2):
                 np.testing.assert_allclose(model.cluster_probs(x).double().numpy(), want, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():  # the prototypes: VaDE's mu_c; GMVAE's component means at w = 0, the mode of p(w)
+        want = model.mu_c if kind == "vade" else model.prior_net(torch.zeros(1, 2)).reshape(2, 3, 4)[0]
+        torch.testing.assert_close(model.prototypes(), want)
 
 
 def test_predict_writes_the_component_posterior(tmp_path):

@@ -336,6 +336,9 @@ def test_prototypes_are_untouched_by_the_optimizer_and_move_by_the_ema():
         update(z, c)
 
     model.update_prototypes = spy
+    model.reparameterise = lambda mu, logvar: mu + 0.5 * torch.exp(0.5 * logvar)
+    seen["encoder"] = []
+    model.encoder.register_forward_hook(lambda m, args, out: seen["encoder"].append(tuple(t.detach() for t in out)))
 
     class BeforeStep(L.Callback):
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
@@ -349,6 +352,12 @@ def test_prototypes_are_untouched_by_the_optimizer_and_move_by_the_ema():
     q, z, c = seen["update"][-1]  # the last update is Alg. 2 on that batch
     torch.testing.assert_close(model.Q, ema_prototype_update(q, z, c.argmax(1), 0.95))
     assert not torch.equal(model.Q, q)
+    # ... with the batch's drawn codes (fixed here at mu + 0.5 sigma) and their Eq. 1 assignment
+    mu, logvar = seen["encoder"][-1]
+    want_z = mu + 0.5 * torch.exp(0.5 * logvar)
+    torch.testing.assert_close(z, want_z)
+    want_c = softmax(cosine_similarity(want_z.numpy(), q.numpy()) / float(model.tau), axis=1)
+    np.testing.assert_allclose(c.numpy(), want_c, rtol=1e-4, atol=1e-6)
 
 
 def test_first_batch_initialisation_copies_codes_of_the_batch():
