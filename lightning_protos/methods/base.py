@@ -41,7 +41,7 @@ class ClusteringMethod(ExactResume, L.LightningModule):
     own updates) and the contract members :meth:`cluster_probs` and :meth:`embed`; methods
     with centroids or a decoder also override :meth:`prototypes` and :meth:`decode`, and those
     with their own measure of likeness to a prototype :meth:`similarities`. Beyond DESIGN.md's
-    table, evaluation also reads :meth:`selection_criteria`, :meth:`prepare_evaluation`,
+    table, evaluation also reads :meth:`selection_criteria` and :meth:`model_criteria`, :meth:`prepare_evaluation`,
     :meth:`evaluating` and :attr:`checkpoint_epochs`, and otherwise only LightningModule's own API.
 
     Args:
