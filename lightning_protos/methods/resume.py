@@ -91,8 +91,8 @@ class ExactResume:
     def check_checkpoint(self, checkpoint: dict[str, Any], n_train: int | None = None) -> None:
         """Raises a one-line :class:`ProtosError` where ``checkpoint`` does not fit this model:
         another method, other input shapes, other weights, or (given the training set's size
-        ``n_train``) per-sample buffers of other data. The CLI calls it before a ``test`` /
-        ``validate`` / ``predict`` opens its run directory."""
+        ``n_train``) per-sample buffers of other data. The CLI also calls it before a command opens
+        its run directory."""
         stored, own = checkpoint.get("state_dict", {}), self.state_dict()
         per_sample = set(self._per_sample)
         missing = [k for k in own if k not in stored]
