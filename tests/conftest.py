@@ -152,6 +152,11 @@ def two_splits():
     return train, test
 
 
+def fixed_draw(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """A reparameterisation without noise, z = mu + 0.5 sigma: a step's draws, known to a test."""
+    return mu + 0.5 * torch.exp(0.5 * logvar)
+
+
 def make_trainer(**kwargs) -> L.Trainer:
     """A quiet CPU trainer with no logger, checkpoints or validation unless asked."""
     defaults = dict(

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, TwoSplits, check_contract, cli_fit_then_predict, make_trainer, spy_step
+from conftest import ROOT, TwoSplits, check_contract, cli_fit_then_predict, fixed_draw, make_trainer, spy_step
 from scipy.stats import entropy, norm
 from sklearn.metrics import adjusted_rand_score
 from torch import nn
@@ -78,14 +78,20 @@ def fit(model, dm, epochs: int, ckpt_path=None, seed: int = 0, **kwargs) -> L.Tr
 
 
 # -- ops ------------------------------------------------------------------------------
+def scipy_posterior(z: np.ndarray, pi: np.ndarray, mu: np.ndarray, var: np.ndarray) -> np.ndarray:
+    """p(c | z) = pi_c prod_j N(z_j; mu_cj, var_cj) / sum over c', by scipy's normal density;
+    mu, var ``(K, q)``, or per sample ``(B, K, q)``."""
+    mu, var = np.broadcast_to(mu, (len(z), *mu.shape[-2:])), np.broadcast_to(var, (len(z), *var.shape[-2:]))
+    joint = pi * np.stack([norm.pdf(z, mu[:, c], np.sqrt(var[:, c])).prod(1) for c in range(len(pi))], axis=1)
+    return joint / joint.sum(1, keepdims=True)
+
+
 def test_responsibilities_equal_the_posterior_over_components_by_scipy():
     z = np.array([[0.0, 0.0], [1.0, -1.0], [3.0, 2.5], [-2.0, 0.5]])
     pi = np.array([0.5, 0.3, 0.2])
     mu = np.array([[0.0, 0.0], [2.0, 2.0], [-2.0, 1.0]])
     var = np.array([[1.0, 0.5], [0.3, 2.0], [1.5, 1.5]])
-    # p(c | z) = pi_c prod_j N(z_j; mu_cj, var_cj) / sum over c', by scipy's normal density
-    joint = pi * np.stack([norm.pdf(z, mu[c], np.sqrt(var[c])).prod(1) for c in range(3)], axis=1)
-    want = joint / joint.sum(1, keepdims=True)
+    want = scipy_posterior(z, pi, mu, var)
     t = {k: torch.tensor(v, dtype=F64) for k, v in {"z": z, "pi": pi, "mu": mu, "var": var}.items()}
     got = mixture_responsibilities(t["z"], t["pi"].log(), t["mu"], t["var"].log())
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-10)
@@ -177,10 +183,6 @@ def test_gmvae_kl_terms_are_non_negative_and_zero_where_posterior_equals_prior()
 def diag_kl_numpy(mu, logvar, mu_p, logvar_p):
     """Element-wise KL(N(mu, e^logvar) || N(mu_p, e^logvar_p)), broadcast."""
     return 0.5 * (logvar_p - logvar + (np.exp(logvar) + (mu - mu_p) ** 2) / np.exp(logvar_p) - 1)
-
-
-def fixed_draw(mu, logvar):
-    return mu + 0.5 * torch.exp(0.5 * logvar)
 
 
 def test_gmvae_step_terms_are_the_docstrings_recomputed_in_numpy():
@@ -549,13 +551,6 @@ def test_cli_fit_then_predict_on_the_pneumonia_config(kind, tmp_path, capsys):
     assert len(rows) == 24
     assert {"label", "cluster", "p_0", "p_2"} <= set(rows[0])
     np.testing.assert_allclose([sum(float(r[f"p_{j}"]) for j in range(3)) for r in rows], 1.0, atol=1e-4)
-
-
-def scipy_posterior(z: np.ndarray, pi: np.ndarray, mu: np.ndarray, var: np.ndarray) -> np.ndarray:
-    """p(c | z) by scipy's normal density; mu, var ``(K, q)`` or per sample ``(B, K, q)``."""
-    mu, var = np.broadcast_to(mu, (len(z), *mu.shape[-2:])), np.broadcast_to(var, (len(z), *var.shape[-2:]))
-    joint = pi * np.stack([norm.pdf(z, mu[:, c], np.sqrt(var[:, c])).prod(1) for c in range(len(pi))], axis=1)
-    return joint / joint.sum(1, keepdims=True)
 
 
 @pytest.mark.parametrize("kind", ["vade", "gmvae"])

@@ -13,7 +13,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import TwoSplits, check_contract, cli_fit_then_predict, make_trainer
+from conftest import TwoSplits, check_contract, cli_fit_then_predict, fixed_draw, make_trainer
 from scipy.special import softmax
 from sklearn.datasets import make_blobs
 from sklearn.metrics.pairwise import cosine_similarity
@@ -336,7 +336,7 @@ def test_prototypes_are_untouched_by_the_optimizer_and_move_by_the_ema():
         update(z, c)
 
     model.update_prototypes = spy
-    model.reparameterise = lambda mu, logvar: mu + 0.5 * torch.exp(0.5 * logvar)
+    model.reparameterise = fixed_draw
     seen["encoder"] = []
     model.encoder.register_forward_hook(lambda m, args, out: seen["encoder"].append(tuple(t.detach() for t in out)))
 
@@ -354,7 +354,7 @@ def test_prototypes_are_untouched_by_the_optimizer_and_move_by_the_ema():
     assert not torch.equal(model.Q, q)
     # ... with the batch's drawn codes (fixed here at mu + 0.5 sigma) and their Eq. 1 assignment
     mu, logvar = seen["encoder"][-1]
-    want_z = mu + 0.5 * torch.exp(0.5 * logvar)
+    want_z = fixed_draw(mu, logvar)
     torch.testing.assert_close(z, want_z)
     want_c = softmax(cosine_similarity(want_z.numpy(), q.numpy()) / float(model.tau), axis=1)
     np.testing.assert_allclose(c.numpy(), want_c, rtol=1e-4, atol=1e-6)

@@ -41,7 +41,7 @@ from torch import Tensor
 from ..errors import check_choices, check_non_negative, check_positive
 from ..nets import ClusteringModule
 from ..nets.mlp import BiasInit
-from ..ops import aecm_terms, cm_terms, orthonormality_penalty
+from ..ops import aecm_terms, cm_terms, orthonormality_penalty, sparsity_terms
 from .averaging import AveragingEpoch
 from .pretrain import AutoencoderMethod
 
@@ -133,13 +133,10 @@ class AECM(AveragingEpoch, AutoencoderMethod):
         return self.cm.centroids().detach()
 
     def selection_criteria(self, x: Tensor) -> dict[str, Tensor]:
-        z = self.embed(x)
-        gamma, mu = self.cm(z), self.cm.centroids()
+        gamma = self.cluster_probs(x)
         if self.hparams.lsp == "orthonormal":  # E2 here, L_orth once in model_criteria
-            t = self.in_float32(aecm_terms, x, x, z, gamma, mu, alpha=self.hparams.alpha, beta=0.0, lam=0.0)
-            return {"l_sp": t["E2"]}
-        t = self.in_float32(cm_terms, z, gamma, mu, alpha=self.hparams.alpha)
-        return {"l_sp": t["E2"] + t["E3"]}
+            return {"l_sp": sum(self.in_float32(sparsity_terms, gamma))}
+        return {"l_sp": sum(self.in_float32(sparsity_terms, gamma, self.cm.centroids()))}
 
     def model_criteria(self) -> dict[str, Tensor]:
         if self.hparams.lsp != "orthonormal":

@@ -23,7 +23,7 @@ from torch import Tensor
 from ..errors import ProtosError, check_non_negative, check_positive
 from ..nets import ClusteringModule
 from ..nets.mlp import BiasInit
-from ..ops import cm_terms, kmeans_pp_centres, nearest_one_hot
+from ..ops import cm_terms, kmeans_pp_centres, nearest_one_hot, sparsity_terms
 from .averaging import AveragingEpoch
 from .base import ClusteringMethod, adam
 from .distributed import broadcast_from_rank0, on_rank0
@@ -114,8 +114,7 @@ class CM(AveragingEpoch, ClusteringMethod):
 
     def selection_criteria(self, x: Tensor) -> dict[str, Tensor]:
         x = self.flat(x)
-        t = self.in_float32(cm_terms, x, self.cm(x), self.cm.centroids(), alpha=self.hparams.alpha)
-        return {"l_sp": t["E2"] + t["E3"]}
+        return {"l_sp": sum(self.in_float32(sparsity_terms, self.cm(x), self.cm.centroids()))}  # E2 + E3
 
     # -- training ---------------------------------------------------------------------
     def configure_optimizers(self):

@@ -1,7 +1,7 @@
 """Pure tensor functions, each tested alone against a reference."""
 
 from .augment import affine, random_affine, random_equalize
-from .cm import aecm_terms, cm_terms, dirichlet_term, orthonormality_penalty
+from .cm import aecm_terms, cm_terms, dirichlet_term, orthonormality_penalty, sparsity_terms
 from .dec import kl_clustering_loss, student_t_assign, student_t_logits, target_distribution
 from .dkm import annealed_alpha, dkm_clustering_loss, dkm_weights
 from .elbow import elbow_kmeans, kneedle_elbow
@@ -79,6 +79,7 @@ __all__ = [
     "similarity",
     "sinkhorn",
     "soft_assign",
+    "sparsity_terms",
     "squared_distances",
     "student_t_assign",
     "student_t_logits",

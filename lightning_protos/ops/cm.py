@@ -26,16 +26,20 @@ def cm_terms(x: Tensor, gamma: Tensor, mu: Tensor, alpha: float | Tensor) -> dic
         -sum_i sum_{k != l} gamma_ik gamma_il mu_k.mu_l (k != l, METHODS 3.3); ``E4`` Dirichlet
         sum_k (1 - alpha_k) log(mean_i gamma_ik). E1 + E2 + E3 = sum_i sum_k gamma_ik ||x_i - mu_k||^2.
     """
+    e2, e3 = sparsity_terms(gamma, mu)
+    return {"E1": (x - gamma @ mu).pow(2).sum(), "E2": e2, "E3": e3, "E4": dirichlet_term(gamma, alpha)}
+
+
+def sparsity_terms(gamma: Tensor, mu: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """E2 and E3 of the CM loss (see :func:`cm_terms`), whose sum is the model-selection
+    criterion L_sp; without ``mu`` their forms under orthonormal centroids (Eq. 8-9: every
+    ||mu_k||^2 = 1 and E3 = 0), as in AE-CM's loss (:func:`aecm_terms`)."""
+    if mu is None:
+        return (gamma * (1 - gamma)).sum(), gamma.new_zeros(())
     gram = mu @ mu.T  # (K, K)
     sq_norms = torch.diagonal(gram)
     off_diag = gram - torch.diag_embed(sq_norms)
-    x_bar = gamma @ mu
-    return {
-        "E1": (x - x_bar).pow(2).sum(),
-        "E2": (gamma * (1 - gamma) * sq_norms).sum(),
-        "E3": -((gamma.T @ gamma) * off_diag).sum(),
-        "E4": dirichlet_term(gamma, alpha),
-    }
+    return (gamma * (1 - gamma) * sq_norms).sum(), -((gamma.T @ gamma) * off_diag).sum()
 
 
 def dirichlet_term(gamma: Tensor, alpha: float | Tensor) -> Tensor:
@@ -67,7 +71,7 @@ def aecm_terms(
     return {
         "L_rec": beta * (x - x_rec).pow(2).sum(),
         "E1": (z - gamma @ mu).pow(2).sum(),
-        "E2": (gamma * (1 - gamma)).sum(),
+        "E2": sparsity_terms(gamma)[0],
         "E4": dirichlet_term(gamma, alpha),
         "L_orth": orthonormality_penalty(mu, lam),
     }
