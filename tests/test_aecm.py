@@ -89,7 +89,10 @@ def test_l_sp_is_the_chosen_sparsity_criterion_by_hand(tmp_path, lsp):
     model, dm = _small(lsp=lsp, lam=0.3, average_last_epoch=False), _blobs()
     dm.eval_batch_size = 150
     trainer = _trainer(tmp_path, 1, callbacks=[ClusteringEvaluator()], limit_val_batches=1.0)
+    encoded = []  # the evaluator encodes each batch once, for the assignments and L_sp both
+    model.ae.encoder.register_forward_hook(lambda module, args, out: encoded.append(len(out)))
     got = trainer.validate(model, dm, verbose=False)[0]["val/l_sp"]
+    assert encoded == [150] * 4
     x = dm.features("eval")
     with torch.no_grad():
         z = model.encode(x)

@@ -183,8 +183,9 @@ class ClusteringEvaluator(EvaluationCallback):
 
     def _collect(self, pl_module, batch: dict[str, Tensor]) -> None:
         with torch.no_grad():
-            self._preds.append(pl_module.predict_clusters(batch["x"]).cpu())
-            for name, value in pl_module.selection_criteria(batch["x"]).items():
+            probs = pl_module.cluster_probs(batch["x"])  # once: the criteria may read them too
+            self._preds.append(probs.argmax(dim=-1).cpu())  # predict_clusters
+            for name, value in pl_module.selection_criteria(batch["x"], probs).items():
                 self._criteria[name] = self._criteria.get(name, 0.0) + value.detach().double().cpu()
         if "y" in batch:
             self._labels.append(batch["y"].cpu())

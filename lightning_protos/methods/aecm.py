@@ -132,8 +132,8 @@ class AECM(AveragingEpoch, AutoencoderMethod):
     def prototypes(self) -> Tensor:
         return self.cm.centroids().detach()
 
-    def selection_criteria(self, x: Tensor) -> dict[str, Tensor]:
-        gamma = self.cluster_probs(x)
+    def selection_criteria(self, x: Tensor, probs: Tensor | None = None) -> dict[str, Tensor]:
+        gamma = self.cluster_probs(x) if probs is None else probs
         if self.hparams.lsp == "orthonormal":  # E2 here, L_orth once in model_criteria
             return {"l_sp": sum(self.in_float32(sparsity_terms, gamma))}
         return {"l_sp": sum(self.in_float32(sparsity_terms, gamma, self.cm.centroids()))}

@@ -109,9 +109,11 @@ class ClusteringMethod(ExactResume, L.LightningModule):
         are otherwise the closest in the embedding."""
         return None
 
-    def selection_criteria(self, x: Tensor) -> dict[str, Tensor]:
+    def selection_criteria(self, x: Tensor, probs: Tensor | None = None) -> dict[str, Tensor]:
         """Unsupervised model-selection criteria as sums over the batch (summed over the data
-        by the evaluator), e.g. the CM's L_sp. Empty by default."""
+        by the evaluator), e.g. the CM's L_sp. ``probs``: the batch's :meth:`cluster_probs`
+        where the caller has them (the evaluator does), so that a method needing them does not
+        encode the batch again. Empty by default."""
         return {}
 
     def model_criteria(self) -> dict[str, Tensor]:

@@ -112,7 +112,9 @@ class CM(AveragingEpoch, ClusteringMethod):
         """Convex weights ``(B, K)`` -> inputs: x = z mu (the linear CM decoder)."""
         return self.cm.decoder(z).reshape(len(z), *self.input_shape)
 
-    def selection_criteria(self, x: Tensor) -> dict[str, Tensor]:
+    def selection_criteria(self, x: Tensor, probs: Tensor | None = None) -> dict[str, Tensor]:
+        # the softmax layer's gamma, not ``probs``: under ``average: centroids`` those are the
+        # hard nearest-centroid assignments (and the layer is one matmul, cheap to run again)
         x = self.flat(x)
         return {"l_sp": sum(self.in_float32(sparsity_terms, self.cm(x), self.cm.centroids()))}  # E2 + E3
 
