@@ -152,6 +152,9 @@ def test_array_file_npz_keeps_uint8_and_labels(tmp_path):
     [
         ((5, 28, 28, 3), (3, 28, 28)),  # channels-last RGB, as NumPy and PIL hold it
         ((5, 28, 28, 1), (1, 28, 28)),
+        ((5, 28, 28, 4), (4, 28, 28)),  # RGBA channels-last: four channels, not 28 of 28 x 4
+        ((5, 28, 28, 2), (2, 28, 28)),  # grey + alpha
+        ((5, 4, 28, 28), (4, 28, 28)),  # four channels first already
         ((5, 3, 32, 32), (3, 32, 32)),  # channels-first already
         ((5, 7), (7,)),  # features
     ],
@@ -161,8 +164,27 @@ def test_array_file_reads_images_channels_first(tmp_path, shape, expected):
     np.save(tmp_path / "x.npy", x)
     xt = ArrayFile(str(tmp_path / "x.npy")).splits["train"][0]
     assert tuple(xt.shape[1:]) == expected
-    if len(shape) == 4 and shape[3] != 32:  # the pixel at (row 2, column 5) keeps its channels
+    if len(shape) == 4 and shape[3] < 28:  # the pixel at (row 2, column 5) keeps its channels
         assert xt[1, :, 2, 5].tolist() == x[1, 2, 5].tolist()
+
+
+def test_array_file_labels_not_0_to_c_are_mapped_and_named(tmp_path):
+    path = tmp_path / "ones.npz"
+    np.savez(path, X=np.zeros((6, 2)), y=np.array([10, 1, 2, 2, 3, 10]))
+    dm = ArrayFile(str(path))
+    assert dm.labels().tolist() == [3, 0, 1, 1, 2, 3]  # sorted order: 1, 2, 3, 10
+    assert dm.n_classes == 4  # not 11
+    assert dm.class_names == ["1", "2", "3", "10"]
+    np.savez(path, X=np.zeros((3, 2)), y=np.array([2, 0, 1]))
+    plain = ArrayFile(str(path))
+    assert plain.labels().tolist() == [2, 0, 1]
+    assert plain.class_names is None
+
+
+def test_array_file_npy_big_endian(tmp_path):
+    x = np.arange(12, dtype=">f4").reshape(4, 3)  # as some instruments write
+    np.save(tmp_path / "big.npy", x)
+    assert ArrayFile(str(tmp_path / "big.npy")).features().tolist() == x.astype(np.float32).tolist()
 
 
 def test_array_file_npy(tmp_path):
@@ -193,6 +215,29 @@ def test_array_file_csv_without_header(tmp_path):
     x, y = ArrayFile(str(path)).splits["train"]
     assert x.tolist() == [[1, 2, 3], [4, 5, 6]]
     assert y is None
+
+
+def test_array_file_csv_first_row_with_missing_values_is_data_not_a_header(tmp_path):
+    """A first row of numbers with a gap is refused (as every other row with one), not skipped."""
+    for gap in ("NA", "", "n/a"):
+        path = tmp_path / "gap.csv"
+        path.write_text(f"1,{gap},3\n4,5,6\n7,8,9\n")
+        with pytest.raises(DataError, match="expected numbers only"):
+            ArrayFile(str(path)).splits  # noqa: B018
+
+
+def test_array_file_csv_quoted_header_and_a_row_number_column(tmp_path):
+    quoted = tmp_path / "r.csv"  # R's write.csv quotes the names
+    quoted.write_text('"a","b","label"\n0.5,2,1\n1.5,3,0\n')
+    x, y = ArrayFile(str(quoted), label_column="label").splits["train"]
+    assert x.tolist() == [[0.5, 2.0], [1.5, 3.0]]
+    assert y.tolist() == [1, 0]
+    for index_name in ("", "Unnamed: 0"):  # DataFrame.to_csv() without index=False
+        path = tmp_path / "pandas_index.csv"
+        path.write_text(f"{index_name},a,b\n0,1.5,2.5\n1,3.5,4.5\n2,5.5,6.5\n")
+        with pytest.warns(UserWarning, match="read as row numbers and dropped"):
+            x, _ = ArrayFile(str(path)).splits["train"]
+        assert x.tolist() == [[1.5, 2.5], [3.5, 4.5], [5.5, 6.5]]
 
 
 def test_array_file_csv_with_a_byte_order_mark_or_a_header_of_numbers(tmp_path):
@@ -230,6 +275,7 @@ def test_array_file_csv_with_a_byte_order_mark_or_a_header_of_numbers(tmp_path):
         ),
         ("nan.csv", "f1,f2\n0.5,nan\n1.5,2\n", "1 feature values of its train split are NaN or Inf"),
         ("empty.npz", {"X": np.zeros((0, 4))}, r"no samples in its train split \(shape \(0, 4\)\)"),
+        ("capital.npz", {"X": np.zeros((2, 2)), "Y": np.zeros(2)}, r"labels must be named 'y' \(found Y beside 'X'\)"),
         ("header_only.csv", "f1,f2\n", "no samples in its train split"),
         ("halves.npz", {"X": np.zeros((2, 2)), "y": np.array([0.0, 1.5])}, "labels must be whole numbers .* found 1.5"),
         ("folder", "folder", "is a folder: name a .npz, .npy or .csv file"),
@@ -339,6 +385,13 @@ def test_image_folder_skips_hidden_files_and_names_an_undecodable_image(tmp_path
         ImageFolder(str(tmp_path)).splits  # noqa: B018
     assert "\n" not in str(err.value)
     assert ".cpp" not in str(err.value)  # torchvision's message, without its C++ source location
+
+
+def test_image_folder_warns_of_files_it_cannot_read(tmp_path):
+    _write_images(tmp_path, {"cat": [(5, 5)] * 2})
+    (tmp_path / "cat" / "3.tif").write_bytes(b"II*\x00")
+    with pytest.warns(UserWarning, match=r"1 files are not .* images and are left out \(e.g. cat/3.tif\)"):
+        assert ImageFolder(str(tmp_path)).n_train == 2
 
 
 def test_image_folder_without_classes_and_size_errors(tmp_path):
@@ -459,6 +512,43 @@ def test_missing_data_offline_is_one_line_naming_files_and_folder(tmp_path, cls,
     assert "download failed" not in message  # none was tried
     assert expected in message
     assert str(tmp_path / "empty") in message
+
+
+def test_a_failed_download_does_not_advise_allowing_it(tmp_path, monkeypatch):
+    import torchvision.datasets.utils
+
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torchvision.datasets.utils, "download_url", offline)
+    with pytest.raises(DataError) as err:
+        Pendigits(data_dir=str(tmp_path), download=True).prepare_data()
+    assert "download failed: OSError: network unreachable" in str(err.value)
+    assert "allow the download" not in str(err.value)
+
+
+def test_a_malformed_pendigits_file_is_named(tmp_path):
+    (tmp_path / "pendigits").mkdir()
+    for name in ("pendigits.tra", "pendigits.tes"):
+        (tmp_path / "pendigits" / name).write_text("1,2,3\n4,5,6\n")
+    with pytest.raises(DataError, match=r"pendigits.tra has 3 columns, expected 16 features and a label"):
+        Pendigits(data_dir=str(tmp_path), download=False).prepare_data()
+
+
+def test_medmnist_test_split_is_checked():
+    with pytest.raises(DataError, match="test_split must be 'test' or 'val\\+test', got 'valtest'"):
+        MedMNIST(test_split="valtest")
+
+
+def test_fit_on_all_holds_the_data_once(two_splits):
+    dm = TwoSplits(*two_splits, fit_on="all")
+    whole = dm.features("fit")  # builds the concatenation
+    x_all = dm.train_dataloader().dataset.x
+    for name, (x, y) in dm.splits.items():  # each split is a view of it, with its own values
+        assert x.untyped_storage().data_ptr() == x_all.untyped_storage().data_ptr()
+        assert torch.equal(x, two_splits[name == "test"][0])
+        assert torch.equal(y, two_splits[name == "test"][1])
+    assert len(whole) == 30
 
 
 # -- the offline copies in ../shared/data ------------------------------------------------------

@@ -25,12 +25,15 @@ def fake_gpu(monkeypatch):
     return gpu
 
 
-def test_the_data_goes_to_the_gpu_when_it_fits(two_splits, fake_gpu):
-    dm = with_trainer(TwoSplits(*two_splits, fit_on="train"), "cuda:0")  # 30 images of 16 bytes: 480
+@pytest.mark.parametrize(("fit_on", "splits", "nbytes"), [("train", 2, 480), ("all", 2, 480), ("all", 1, 320)])
+def test_the_data_goes_to_the_gpu_when_it_fits(two_splits, fake_gpu, fit_on, splits, nbytes):
+    """Images of 16 bytes, 20 + 10 of them, each counted once (fit_on: all's splits are views
+    of their concatenation)."""
+    dm = with_trainer(TwoSplits(*two_splits[:splits], fit_on=fit_on), "cuda:0")
     assert dm.resident_device() == torch.device("cuda:0")
-    fake_gpu.free = 959  # the features would take more than half of it (device_fraction 0.5)
+    fake_gpu.free = 2 * nbytes - 1  # the features would take more than half of it (device_fraction 0.5)
     assert dm.resident_device() is None
-    fake_gpu.free = 960
+    fake_gpu.free = 2 * nbytes
     assert dm.resident_device() == torch.device("cuda:0")
 
 

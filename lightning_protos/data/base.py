@@ -62,13 +62,27 @@ def from_numpy(a: np.ndarray) -> Tensor:
 
 def channels_first(x: Tensor) -> Tensor:
     """Images as ``(N, C, H, W)``: ``(N, H, W)`` gains one channel, and channels-last
-    ``(N, H, W, C)`` with C = 1 or 3 (as NumPy and PIL hold images) moves C first. Any other
-    shape is returned as it is (``(N, C, H, W)`` already, or features)."""
+    ``(N, H, W, C)`` (as NumPy and PIL hold images) moves C first: C = 1 or 3 where H is not,
+    and C = 2 or 4 (grey + alpha, RGBA: kept as channels) where H > 4. Any other shape is
+    returned as it is (``(N, C, H, W)`` already, or features)."""
     if x.ndim == 3:
         return x.unsqueeze(1)
-    if x.ndim == 4 and x.shape[3] in (1, 3) and x.shape[1] not in (1, 3):
+    last = x.ndim == 4 and (
+        (x.shape[3] in (1, 3) and x.shape[1] not in (1, 3)) or (x.shape[3] in (2, 4) and x.shape[1] > 4)
+    )
+    if last:
         return x.permute(0, 3, 1, 2).contiguous()
     return x
+
+
+def class_indices(y: np.ndarray) -> tuple[np.ndarray, list[str] | None]:
+    """Labels as class indices 0..C-1 and the names of those classes: labels already 0..C-1
+    (each present) stay as they are, with no names; others (1..10, or 0, 2, 5) are mapped in
+    sorted order and named by their original values."""
+    values, index = np.unique(y, return_inverse=True)
+    if np.array_equal(values, np.arange(len(values))):
+        return y, None
+    return index.reshape(y.shape), [str(v.item()) for v in values]
 
 
 def to_float(x: Tensor) -> Tensor:
@@ -240,16 +254,16 @@ class ArrayDataModule(L.LightningDataModule):
         """One-line error naming the files this data set expects and where they were looked for,
         with ``cause``: why the files found could not be read, or why the download failed
         (``tried``: whether one was, by default ``self.download``)."""
-        why = ""
+        why, tried = "", self.download if tried is None else tried
         if cause is not None:
             reason = f"{type(cause).__name__}: {(str(cause).splitlines() or [''])[0][:120]}"
             if any((self.root / f).exists() for f in files):
                 why = f" (found, but cannot read them: {reason})"
-            elif self.download if tried is None else tried:
+            elif tried:
                 why = f" (download failed: {reason})"
         return DataError(
             f"{self.name}: expected {', '.join(files)} under {self.root}{why}; set --data.data_dir or "
-            "PROTOS_DATA_DIR to the folder holding them, or allow the download"
+            f"PROTOS_DATA_DIR to the folder holding them{'' if tried else ', or allow the download'}"
         )
 
     # -- subclasses -------------------------------------------------------------------
@@ -285,8 +299,18 @@ class ArrayDataModule(L.LightningDataModule):
                 has_y = all(p[1] is not None for p in parts)
                 y = (torch.cat([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]) if has_y else None
                 self._all = (x, y)
+                self._view_splits()
             return self._all
         return splits["train"] if stage == "fit" else splits["test"]
+
+    def _view_splits(self) -> None:
+        """Each split as a view of the concatenation ``_all``, so that the data are held once."""
+        start, views = 0, {}
+        for name, (x, y) in self.splits.items():
+            end = start + len(x)
+            views[name] = (self._all[0][start:end], y if self._all[1] is None else self._all[1][start:end])
+            start = end
+        self._splits = views
 
     def prepare_data(self) -> None:
         """Read (and download) once on rank zero so that missing data fails before training."""
@@ -314,8 +338,10 @@ class ArrayDataModule(L.LightningDataModule):
         return device if self._feature_tensors_nbytes() <= self.device_fraction * free else None
 
     def _feature_tensors(self) -> list[Tensor]:
-        self._split("fit")  # the concatenation of fit_on: all is built first, and moved with the rest
-        return [x for x, _ in self.splits.values()] + ([self._all[0]] if self._all is not None else [])
+        """The tensors holding the features, each once: the concatenation of ``fit_on: all``
+        (whose splits are views of it), else each split."""
+        self._split("fit")  # the concatenation of fit_on: all is built first
+        return [self._all[0]] if self._all is not None else [x for x, _ in self.splits.values()]
 
     def _feature_tensors_nbytes(self) -> int:
         return sum(x.numel() * x.element_size() for x in self._feature_tensors() if x.device.type == "cpu")
@@ -324,9 +350,11 @@ class ArrayDataModule(L.LightningDataModule):
         """Moves the features of every split to ``device`` once (labels stay on the host, where
         evaluation reads them); batches are then sliced there."""
         self._split("fit")
-        self._splits = {k: (x.to(device), y) for k, (x, y) in self.splits.items()}
         if self._all is not None:
             self._all = (self._all[0].to(device), self._all[1])
+            self._view_splits()
+        else:
+            self._splits = {k: (x.to(device), y) for k, (x, y) in self.splits.items()}
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -350,6 +378,8 @@ class ArrayDataModule(L.LightningDataModule):
 
     @property
     def n_classes(self) -> int | None:
+        """The number of classes labels index: the largest label + 1 (a user's labels that are
+        not 0..C-1 are mapped to them when read, :func:`class_indices`)."""
         y = self._split("eval")[1]
         return None if y is None else int(y.max()) + 1
 

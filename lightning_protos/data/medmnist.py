@@ -27,6 +27,8 @@ class MedMNIST(ArrayDataModule):
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
+        if test_split not in ("test", "val+test"):
+            raise DataError(f"test_split must be 'test' or 'val+test', got {test_split!r}")
         self.flag, self.test_split = flag, test_split
         self.name = flag
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import re
 from pathlib import Path
 
@@ -10,10 +11,14 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from .base import ArrayDataModule, DataError, channels_first, from_numpy
+from .base import ArrayDataModule, DataError, channels_first, class_indices, from_numpy
 
 # header names that usually hold labels: read as features unless label_column says so, with a warning
 LABEL_NAMES = ("label", "labels", "y", "target", "class")
+# a CSV's missing values: a first line holding them and numbers is data, not a header
+MISSING = ("", "na", "nan", "n/a", "null", "none", "?")
+# the name pandas and R give the row-number column they write by default
+INDEX_NAMES = ("", "unnamed: 0")
 
 PENDIGITS_URL = "https://archive.ics.uci.edu/ml/machine-learning-databases/pendigits/"
 
@@ -41,7 +46,9 @@ class Pendigits(ArrayDataModule):
         for split, f in files.items():
             if not f.exists():
                 raise self.missing_files([f"pendigits/{g.name}" for g in files.values()])
-            a = np.loadtxt(f, delimiter=",", dtype=np.int64)
+            a = np.loadtxt(f, delimiter=",", dtype=np.int64, ndmin=2)
+            if a.shape[1] != 17:
+                raise DataError(f"pendigits: {f} has {a.shape[1]} columns, expected 16 features and a label")
             out[split] = (torch.as_tensor(a[:, :16] / 100.0, dtype=torch.float32), torch.as_tensor(a[:, 16]))
         return out
 
@@ -53,7 +60,11 @@ class ArrayFile(ArrayDataModule):
       ``(N, H, W)`` and channels-last ``(N, H, W, C)`` are read as ``(N, C, H, W)``;
     * ``.npy``: the array ``X`` alone;
     * ``.csv``: one row per sample of numeric features; ``label_column`` names an optional
-      label column; a header line is detected (or set by ``header``).
+      label column; a header line is detected (or set by ``header``); a first column named
+      ``""`` or ``Unnamed: 0`` (the row numbers pandas and R write) is dropped, with a warning.
+
+    Labels that are not 0..C-1 (say 1..10) are mapped to them in sorted order, and
+    ``class_names`` keeps their values (``predict`` writes them as ``label_name``).
 
     Args:
         path: the file.
@@ -79,6 +90,9 @@ class ArrayFile(ArrayDataModule):
             d = np.load(self.path)
             if "X" not in d:
                 raise DataError(f"{self.path}: expected an array named 'X' (and optionally 'y'), found {list(d)}")
+            other = [k for k in d if k != "X"]
+            if "y" not in d and other:  # 'Y', 'labels': refused, not silently read as unlabelled
+                raise DataError(f"{self.path}: labels must be named 'y' (found {', '.join(other)} beside 'X')")
             x, y = d["X"], d.get("y")
         elif suffix == ".npy":
             x, y = np.load(self.path), None
@@ -86,6 +100,8 @@ class ArrayFile(ArrayDataModule):
             x, y = self._read_csv()
         else:
             raise DataError(f"{self.path}: unsupported file type {suffix!r}; use .npz, .npy or .csv")
+        if x.dtype.byteorder == ">":  # big-endian, as some instruments write: torch reads native order only
+            x = x.astype(x.dtype.newbyteorder("="))
         if x.ndim == 1:  # one feature per sample
             x = x[:, None]
         xt = channels_first(from_numpy(x))
@@ -102,19 +118,18 @@ class ArrayFile(ArrayDataModule):
             raise DataError(f"{self.path}: {len(xt)} samples but {len(yt)} labels")
         if yt is not None and len(yt) and int(yt.min()) < 0:
             raise DataError(f"{self.path}: labels must be >= 0, found {int(yt.min())}; leave y out if unlabelled")
+        if yt is not None:
+            index, self.class_names = class_indices(yt.numpy())
+            yt = torch.as_tensor(index, dtype=torch.long)
         return {"train": (xt, yt)}
 
     def _read_csv(self) -> tuple[np.ndarray, np.ndarray | None]:
-        with open(self.path, encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
-            first = f.readline().strip().split(",")
+        with open(self.path, encoding="utf-8-sig", newline="") as f:  # -sig: a spreadsheet's byte-order mark
+            first = [v.strip() for v in next(csv.reader(f), [])]  # the csv reader unquotes "a","b"
         names = self.header
-        if names is None:
-            try:
-                [float(v) for v in first]
-                names = False
-            except ValueError:
-                names = True
-        header = [h.strip() for h in first] if names else None
+        if names is None:  # a header names a column: a field neither a number nor a missing value
+            names = any(v.lower() not in MISSING and not _is_number(v) for v in first)
+        header = first if names else None
         try:
             a = np.loadtxt(
                 self.path, delimiter=",", skiprows=1 if names else 0, dtype=np.float64, ndmin=2, encoding="utf-8-sig"
@@ -122,6 +137,9 @@ class ArrayFile(ArrayDataModule):
         except ValueError as err:  # NumPy's reason, without its advice on its own arguments
             reason = str(err).splitlines()[0].split("; use `usecols`")[0]
             raise DataError(f"{self.path}: expected numbers only, as many in every row (NumPy: {reason})") from None
+        if header and len(header) == a.shape[1] > 1 and header[0].lower() in INDEX_NAMES:
+            rank_zero_warn(f"{self.path}: its first column, named {header[0]!r}, is read as row numbers and dropped")
+            a, header = a[:, 1:], header[1:]
         if self.label_column is None:
             labels_like = [h for h in header or [] if h.lower() in LABEL_NAMES]
             if labels_like:
@@ -147,6 +165,14 @@ class ArrayFile(ArrayDataModule):
         if not -n_columns <= col < n_columns:
             raise DataError(f"{self.path}: label_column {col} is outside the file's {n_columns} columns")
         return col % n_columns
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def hidden(name: str) -> bool:
@@ -185,13 +211,19 @@ class ImageFolder(ArrayDataModule):
 
         if not self.path.is_dir():
             raise DataError(f"{self.path}: no such folder")
-        files = sorted(
+        found = sorted(
             p
             for p in self.path.rglob("*")
-            if p.suffix.lower() in self.EXTENSIONS and not any(hidden(part) for part in p.relative_to(self.path).parts)
+            if p.is_file() and not any(hidden(part) for part in p.relative_to(self.path).parts)
         )
+        files = [p for p in found if p.suffix.lower() in self.EXTENSIONS]
         if not files:
             raise DataError(f"{self.path}: no images ({', '.join(self.EXTENSIONS)}) found")
+        if skipped := [p for p in found if p.suffix.lower() not in self.EXTENSIONS]:  # .tif, .bmp, .dcm, notes
+            rank_zero_warn(
+                f"{self.path}: {len(skipped)} files are not {', '.join(self.EXTENSIONS)} images and are left out "
+                f"(e.g. {skipped[0].relative_to(self.path).as_posix()}): convert any images among them"
+            )
         # the class is the top folder (cat/2020/x.png is a cat), so patients' sub-folders may stay
         top = [p.relative_to(self.path).parts for p in files]
         classes = sorted({parts[0] for parts in top if len(parts) > 1})
