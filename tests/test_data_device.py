@@ -59,6 +59,7 @@ def test_batches_are_sliced_where_the_data_live(two_splits, fit_on, monkeypatch)
     monkeypatch.setattr(type(dm), "resident_device", lambda self: torch.device("meta"))
     dm.setup("fit")
     assert dm.features("fit").device.type == "meta"
+    assert all(x.device.type == "meta" for x, _ in dm.splits.values())  # every split, no host copy left
     train = next(iter(dm.train_dataloader()))
     assert train["x"].device.type == "meta"
     assert train["x"].dtype == torch.float32
