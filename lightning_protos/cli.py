@@ -2,8 +2,10 @@
 
 protos fit --config configs/cm_mnist.yaml [--data.data_dir DIR] [--seed_everything 1]
 protos test --config configs/cm_mnist.yaml --ckpt_path RUN/checkpoints/last.ckpt
-protos predict --config configs/cm_mnist.yaml --ckpt_path ...   # RUN/predictions.csv
-protos inspect --config configs/vaesim_mnist.yaml --ckpt_path ...   # test + RUN/inspect/*.png
+protos predict --config configs/cm_mnist.yaml --ckpt_path ...   # NEW_RUN/predictions.csv
+protos inspect --config configs/vaesim_mnist.yaml --ckpt_path ...   # test + NEW_RUN/inspect/*.png
+
+(test, predict and inspect write a new run directory, NEW_RUN; fit from RUN's last.ckpt continues RUN)
 protos bench --config configs/bench/smoke.yaml [--jobs N] [--report]
 """
 
@@ -57,10 +59,12 @@ class ProtosCLI(LightningCLI):
     reconstruction and pictures are the configs' callbacks), the input shape linked from the
     data to the model, and a final test pass on the trained model after ``fit``.
 
-    Every run directory (``lightning_logs/version_N`` by default, TensorBoard) holds
-    ``config.yaml``, ``checkpoints/{last,best}.ckpt`` and ``metrics.json``. With ``inspect``
-    (``protos inspect``, run as ``test``) the test also writes the pictures of
-    :class:`InspectionImages` as ``RUN/inspect/*.png``.
+    A fit's run directory (``lightning_logs/version_N`` by default, TensorBoard) holds
+    ``config.yaml``, ``checkpoints/last.ckpt`` and ``best.ckpt`` (the best by validation ACC,
+    where the data have labels) and ``metrics.json``; a ``test`` / ``validate`` / ``predict``
+    writes a new run directory with its ``config.yaml`` and its outputs (``metrics.json``,
+    ``predictions.csv``). With ``inspect`` (``protos inspect``, run as ``test``) the test also
+    writes the pictures of :class:`InspectionImages` as ``NEW_RUN/inspect/*.png``.
     """
 
     def __init__(self, *args, inspect: bool = False, **kwargs) -> None:
@@ -373,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"protos: error: {problem}")
     inspect = bool(args) and args[0] == "inspect"
     if inspect and any(a in ("-h", "--help") for a in args):
-        print("protos inspect: a `protos test` of --ckpt_path that also draws its pictures in RUN/inspect/")
+        print("protos inspect: a `protos test` of --ckpt_path that draws its pictures in NEW_RUN/inspect/")
     elif inspect and not any(a == "--ckpt_path" or a.startswith("--ckpt_path=") for a in args):
         sys.exit("protos: error: inspect needs --ckpt_path CHECKPOINT, the trained model to draw")
     if args in ([], ["-h"], ["--help"]):  # Lightning's help lists only its own subcommands
