@@ -24,6 +24,7 @@ from lightning_protos.eval.images import (
     eval_sample,
     image_grid,
     latent_map,
+    picture_title,
     similarities,
     square,
 )
@@ -71,6 +72,15 @@ def test_nearest_matches_scipy_distances():
     want = np.argsort(cdist(queries.double().numpy(), points.numpy()), axis=1, kind="stable")[:, :5]
     np.testing.assert_array_equal(got.numpy(), want)
     assert nearest(queries.double(), points[:2], 5).shape == (3, 2)  # fewer points than asked
+    # only the allowed points, nearest first, then -1 where a query allows fewer than asked
+    allowed = torch.rand(3, 50, generator=g) < 0.1
+    got = nearest(queries.double(), points, 8, allowed=allowed)
+    for k in range(3):
+        d = cdist(queries[k : k + 1].double().numpy(), points.numpy())[0]
+        ok = np.flatnonzero(allowed[k].numpy())
+        want = ok[np.argsort(d[ok], kind="stable")][:8]
+        np.testing.assert_array_equal(got[k, : len(want)].numpy(), want)
+        assert (got[k, len(want) :] == -1).all()
 
 
 def test_pca_map_is_sklearns_and_places_prototypes_among_the_points():
@@ -124,14 +134,27 @@ def test_nearest_images_rank_by_the_methods_similarity_else_by_distance():
     sims = torch.tensor([[0.1, 0], [0.5, 0], [0.2, 0], [0.9, 0], [0.3, 0], [0.0, 1]])  # prototype 0: 3, then 1
     clusters = torch.tensor([0, 0, 0, 0, 0, 1])  # prototype 0 first: it has most images
 
-    def top_row(sims):
+    def top_row(sims, clusters=clusters, row=0, n=2):
         out = Pictures()
-        pictures(n_nearest=2)._draw(out, images, z, clusters, protos, None, lambda t: None, sims)
+        pictures(n_nearest=n)._draw(out, images, z, clusters, protos, None, lambda t: None, sims)
         grid = out.grids["nearest"]  # tiles of 2 + 2 pixels of padding
-        return [round(float(grid[0, 2, 2 + 4 * c]) * 10) for c in range(2)], out.rows
+        return [round(float(grid[0, 2 + 4 * row, 2 + 4 * c]) * 10) for c in range(n)], out.rows
 
     assert top_row(sims) == ([3, 1], [0, 1])
     assert top_row(None) == ([0, 1], [0, 1])
+    # by distance among the images the method assigns to the prototype: image 0, the closest to
+    # prototype 0, is assigned to prototype 1 (as a dot product or a posterior may); prototype
+    # 1 has two images, its third tile is white (10 / 10)
+    elsewhere = torch.tensor([1, 0, 0, 0, 0, 1])
+    assert top_row(None, elsewhere) == ([1, 2], [0, 1])
+    assert top_row(None, elsewhere, row=1, n=3) == ([5, 0, 10], [0, 1])
+
+
+def test_the_title_counts_the_prototypes():
+    model = CM(n_clusters=5, input_shape=(4,))
+    assert picture_title(model, "pca") == "CM, K=5, pca"
+    model.prototypes = lambda: torch.zeros(3, 5)  # as VAE+KMeans after its elbow chose K = 3 of up to 5
+    assert picture_title(model, "tsne") == "CM, K=3, tsne"
 
 
 def test_as_images_unflattens_decoder_outputs_and_rejects_vectors():
@@ -143,6 +166,7 @@ def test_as_images_unflattens_decoder_outputs_and_rejects_vectors():
     assert as_images(x, None) is None  # tabular data: no images
     assert as_images(None, (1, 8, 8)) is None
     assert image_grid(images, 2).shape == (3, 12, 22)  # 1 row, 2 columns of (8 + 2) + 2
+    torch.testing.assert_close(as_images(x, (1, 8, 8), (-1.0, 2.0)).flatten(), (x.flatten() + 1) / 3)
 
 
 # -- the callback ----------------------------------------------------------------------
@@ -268,6 +292,22 @@ def test_cm_draws_every_picture_with_its_centroids_as_the_prototypes():
     want = image_grid(as_images(centres, dm.image_shape), 3)  # K = 5 in rows of 3
     torch.testing.assert_close(out.grids["prototypes"], want, atol=1e-5, rtol=0)
     assert out.prototype_coords.shape == (5, 2)  # the vertices marked on the latent map
+
+
+def test_standardised_images_are_drawn_in_their_own_range(tmp_path):
+    """A user's images in [-2, 2] (standardised): pictures map the data's range onto [0, 1]
+    instead of clipping every value outside it to black or white."""
+    x = digits().features("fit")[:300].reshape(-1, 8, 8) * 4 - 2  # digits span [0, 1]
+    np.savez(tmp_path / "standard.npz", X=x.numpy())
+    dm = ArrayFile(str(tmp_path / "standard.npz"))
+    dm.setup()
+    assert dm.value_range() == (-2.0, 2.0)
+    model = CM(n_clusters=5, input_shape=(1, 8, 8))
+    centres = dm.features("fit")[:5].reshape(5, -1)
+    model.cm.init_from_centres(centres)
+    out = pictures().pictures(model.eval(), dm)
+    want = image_grid((centres.reshape(5, 1, 8, 8) + 2) / 4, 3)
+    torch.testing.assert_close(out.grids["prototypes"], want, atol=1e-5, rtol=0)
 
 
 def test_tabular_data_gets_the_map_but_no_images():

@@ -33,16 +33,22 @@ from .callbacks import run_dir
 from .probes import embed_and_assign
 
 
-def as_images(x: Tensor | None, image_shape: tuple[int, ...] | None) -> Tensor | None:
+def as_images(
+    x: Tensor | None, image_shape: tuple[int, ...] | None, value_range: tuple[float, float] = (0.0, 1.0)
+) -> Tensor | None:
     """``(B, C, H, W)`` float images in [0, 1] on the CPU from ``(B, C, H, W)`` or flattened
-    ``(B, C*H*W)`` inputs / decoder outputs; ``None`` for ``None`` or non-image data."""
+    ``(B, C*H*W)`` inputs / decoder outputs whose values span ``value_range`` (the data's: a
+    user's standardised images are drawn in their own range, not clipped to [0, 1]); ``None``
+    for ``None`` or non-image data."""
     if x is None:
         return None
     if x.ndim in (2, 3) and image_shape is not None and math.prod(x.shape[1:]) == math.prod(image_shape):
         x = x.reshape(len(x), *image_shape)  # flattened, or one-channel (H, W) samples
     if x.ndim != 4:
         return None
-    return x.detach().float().clamp(0, 1).cpu()
+    low, high = value_range
+    x = x.detach().float().cpu()
+    return (x if (low, high) == (0.0, 1.0) else (x - low) / max(high - low, 1e-12)).clamp(0, 1)
 
 
 @torch.no_grad()
@@ -51,6 +57,14 @@ def similarities(pl_module, x: Tensor, batch_size: int) -> Tensor | None:
     (VAESim's, written as ``sim_k`` by ``predict``); ``None`` for methods that have none."""
     parts = [pl_module.similarities(x[i : i + batch_size].to(pl_module.device)) for i in range(0, len(x), batch_size)]
     return None if not parts or parts[0] is None else torch.cat([p.float().cpu() for p in parts])
+
+
+def picture_title(pl_module, latent_map: str) -> str:
+    """The method, its number of prototypes (VAE+KMeans' ``n_clusters`` is the largest K its
+    elbow tries, not the K it chose) and the map's projection."""
+    protos = pl_module.prototypes()
+    k = pl_module.n_clusters if protos is None else len(protos)
+    return f"{type(pl_module).__name__}, K={k}, {latent_map}"
 
 
 def rows_note(rows: list[int]) -> str:
@@ -215,7 +229,8 @@ class InspectionImages(L.Callback):
         n_samples: samples per prototype.
         noise: noise scale relative to the latent's spread (see ``samples``).
         steps: images per interpolation.
-        n_nearest: nearest real images per prototype.
+        n_nearest: nearest real images per prototype (by ``similarities`` where the method has
+            them, else the closest among the images it assigns to the prototype).
         max_rows: prototypes given a row in ``samples``, ``interpolations`` (rows - 1) and ``nearest``.
         latent_map: ``tsne`` or ``pca``.
         projector_points: points given to the embedding projector (0: none).
@@ -257,7 +272,8 @@ class InspectionImages(L.Callback):
         batch = eval_sample(datamodule, self.n_points, self.seed)
         x, y = batch["x"], batch.get("y")
         image_shape = getattr(datamodule, "image_shape", None)
-        images = as_images(x, image_shape)
+        values = datamodule.value_range() if hasattr(datamodule, "value_range") else (0.0, 1.0)
+        images = as_images(x, image_shape, values)
         z, clusters = embed_and_assign(pl_module, x, getattr(datamodule, "eval_batch_size", 1024))
         protos = pl_module.prototypes()
         if protos is None:
@@ -268,7 +284,7 @@ class InspectionImages(L.Callback):
         protos = None if protos is None else protos.to(z)
 
         def decode(latents: Tensor) -> Tensor | None:
-            return as_images(pl_module.decode(latents.to(z)), image_shape)
+            return as_images(pl_module.decode(latents.to(z)), image_shape, values)
 
         decoded_protos = None if protos is None else decode(protos)
         if images is None:
@@ -293,7 +309,8 @@ class InspectionImages(L.Callback):
     def _draw(self, out: Pictures, images, z, clusters, protos, decoded_protos, decode, sims=None) -> None:
         """Fills ``out.grids`` with the image pictures the method allows; the nearest images of
         a prototype are the most similar by the method's ``sims`` ``(N, K)`` where it has them
-        (as ``prototype_neighbours.csv`` ranks them), else the closest in Euclidean distance."""
+        (as ``prototype_neighbours.csv`` ranks them), else, among the images the method assigns
+        to the prototype, the closest in Euclidean distance (white tiles where fewer are)."""
         recon = decode(z[: self.n_images])
         if recon is not None:
             out.grids["reconstructions"] = image_grid(torch.cat([images[: len(recon)], recon]), len(recon))
@@ -303,11 +320,13 @@ class InspectionImages(L.Callback):
         rows = out.rows = rows[: self.max_rows].tolist()
         if sims is not None:
             near = sims[:, rows].topk(min(self.n_nearest, len(sims)), dim=0).indices.T.cpu()
-        else:
-            near = nearest(protos[rows], z, self.n_nearest).cpu()
+        else:  # the assignment need not follow the distance (ProtoVAE's dot product, VaDE's posterior)
+            members = clusters.to(z.device)[None, :] == torch.tensor(rows, device=z.device)[:, None]
+            near = nearest(protos[rows], z, self.n_nearest, allowed=members).cpu()
+        tiles = images[near].masked_fill((near < 0)[..., None, None, None], 1.0)  # (R, n, C, H, W)
         heads = [decoded_protos[k : k + 1] if decoded_protos is not None else images[:0] for k in rows]
         out.grids["nearest"] = image_grid(
-            torch.cat([torch.cat([h, images[i]]) for h, i in zip(heads, near, strict=True)]),
+            torch.cat([torch.cat([h, t]) for h, t in zip(heads, tiles, strict=True)]),
             len(heads[0]) + near.shape[1],
         )
         if decoded_protos is None:
@@ -380,7 +399,7 @@ class InspectionImages(L.Callback):
             if note not in self._noted:
                 rank_zero_info(f"InspectionImages ({type(pl_module).__name__}): {note}")
                 self._noted.add(note)
-        title = f"{type(pl_module).__name__}, K={pl_module.n_clusters}, {self.latent_map}"
+        title = picture_title(pl_module, self.latent_map)
         if stage == "fit":  # a test from a checkpoint does not know the epoch
             title += f", after {trainer.current_epoch + 1} epochs"
         for writer in writers:

@@ -21,7 +21,12 @@ def around(prototype: Tensor, n: int, scale: float = 1.0, generator: torch.Gener
     return prototype.reshape(1, -1) + scale * noise
 
 
-def nearest(queries: Tensor, points: Tensor, n: int) -> Tensor:
+def nearest(queries: Tensor, points: Tensor, n: int, allowed: Tensor | None = None) -> Tensor:
     """Indices of the ``n`` points closest (Euclidean) to each query, nearest first: queries
-    ``(K, p)``, points ``(N, p)`` -> ``(K, min(n, N))`` indices into ``points``."""
-    return squared_distances(queries, points).topk(min(n, len(points)), dim=1, largest=False).indices
+    ``(K, p)``, points ``(N, p)`` -> ``(K, min(n, N))`` indices into ``points``. ``allowed``
+    ``(K, N)`` bool: query k ranks only the points it allows; a row with fewer ends in -1s."""
+    d = squared_distances(queries, points)
+    if allowed is not None:
+        d = d.masked_fill(~allowed, float("inf"))
+    top = d.topk(min(n, len(points)), dim=1, largest=False)
+    return top.indices if allowed is None else top.indices.masked_fill(top.values.isinf(), -1)
