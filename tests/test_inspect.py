@@ -305,9 +305,11 @@ def test_standardised_images_are_drawn_in_their_own_range(tmp_path):
     model = CM(n_clusters=5, input_shape=(1, 8, 8))
     centres = dm.features("fit")[:5].reshape(5, -1)
     model.cm.init_from_centres(centres)
-    out = pictures().pictures(model.eval(), dm)
+    out = pictures(n_images=4).pictures(model.eval(), dm)  # all 300 images, in index order
     want = image_grid((centres.reshape(5, 1, 8, 8) + 2) / 4, 3)
     torch.testing.assert_close(out.grids["prototypes"], want, atol=1e-5, rtol=0)
+    inputs = image_grid((x[:4, None] + 2) / 4, 4)[:, :10]  # the top row: padding and the inputs
+    torch.testing.assert_close(out.grids["reconstructions"][:, :10], inputs, atol=1e-5, rtol=0)
 
 
 def test_tabular_data_gets_the_map_but_no_images():
