@@ -238,6 +238,13 @@ def test_array_file_csv_quoted_header_and_a_row_number_column(tmp_path):
         with pytest.warns(UserWarning, match="read as row numbers and dropped"):
             x, _ = ArrayFile(str(path)).splits["train"]
         assert x.tolist() == [[1.5, 2.5], [3.5, 4.5], [5.5, 6.5]]
+    # a label column by index counts the file's columns, the row numbers' too
+    path.write_text(",a,label,b\n0,1.5,1,2.5\n1,3.5,0,4.5\n")
+    for column in (2, "label"):
+        with pytest.warns(UserWarning, match="read as row numbers and dropped"):
+            x, y = ArrayFile(str(path), label_column=column).splits["train"]
+        assert x.tolist() == [[1.5, 2.5], [3.5, 4.5]]
+        assert y.tolist() == [1, 0]
 
 
 def test_array_file_csv_with_a_byte_order_mark_or_a_header_of_numbers(tmp_path):

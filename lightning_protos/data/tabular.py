@@ -137,19 +137,22 @@ class ArrayFile(ArrayDataModule):
         except ValueError as err:  # NumPy's reason, without its advice on its own arguments
             reason = str(err).splitlines()[0].split("; use `usecols`")[0]
             raise DataError(f"{self.path}: expected numbers only, as many in every row (NumPy: {reason})") from None
-        if header and len(header) == a.shape[1] > 1 and header[0].lower() in INDEX_NAMES:
+        # label_column counts the file's columns, the row numbers' included
+        col = None if self.label_column is None else self._label_index(header, a.shape[1])
+        y = None if col is None else a[:, col]
+        drop = [] if col is None else [col]
+        if header and len(header) == a.shape[1] > 1 and header[0].lower() in INDEX_NAMES and col != 0:
             rank_zero_warn(f"{self.path}: its first column, named {header[0]!r}, is read as row numbers and dropped")
-            a, header = a[:, 1:], header[1:]
-        if self.label_column is None:
-            labels_like = [h for h in header or [] if h.lower() in LABEL_NAMES]
+            drop.append(0)
+        if col is None:
+            kept = [h for i, h in enumerate(header or []) if i not in drop]
+            labels_like = [h for h in kept if h.lower() in LABEL_NAMES]
             if labels_like:
                 rank_zero_warn(
                     f"{self.path}: column {labels_like[0]!r} is read as a feature; if it holds labels, "
                     f"set label_column: {labels_like[0]}"
                 )
-            return a.astype(np.float32), None
-        col = self._label_index(header, a.shape[1])
-        return np.delete(a, col, axis=1).astype(np.float32), a[:, col]
+        return np.delete(a, drop, axis=1).astype(np.float32), y
 
     def _label_index(self, header: list[str] | None, n_columns: int) -> int:
         """The position of ``label_column``: its name in the header, else a 0-based index."""
