@@ -490,6 +490,9 @@ BAD_TABLES = [
     ({"curves": 5}, "curves: give a non-empty list of TensorBoard scalar tags"),
     ({"curves": ["val/mse", {"val": "ari"}]}, "curves: give a non-empty list"),
     ({"curves": ["val/mse", "val/mse"]}, "curves: duplicates"),
+    # a column the bench fills, given as a label, would overwrite the row's value
+    ({"methods": [{**KM, "dataset": "mnist"}]}, "'dataset' is not a label: the bench fills that column"),
+    ({"methods": [{**KM, "epochs": 50}]}, "'epochs' is not a label"),
 ]
 
 
@@ -738,6 +741,54 @@ def test_report_does_not_group_by_a_metric_column_such_as_n_clusters_used(tmp_pa
     assert len(groups) == 1
     assert groups[0]["n"] == "3"
     assert "n_clusters_used" not in groups[0]
+
+
+def test_a_failed_attempt_after_a_stopped_one_is_a_failure(tmp_path):
+    """The log holds every attempt: the first attempt's SIGTERM must not make the second's crash
+    a stop (which writes no row, on every bench again)."""
+    bench = load_bench(write_table(tmp_path), root=tmp_path / "runs")
+    cm0 = [c for c in bench.cells() if c.name == "cm_digits_seed0"]
+    runner = Runner(bench, FakeLaunch(killed={"cm_digits_seed0": 0}))
+    assert runner.run(cm0) == 0
+    assert runner.stopped == ["cm_digits_seed0"]
+    runner = Runner(bench, FakeLaunch(fail=("cm_digits_seed0",)))
+    assert runner.run(cm0) == 1
+    assert not runner.stopped
+    assert runner.results.rows()[0]["note"] == "exit 1: RuntimeError: boom"
+
+
+def test_two_benches_of_one_table_write_each_row_once(tmp_path):
+    """Bench B reads the file, bench A then runs every cell; B finds A's finished runs and would
+    write their rows again."""
+    bench = load_bench(write_table(tmp_path), root=tmp_path / "runs")
+    late = Runner(bench, FakeLaunch())
+    todo = late.pending(bench.cells())
+    first = Runner(bench, FakeLaunch())
+    assert first.run(first.pending(bench.cells())) == 0
+    assert late.run(todo) == 0
+    rows = [(r["method"], r["seed"]) for r in first.results.rows()]
+    assert sorted(rows) == [("cm", "0"), ("cm", "1"), ("kmeans", "0"), ("kmeans", "1")]
+
+
+def test_a_row_another_table_labelled_is_not_this_tables(tmp_path):
+    """Two tables share a file; one sets the label k. Its row is not the other table's row of
+    the same method, data set and seed (whose k is empty): that cell still runs."""
+    shared = tmp_path / "results" / "shared.csv"
+    columns = ["method", "dataset", "k", "seed", "acc"]
+    entry = {"method": "kmeans", "reference": "kmeans", "results": str(shared), "columns": columns}
+    labelled = load_bench(write_table(tmp_path, seeds=[0], methods=[{**entry, "k": 5}]), root=tmp_path / "a")
+    Runner(labelled, FakeLaunch()).run(labelled.cells())
+    plain = load_bench(write_table(tmp_path, seeds=[0], methods=[entry]), root=tmp_path / "b")
+    assert [c.name for c in Runner(plain, FakeLaunch()).pending(plain.cells())] == ["kmeans_digits_seed0"]
+
+
+def test_report_of_a_table_without_rows_is_one_line(tmp_path, capsys):
+    table = str(write_table(tmp_path))
+    argv = ["bench", "--config", table, "--root", str(tmp_path / "runs"), "--only", "cm_digits_seed0", "--report"]
+    assert main(argv, FakeLaunch(killed={"cm_digits_seed0": -15})) == 2
+    err = capsys.readouterr().err
+    assert "protos bench: error: no results yet in" in err
+    assert "Traceback" not in err
 
 
 def test_report_keeps_apart_rows_that_another_table_labelled(tmp_path):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import queue
@@ -53,6 +54,11 @@ from .spec import (
     row_key,
 )
 
+try:
+    import fcntl  # a results file's lock: POSIX
+except ImportError:  # Windows: one bench at a time
+    fcntl = None
+
 LOG, TIMES, METRICS_FILE = "log.txt", "bench.json", "metrics.json"
 Launch = Callable[[Cell, list[str], Path, dict[str, str]], int]
 """Runs a cell's command with its output appended to the log; returns the exit code."""
@@ -79,20 +85,29 @@ class ResultsFile:
         with open(self.path, newline="") as f:
             return list(csv.DictReader(f))
 
-    def append(self, row: dict[str, str]) -> None:
+    def append(self, row: dict[str, str], ids: list[str] | None = None) -> bool:
+        """Appends ``row``, unless the file holds a row of the same cell already (the same
+        values in the ``ids`` columns): another bench of the table, or of one sharing the file,
+        may have written it since this one read the file. The check and the write hold the
+        file's lock (``flock``, where the system has it). Returns whether it wrote."""
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            new = not has_header(self.path)
-            if not new:  # a last row edited by hand may have lost its newline
-                with open(self.path, "rb+") as f:
-                    f.seek(-1, os.SEEK_END)
-                    if f.read(1) != b"\n":
-                        f.write(b"\n")
-            with open(self.path, "a", newline="") as f:
+            with open(self.path, "a+", newline="") as f:
+                if fcntl is not None:
+                    fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+                f.seek(0)
+                text = f.read()
+                if ids is not None and text:
+                    key = row_key(row, ids)
+                    if any(row_key(r, ids) == key for r in csv.DictReader(io.StringIO(text))):
+                        return False
+                if text and not text.endswith("\n"):  # a last row edited by hand may have lost its newline
+                    f.write("\n")
                 writer = csv.DictWriter(f, fieldnames=self.columns)
-                if new:
+                if not text:
                     writer.writeheader()
                 writer.writerow(row)
+                return True
 
 
 def final_metrics(run_dir: Path) -> dict[str, Any] | None:
@@ -157,8 +172,8 @@ def start_attempt(run_dir: Path, note: str = "", trains: dict[str, str] | None =
     """Notes in ``bench.json`` that a process starts, with what ``--set`` changed for it
     (``note``) and what it trains (``trains``: :func:`what_it_trains`); an attempt killed before
     it could record its time is counted up to the last file it wrote in its run directory (its
-    epochs' checkpoints and logger events: the log itself is written at the start and the end
-    only; ``bench.json``, the bench's own record, is not the attempt's work)."""
+    log, its epochs' checkpoints and logger events; ``bench.json``, the bench's own record, is
+    not the attempt's work)."""
     state = _close_unended_attempt(run_dir)
     now = time.time()
     state.update(running_since=now, attempts=state["attempts"] + 1)
@@ -266,14 +281,16 @@ def last_line(log: Path) -> str:
 STOPPED_BY = ("Received SIGTERM", "Detected KeyboardInterrupt")
 
 
-def stopped_by_signal(code: int, log: Path) -> bool:
+def stopped_by_signal(code: int, log: Path, since: int = 0) -> bool:
     """Whether the cell's process was stopped by SIGTERM or SIGINT (sent to it alone: its bench
-    goes on) rather than failing: a crash (an out-of-memory kill, a segfault) is a failure."""
+    goes on) rather than failing: a crash (an out-of-memory kill, a segfault) is a failure.
+    Read from the log past ``since``, where this attempt started writing: an earlier attempt's
+    stop is not this one's."""
     if code in (-signal.SIGTERM, -signal.SIGINT):
         return True
     try:
         with open(log, "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - 20_000))
+            f.seek(max(since, f.seek(0, os.SEEK_END) - 20_000))
             tail = f.read().decode(errors="replace")
     except OSError:
         return False
@@ -414,6 +431,7 @@ class Runner:
                 started = start_attempt(
                     run_dir, self.note if lightning else "", what_it_trains(cell) if lightning else None
                 )
+                log_start = (run_dir / LOG).stat().st_size if (run_dir / LOG).is_file() else 0
                 try:
                     code = self.launch(cell, cell.command(last_checkpoint(run_dir)), run_dir / LOG, env)
                 except KeyboardInterrupt:
@@ -425,7 +443,7 @@ class Runner:
             metrics = final_metrics(run_dir) if code == 0 else None
             if metrics is None and self.stop.wait(2.0):  # stopped by the bench's own interrupt
                 return Outcome(None, ran, time.monotonic() - start)
-            if metrics is None and stopped_by_signal(code, run_dir / LOG):
+            if metrics is None and stopped_by_signal(code, run_dir / LOG, log_start):
                 # the training process alone was stopped: no row, the next bench resumes it
                 print(f"[bench] {cell.name}: stopped before its final test; run the bench again to resume it")
                 self.stopped.append(cell.name)
@@ -442,7 +460,7 @@ class Runner:
         ours = attempts_note(times.get("sets", [self.note] if ran else [])) if cell.reference is None else ""
         note = "; ".join(n for n in (ours, note) if n)
         row = make_row(cell.fields(), list(cell.columns), metrics, times["seconds"] or None, note)
-        self.files[cell.results].append(row)
+        self.files[cell.results].append(row, self.bench.ids_of(cell.columns))
         return Outcome(row, ran, time.monotonic() - start, metrics is None)
 
     def _trained_elsewhere(self, cell: Cell) -> bool:
@@ -693,6 +711,11 @@ def main(argv: list[str] | None = None, launch: Launch | None = None) -> int:
             file=sys.stderr,
         )
     if args.report:
-        for path in report(bench).values():
+        try:
+            written = report(bench)
+        except BenchError as err:
+            print(f"protos {command}: error: {err}", file=sys.stderr)
+            return 2
+        for path in written.values():
             print(f"[report] wrote {path}")
     return 1 if n_failed or runner.stopped or runner.elsewhere else 0

@@ -73,7 +73,7 @@ ERRORS = ("train_mse", "test_mse")
 METRICS = SCORES + ERRORS
 CRITERION = "l_sp"  # label-free model selection: the run with the lowest L_sp (AE-CM paper)
 # every other key of metrics.json's test entry (a results column, never shown in the tables)
-OTHER_VALUES = ("epoch", "n_clusters_used", "linear_acc_reference", "val_mse")
+OTHER_VALUES = ("epoch", "n_clusters_used", "linear_acc_reference", "val_mse", "iterations")
 VALUE_COLUMNS = ("epochs", "seconds", "note", CRITERION, *METRICS, *OTHER_VALUES)  # the other columns label a row
 SAFE = re.compile(r"[A-Za-z0-9_.+-]+")
 
@@ -158,8 +158,9 @@ class Bench:
         return list(dict.fromkeys(keys))
 
     def ids_of(self, columns: list[str] | tuple[str, ...]) -> list[str]:
-        """The columns among ``columns`` that identify a row's cell."""
-        return [c for c in columns if c in CELL_KEYS or c in self.label_keys]
+        """The columns among ``columns`` that identify a row's cell: all but the values, also a
+        label only another table sharing the file sets (its rows are not this table's)."""
+        return [c for c in columns if c not in VALUE_COLUMNS]
 
     def results_files(self) -> dict[Path, list[str]]:
         """Every results file of the table with its columns (a method entry may name its own)."""
@@ -346,6 +347,8 @@ def _check_entry(path: Path, i: int, entry: Any) -> dict[str, Any]:
     if not isinstance(entry.get("overrides", {}), dict):
         _fail(where, "overrides: expected a mapping of dotted keys to values")
     for key, value in entry.items():
+        if key not in ENTRY_KEYS and (key in CELL_KEYS or key in VALUE_COLUMNS or key == "seeds"):
+            _fail(where, f"{key!r} is not a label: the bench fills that column (an entry's data sets: datasets: [...])")
         if key not in ENTRY_KEYS and (isinstance(value, bool) or not SAFE.fullmatch(str(value))):
             _fail(where, f"label {key}: {value!r} must be a plain word (letters, digits, _ . + -)")
     if "reference" in entry:
