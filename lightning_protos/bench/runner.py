@@ -634,7 +634,8 @@ def _parser(command: str) -> argparse.ArgumentParser:
             "--only",
             action="append",
             metavar="GLOB",
-            help="run only the cells whose name matches, e.g. 'aecm-random_*' or '*_seed2' (repeatable)",
+            help="run only the cells whose name (METHOD[-LABELS]_DATASET_seedN) matches, e.g. 'aecm-random_*' "
+            "or '*_seed2' (repeatable; 'vae_*' also matches vae_kl_...: name the data set, 'vae_mnist_*')",
         )
     return parser
 
