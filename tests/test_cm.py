@@ -119,6 +119,13 @@ def test_l_sp_is_e2_plus_e3_of_eq7_by_hand():
     e3 = -sum(g[i, k] * g[i, j] * (m[k] @ m[j]) for i in range(7) for k in range(3) for j in range(3) if j != k)
     assert abs(e3) > 0.1 * abs(e2)  # both terms weigh: dropping or negating E3 shows
     assert got == pytest.approx(e2 + e3, rel=1e-5)
+    # as the evaluator calls it, with the batch's cluster_probs: the same; under average:
+    # centroids those are hard assignments, and L_sp stays the softmax layer's
+    for average in ("all", "centroids"):
+        model.hparams.average = average
+        with torch.no_grad():
+            got = float(model.eval().selection_criteria(x, model.cluster_probs(x))["l_sp"])
+        assert got == pytest.approx(e2 + e3, rel=1e-5)
 
 
 def test_sgd_is_plain_sgd_at_the_learning_rate():

@@ -346,10 +346,10 @@ def _check_entry(path: Path, i: int, entry: Any) -> dict[str, Any]:
         )
     if not isinstance(entry.get("overrides", {}), dict):
         _fail(where, "overrides: expected a mapping of dotted keys to values")
-    for key, value in entry.items():
-        if key not in ENTRY_KEYS and (key in CELL_KEYS or key in VALUE_COLUMNS or key == "seeds"):
+    for key, value in ((k, v) for k, v in entry.items() if k not in ENTRY_KEYS):  # the labels
+        if key in CELL_KEYS or key in VALUE_COLUMNS:
             _fail(where, f"{key!r} is not a label: the bench fills that column (an entry's data sets: datasets: [...])")
-        if key not in ENTRY_KEYS and (isinstance(value, bool) or not SAFE.fullmatch(str(value))):
+        if isinstance(value, bool) or not SAFE.fullmatch(str(value)):
             _fail(where, f"label {key}: {value!r} must be a plain word (letters, digits, _ . + -)")
     if "reference" in entry:
         ref = entry["reference"]

@@ -378,8 +378,8 @@ class ArrayDataModule(L.LightningDataModule):
 
     @property
     def n_classes(self) -> int | None:
-        """The number of classes labels index: the largest label + 1 (a user's labels that are
-        not 0..C-1 are mapped to them when read, :func:`class_indices`)."""
+        """The number of classes: the largest label + 1 (labels are class indices; a user's
+        that are not 0..C-1 are numbered so when read, :func:`class_indices`)."""
         y = self._split("eval")[1]
         return None if y is None else int(y.max()) + 1
 

@@ -47,8 +47,7 @@ def as_images(
     if x.ndim != 4:
         return None
     low, high = value_range
-    x = x.detach().float().cpu()
-    return (x if (low, high) == (0.0, 1.0) else (x - low) / max(high - low, 1e-12)).clamp(0, 1)
+    return ((x.detach().float().cpu() - low) / max(high - low, 1e-12)).clamp(0, 1)
 
 
 @torch.no_grad()

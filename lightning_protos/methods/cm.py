@@ -96,9 +96,15 @@ class CM(AveragingEpoch, ClusteringMethod):
 
     def cluster_probs(self, x: Tensor) -> Tensor:
         x = self.flat(x)
-        if self.hparams.average == "centroids" and not self.training:
+        if self.hard_assignments:
             return nearest_one_hot(x, self.cm.centroids())  # nearest averaged centroid (hard)
         return self.cm(x)
+
+    @property
+    def hard_assignments(self) -> bool:
+        """Whether :meth:`cluster_probs` is the nearest averaged centroid (``average: centroids``,
+        in evaluation) rather than the softmax layer's gamma."""
+        return self.hparams.average == "centroids" and not self.training
 
     def prototypes(self) -> Tensor:
         """``(K, K)`` the one-hot vertices of the simplex: centroid k's assignment."""
@@ -113,10 +119,10 @@ class CM(AveragingEpoch, ClusteringMethod):
         return self.cm.decoder(z).reshape(len(z), *self.input_shape)
 
     def selection_criteria(self, x: Tensor, probs: Tensor | None = None) -> dict[str, Tensor]:
-        # the softmax layer's gamma, not ``probs``: under ``average: centroids`` those are the
-        # hard nearest-centroid assignments (and the layer is one matmul, cheap to run again)
-        x = self.flat(x)
-        return {"l_sp": sum(self.in_float32(sparsity_terms, self.cm(x), self.cm.centroids()))}  # E2 + E3
+        # E2 + E3 of the softmax layer's gamma: ``probs`` where they are it, not the hard
+        # nearest-centroid assignments of ``average: centroids``
+        gamma = self.cm(self.flat(x)) if probs is None or self.hard_assignments else probs
+        return {"l_sp": sum(self.in_float32(sparsity_terms, gamma, self.cm.centroids()))}
 
     # -- training ---------------------------------------------------------------------
     def configure_optimizers(self):
